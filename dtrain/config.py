@@ -1,0 +1,253 @@
+"""Typed job configuration: one dataclass per component, composed into JobConfig.
+
+YAML files and `key=value` command-line overrides are merged by OmegaConf onto the dataclass
+schema, so an unknown key or a value of the wrong type is caught before any process group starts.
+Value checks that a type cannot express (allowed names, ranges) live in `validate`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dtrain.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    batch_size: int = 64  # global batch per optimizer step, over all ranks and accumulation steps
+    grad_accum: int = 1
+    eval_batch_size: int = 256  # per rank
+    num_workers: int = 0
+    options: dict[str, Any] = field(default_factory=dict)  # checked against the task's data dataclass
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    momentum: float = 0.9  # sgd only
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+
+
+@dataclass
+class SchedulerConfig:
+    warmup_steps: int = 0
+    decay: str = "cosine"  # cosine | linear | constant
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    eval_every: int = 100
+    log_every: int = 10
+    deterministic: bool = True  # torch.use_deterministic_algorithms on CPU
+    autocast: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
+    max_time: float = 0.0  # wall-clock budget in seconds, 0 = none
+
+
+@dataclass
+class ParallelConfig:
+    strategy: str = "ddp"  # none | ddp | fsdp
+    mixed_precision: str = "auto"  # auto (bf16 params + fp32 reduce on CUDA) | bf16 | off
+    reshard_after_forward: bool = True
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"  # auto | gloo | nccl
+    timeout_s: float = 300.0
+
+
+@dataclass
+class CheckpointConfig:
+    root: str = ""  # any fsspec URL; empty = <run_dir>/checkpoints
+    every_steps: int = 0  # 0 = only at eval/end/stop
+    every_minutes: float = 0.0
+    on_eval: bool = True  # save after every evaluation (what keep_best_k and restore_best use)
+    async_save: bool = False
+    keep_last_n: int = 3
+    keep_best_k: int = 1
+    keep_every_n_steps: int = 0
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EarlyStoppingConfig:
+    enabled: bool = False
+    monitor: str = "val/loss"
+    mode: str = "min"
+    min_delta: float = 0.0
+    patience: int = 3
+    baseline: float | None = None
+    start_from_step: int = 0
+    check_finite: bool = True
+    stopping_threshold: float | None = None
+    divergence_threshold: float | None = None
+    max_time: float | None = None
+    restore_best: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    level: str = "INFO"
+    progress: bool = True
+    tensorboard: bool = False
+
+
+@dataclass
+class JobConfig:
+    run_dir: str = "runs/default"
+    task: str = "digits"  # a registered task name or "package.module:attr"
+    seed: int = 0
+    resume: str = "auto"  # auto | never | <checkpoint URL>
+    model: dict[str, Any] = field(default_factory=dict)  # checked against the task's model dataclass
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    faults: dict[str, Any] = field(default_factory=dict)  # fault injection, tests only
+
+    @property
+    def checkpoint_root(self) -> str:
+        return self.checkpoint.root or str(Path(self.run_dir) / "checkpoints")
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "optim.name": ("adamw", "sgd"),
+    "scheduler.decay": ("cosine", "linear", "constant"),
+    "train.autocast": ("auto", "bf16", "off"),
+    "parallel.strategy": ("none", "ddp", "fsdp"),
+    "parallel.mixed_precision": ("auto", "bf16", "off"),
+    "dist.backend": ("auto", "gloo", "nccl"),
+    "early_stopping.mode": ("min", "max"),
+    "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
+}
+
+_NON_NEGATIVE = (
+    "data.grad_accum", "data.num_workers", "optim.lr", "optim.weight_decay", "optim.grad_clip",
+    "scheduler.warmup_steps", "scheduler.min_lr_ratio", "train.max_time", "checkpoint.every_steps",
+    "checkpoint.every_minutes", "checkpoint.keep_last_n", "checkpoint.keep_best_k",
+    "checkpoint.keep_every_n_steps", "early_stopping.patience", "early_stopping.min_delta",
+    "early_stopping.start_from_step",
+)
+_POSITIVE = ("data.batch_size", "data.grad_accum", "data.eval_batch_size", "train.max_steps",
+             "train.eval_every", "train.log_every", "dist.timeout_s")
+
+
+def _get(cfg: JobConfig, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: JobConfig) -> JobConfig:
+    """Check values a type cannot express; every message names the key and what is allowed."""
+    for key, allowed in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+    for key in _POSITIVE:
+        if not _get(cfg, key) > 0:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be > 0")
+    for key in _NON_NEGATIVE:
+        value = _get(cfg, key)
+        if not (value >= 0 and math.isfinite(value)):
+            raise ConfigError(f"{key}={value!r} must be a finite number >= 0")
+    if cfg.data.batch_size % cfg.data.grad_accum:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} is not divisible by data.grad_accum={cfg.data.grad_accum}"
+        )
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas={cfg.optim.betas!r} must be a list of two numbers")
+    if not cfg.run_dir:
+        raise ConfigError("run_dir is empty; set run_dir=<directory for logs, metrics and checkpoints>")
+    return cfg
+
+
+def check_world_size(cfg: JobConfig, world_size: int) -> None:
+    """The global batch must split evenly over ranks and accumulation steps."""
+    per_step = world_size * cfg.data.grad_accum
+    if cfg.data.batch_size % per_step:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} is not divisible by world size {world_size} x "
+            f"data.grad_accum={cfg.data.grad_accum} = {per_step}; pick a multiple of {per_step}"
+        )
+
+
+def _describe(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None) or getattr(e, "key", None)
+    msg = str(e).splitlines()[0]
+    if type(e).__name__ == "ConfigKeyError" and key:
+        parent = str(key).rpartition(".")[0]
+        node: Any = JobConfig()
+        for part in parent.split(".") if parent else []:
+            node = getattr(node, part, None)
+        allowed = [f.name for f in fields(node)] if is_dataclass(node) else []
+        hint = f"; known keys{' under ' + parent if parent else ''}: {', '.join(allowed)}" if allowed else ""
+        return f"unknown config key {key!r}{hint}"
+    return f"{key}: {msg}" if key else msg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
+    """YAML file (optional) + `key=value` overrides -> validated JobConfig."""
+    schema = OmegaConf.structured(JobConfig)
+    layers: list[Any] = [schema]
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist; pass --config <path to a YAML file>")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys, not {type(data).__name__}")
+        layers.append(OmegaConf.create(data))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. optim.lr=3e-4")
+    try:
+        if overrides:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        where = f" (in {path})" if path else ""
+        raise ConfigError(_describe(e) + where) from None
+    assert isinstance(cfg, JobConfig)
+    return validate(cfg)
+
+
+def to_dict(cfg: JobConfig) -> dict[str, Any]:
+    """Plain dict of a config (JSON/YAML-safe)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: JobConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_dict(data: dict[str, Any]) -> JobConfig:
+    """Inverse of `to_dict` (used when a checkpoint's config is read back)."""
+    merged = OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.create(data))
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, JobConfig)
+    return validate(cfg)
+
+

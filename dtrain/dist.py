@@ -1,0 +1,221 @@
+"""Process-group setup from whatever launched us (torchrun, Slurm, nothing), and the few collectives
+the rest of dtrain agrees with.
+
+Init is idempotent and happens once, in one place. With world size 1 no process group is created and
+every helper is a local no-op, so the same code runs in a plain `python` process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+from dtrain.errors import DistributedError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    launcher: str  # "torchrun" | "slurm" | "none"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_ENV: DistEnv | None = None
+_CKPT_GROUP: object | None = None
+
+
+def _int_env(name: str) -> int:
+    value = os.environ[name]
+    try:
+        return int(value)
+    except ValueError as e:
+        raise DistributedError(f"environment variable {name}={value!r} is not an integer") from e
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a Slurm nodelist such as 'gpu[03-05,07],cpu1' -> 'gpu03'."""
+    first = re.split(r",(?![^\[]*\])", nodelist.strip())[0]
+    m = re.fullmatch(r"([^\[]+)\[([^\]]+)\](.*)", first)
+    if not m:
+        return first
+    prefix, ranges, suffix = m.groups()
+    start = ranges.split(",")[0].split("-")[0]
+    return f"{prefix}{start}{suffix}"
+
+
+def detect_launcher() -> tuple[str, int, int, int]:
+    """(launcher, rank, world_size, local_rank) from the environment; torchrun wins over Slurm
+    because torchrun inside an srun step sets its own RANK/WORLD_SIZE."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "env"
+        return launcher, _int_env("RANK"), _int_env("WORLD_SIZE"), int(os.environ.get("LOCAL_RANK", "0"))
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        rank, world = _int_env("SLURM_PROCID"), _int_env("SLURM_NTASKS")
+        local = int(os.environ.get("SLURM_LOCALID", "0"))
+        if world > 1:
+            os.environ.setdefault("MASTER_ADDR", first_slurm_host(os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")))
+            os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 10000))
+        return "slurm", rank, world, local
+    return "none", 0, 1, 0
+
+
+def _make_store(rank: int, world_size: int, timeout: datetime.timedelta) -> torch_dist.Store:
+    """A store whose key space is private to this restart attempt.
+
+    Under torchrun the agent hosts the TCPStore; reusing its keys across restarts made restarted
+    workers fail to connect in 7 of 8 trials here (shared/notes); a prefix per restart fixed it.
+    """
+    addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = int(os.environ.get("MASTER_PORT", "29500"))
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = torch_dist.TCPStore(
+        addr, port, world_size, is_master=(not agent_store and rank == 0), timeout=timeout, wait_for_workers=False
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", os.environ.get("SLURM_RESTART_COUNT", "0"))
+    return torch_dist.PrefixStore(f"dtrain/attempt-{attempt}", store)
+
+
+def init(timeout_s: float = 300.0, backend: str = "auto") -> DistEnv:
+    """Initialise the default process group once from the launcher's environment."""
+    global _ENV
+    if _ENV is not None:
+        return _ENV
+    launcher, rank, world_size, local_rank = detect_launcher()
+    use_cuda = torch.cuda.is_available() and backend in ("auto", "nccl")
+    chosen = "nccl" if use_cuda else "gloo"
+    if backend not in ("auto", "nccl", "gloo"):
+        raise DistributedError(f"dist.backend={backend!r} is not one of auto, nccl, gloo")
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise DistributedError("dist.backend='nccl' needs CUDA, and none is available; use 'auto' or 'gloo'")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1 and not torch_dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
+        try:
+            store = _make_store(rank, world_size, timeout)
+            torch_dist.init_process_group(
+                chosen, store=store, rank=rank, world_size=world_size, timeout=timeout,
+                device_id=device if use_cuda else None,
+            )
+        except (RuntimeError, ValueError) as e:
+            raise DistributedError(
+                f"rank {rank}/{world_size}: could not join the process group at "
+                f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within {timeout_s:.0f} s: {e}"
+            ) from e
+    _ENV = DistEnv(rank, world_size, local_rank, device, chosen if world_size > 1 else "none", launcher)
+    log.debug("initialised %s", _ENV)
+    return _ENV
+
+
+def env() -> DistEnv:
+    """The current environment; a single-process one if `init` was never called."""
+    if _ENV is not None:
+        return _ENV
+    return DistEnv(0, 1, 0, torch.device("cpu"), "none", "none")
+
+
+def shutdown() -> None:
+    """Destroy the process group (safe to call on every exit path, more than once)."""
+    global _ENV, _CKPT_GROUP
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        try:
+            torch_dist.destroy_process_group()
+        except Exception as e:  # teardown after a failed collective must not mask the real error
+            log.warning("destroy_process_group failed: %s", e)
+    _ENV = None
+    _CKPT_GROUP = None
+
+
+@contextmanager
+def distributed(timeout_s: float = 300.0, backend: str = "auto") -> Iterator[DistEnv]:
+    """`with distributed() as env:` initialises and always tears down, errors included."""
+    try:
+        yield init(timeout_s, backend)
+    finally:
+        shutdown()
+
+
+def _active() -> bool:
+    return torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return torch_dist.get_rank() if _active() else 0
+
+
+def world_size() -> int:
+    return torch_dist.get_world_size() if _active() else 1
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if _active():
+        torch_dist.barrier()
+
+
+def checkpoint_group() -> torch_dist.ProcessGroup | None:
+    """A separate gloo group, so checkpoint collectives (also from a background thread) never
+    interleave with training collectives on the default group."""
+    global _CKPT_GROUP
+    if not _active():
+        return None
+    if _CKPT_GROUP is None:
+        _CKPT_GROUP = torch_dist.new_group(backend="gloo")
+    return _CKPT_GROUP  # type: ignore[return-value]
+
+
+def _collective_device() -> torch.device:
+    return env().device if env().backend == "nccl" else torch.device("cpu")
+
+
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """In-place SUM over ranks."""
+    if _active():
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_mean(value: float) -> float:
+    """Mean of one float over ranks (identical result on every rank)."""
+    if not _active():
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
+    return float(t.item()) / world_size()
+
+
+def agree_flags(flags: int) -> int:
+    """Bitwise OR of per-rank flag words: one MAX all-reduce of a small int vector (one slot per bit)."""
+    if not _active():
+        return flags
+    bits = torch.tensor([(flags >> i) & 1 for i in range(16)], dtype=torch.int32, device=_collective_device())
+    torch_dist.all_reduce(bits, op=torch_dist.ReduceOp.MAX)
+    return sum(int(b) << i for i, b in enumerate(bits.tolist()))
+
+
+def agree_any(flag: bool) -> bool:
+    """True on every rank if any rank passed True."""
+    return bool(agree_flags(int(bool(flag))))

@@ -1,0 +1,19 @@
+"""The exceptions dtrain raises for users: each names the file, key or value and what to do."""
+
+from __future__ import annotations
+
+
+class DtrainError(Exception):
+    """Base class of every error dtrain raises on purpose."""
+
+
+class ConfigError(DtrainError, ValueError):
+    """A config file, key or value is wrong; raised before any process group starts."""
+
+
+class CheckpointError(DtrainError):
+    """A checkpoint cannot be written, found, verified or loaded."""
+
+
+class DistributedError(DtrainError):
+    """The process group cannot be set up or a collective failed."""

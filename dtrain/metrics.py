@@ -1,0 +1,91 @@
+"""What a run reports: rank-prefixed logging, a rank-0 progress bar, metrics.jsonl, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def setup_logging(rank: int, level: str = "INFO", log_file: Path | None = None) -> None:
+    """Every line carries the rank; rank 0 also appends to <run_dir>/train.log."""
+    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_dtrain", False):
+            root.removeHandler(h)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None and rank == 0:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    for h in handlers:
+        h.setFormatter(fmt)
+        h._dtrain = True  # type: ignore[attr-defined]
+        root.addHandler(h)
+    # Non-zero ranks only warn: user-facing progress is rank 0's job.
+    root.setLevel(getattr(logging, level) if rank == 0 else max(logging.WARNING, getattr(logging, level)))
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "nan", "inf": JSON has no such numbers
+    return value
+
+
+class MetricsLogger:
+    """Writes metrics on rank 0 only; every other rank holds a silent instance."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool, progress: bool, tensorboard: bool,
+                 max_steps: int, start_step: int) -> None:
+        self.enabled = enabled
+        self._file = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
+        self._bar = (
+            tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                 file=sys.stderr, disable=not (enabled and progress))
+        )
+        self._tb = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+        self._t0 = time.time()
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": round(time.time() - self._t0, 3)}
+        record.update({k: _json_safe(v) for k, v in values.items()})
+        assert self._file is not None
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and k not in ("epoch",):
+                    self._tb.add_scalar(k, v, step)
+
+    def progress(self, step: int, postfix: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self._bar.n = step
+        self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=True)
+
+    def write(self, message: str) -> None:
+        """A user-facing line that does not break the progress bar."""
+        if self.enabled:
+            self._bar.write(message, file=sys.stderr)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._bar.close()
+        if self._tb is not None:
+            self._tb.close()

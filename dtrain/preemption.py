@@ -1,0 +1,63 @@
+"""Signal handlers that only set a flag; the step loop turns the flag into an agreed decision.
+
+A handler never calls a collective or writes a file: it may run between any two bytecodes of the
+main thread, including inside a collective. Installed when training starts, never at import.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class PreemptionHandler:
+    """`requested` turns True on SIGTERM, SIGUSR1 or a first SIGINT; a second SIGINT exits at once."""
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = DEFAULT_SIGNALS) -> None:
+        self.signals = signals
+        self.signal_name: str | None = None
+        self._event = threading.Event()
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+    def request(self, reason: str = "manual") -> None:
+        """Ask for a checkpoint-and-exit from code (tests, fault injection, a time budget)."""
+        self.signal_name = self.signal_name or reason
+        self._event.set()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self._event.is_set():
+            # The user pressed Ctrl-C twice: they want out now, not after a checkpoint.
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        self._event.set()
+
+    def install(self) -> PreemptionHandler:
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("signal handlers can only be installed from the main thread; preemption is off")
+            return self
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def __enter__(self) -> PreemptionHandler:
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.uninstall()
