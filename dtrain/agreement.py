@@ -54,14 +54,19 @@ class StepAgreement:
         return Flag(sum(int(b) << i for i, b in enumerate(bits.tolist())))
 
     def step(self, local: Flag, *, sync: bool) -> Flag:
-        """Agreed flags: those raised at the previous (async) step, plus `local` now when `sync`."""
+        """Agreed flags: those raised at the previous (async) step, plus `local` now when `sync`.
+
+        When the previous step's flags ask for an action (stop or save), this step's flags are
+        exchanged synchronously too, so e.g. a non-finite loss at this very step is known before
+        anything is saved.
+        """
         if not self._active:
             return local
         agreed = Flag.NONE
         if self._pending is not None:
             agreed = self._finish(self._pending)
             self._pending = None
-        if sync:
+        if sync or agreed:
             return agreed | self._finish(self._start(local))
         self._pending = self._start(local)
         return agreed

@@ -1,0 +1,68 @@
+"""The `dtrain` command: train, ckpt (ls / inspect / verify / export / prune), plot."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dtrain import __version__, exitcodes
+from dtrain.errors import ConfigError, DtrainError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from dtrain.config import load_config
+    from dtrain.trainer import run
+
+    cfg = load_config(args.config, args.overrides)
+    return run(cfg)
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from dtrain.plot import plot_run
+
+    out = plot_run(args.run_dir, args.out)
+    print(out)
+    return exitcodes.OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dtrain", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"dtrain {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model (run under torchrun/srun for several processes)")
+    train.add_argument("--config", "-c", help="YAML config file (see configs/)")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=3e-4")
+    train.set_defaults(func=_train)
+
+    ckpt = sub.add_parser("ckpt", help="list, inspect, verify, export and prune checkpoints", add_help=False)
+    ckpt.add_argument("args", nargs=argparse.REMAINDER)
+    ckpt.set_defaults(func=lambda a: _ckpt(a.args))
+
+    plot = sub.add_parser("plot", help="draw train/val loss of a run, with the best and stop steps marked")
+    plot.add_argument("run_dir")
+    plot.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/loss.png)")
+    plot.set_defaults(func=_plot)
+    return parser
+
+
+def _ckpt(argv: list[str]) -> int:
+    from dtrain.checkpoint.cli import main as ckpt_main
+
+    return ckpt_main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as e:
+        print(f"dtrain: config error: {e}", file=sys.stderr)
+        return exitcodes.CONFIG_ERROR
+    except DtrainError as e:
+        print(f"dtrain: error: {e}", file=sys.stderr)
+        return exitcodes.FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

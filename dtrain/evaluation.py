@@ -1,0 +1,66 @@
+"""Evaluation over the WHOLE validation set, sharded over ranks, with one all-reduce of sums and
+counts at the end, so every rank holds bit-identical metric values."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from dtrain import dist
+from dtrain.data import ShardedEvalBatches
+from dtrain.tasks import to_device
+
+
+def _collate(dataset: Dataset, indices: list[int]) -> Any:
+    return torch.utils.data.default_collate([dataset[i] for i in indices])
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    per_sample: Callable[[nn.Module, Any], dict[str, torch.Tensor]],
+    *,
+    batch_size: int,
+    device: torch.device,
+    autocast: contextlib.AbstractContextManager[Any] | None = None,
+) -> dict[str, float]:
+    """Returns {"val/<name>": mean over the whole set} for each per-sample value the task reports.
+
+    Every rank runs the same number of batches (padding is masked out), because an FSDP forward is
+    itself a collective.
+    """
+    env = dist.env()
+    batches = ShardedEvalBatches(len(dataset), batch_size, env.rank, env.world_size)  # type: ignore[arg-type]
+    was_training = model.training
+    model.eval()
+    names: list[str] | None = None
+    sums: torch.Tensor | None = None
+    count = 0
+    try:
+        for indices, n_valid in batches:
+            batch = to_device(_collate(dataset, indices), device)
+            with autocast or contextlib.nullcontext():
+                values = per_sample(model, batch)
+            if names is None:
+                names = sorted(values)
+                sums = torch.zeros(len(names) + 1, dtype=torch.float64)
+            assert sums is not None
+            for i, name in enumerate(names):
+                sums[i] += values[name][:n_valid].double().sum().cpu()
+            count += n_valid
+    finally:
+        model.train(was_training)
+    if names is None or sums is None:  # an empty validation set on every rank
+        return {}
+    sums[-1] = count
+    if env.backend == "nccl":
+        sums = sums.to(device)
+    dist.all_reduce_sum_(sums)
+    total = float(sums[-1].item())
+    return {f"val/{name}": float(sums[i].item()) / total for i, name in enumerate(names)}

@@ -1,0 +1,93 @@
+"""Deterministic fault injection for tests and chaos runs: off unless configured.
+
+Configured by `faults.*` keys or the DTRAIN_FAULTS environment variable (JSON, same keys), so a
+test can target one attempt of a restarted job:
+
+    kill_rank / kill_step        SIGKILL this rank just before training step S
+    kill_during_save_step        SIGKILL kill_rank while the checkpoint of step S is being written
+    hang_rank / hang_step        sleep forever before step S (a silent peer)
+    signal_rank / signal_step    send SIGTERM to ourselves before step S (a preemption)
+    nan_rank / nan_step          this rank's monitored validation metric becomes NaN at step S
+    metric_rank / metric_offset  add an offset to this rank's validation metrics (ranks disagree)
+    only_attempt                 apply only when TORCHELASTIC_RESTART_COUNT/SLURM_RESTART_COUNT equals it
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from dataclasses import dataclass, fields
+from typing import Any
+
+from dtrain.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FaultInjector:
+    rank: int = 0
+    kill_rank: int | None = None
+    kill_step: int | None = None
+    kill_during_save_step: int | None = None
+    hang_rank: int | None = None
+    hang_step: int | None = None
+    signal_rank: int | None = None
+    signal_step: int | None = None
+    nan_rank: int | None = None
+    nan_step: int | None = None
+    metric_rank: int | None = None
+    metric_offset: float = 0.0
+    only_attempt: int | None = None
+
+    @classmethod
+    def from_config(cls, options: dict[str, Any], rank: int) -> FaultInjector:
+        merged = dict(options)
+        if os.environ.get("DTRAIN_FAULTS"):
+            try:
+                merged.update(json.loads(os.environ["DTRAIN_FAULTS"]))
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"DTRAIN_FAULTS is not valid JSON: {e}") from e
+        known = {f.name for f in fields(cls)} - {"rank"}
+        unknown = set(merged) - known
+        if unknown:
+            raise ConfigError(f"unknown fault option(s) {sorted(unknown)}; known: {sorted(known)}")
+        injector = cls(rank=rank, **merged)
+        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", os.environ.get("SLURM_RESTART_COUNT", "0")))
+        if injector.only_attempt is not None and injector.only_attempt != attempt:
+            return cls(rank=rank)
+        if merged:
+            log.warning("fault injection is ON: %s", merged)
+        return injector
+
+    def _me(self, rank: int | None) -> bool:
+        return rank is not None and rank == self.rank
+
+    def at_step(self, step: int) -> None:
+        """Called before training step `step`."""
+        if self._me(self.kill_rank) and step == self.kill_step:
+            log.warning("fault: SIGKILL rank %d before step %d", self.rank, step)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self._me(self.signal_rank) and step == self.signal_step:
+            log.warning("fault: SIGTERM to rank %d before step %d", self.rank, step)
+            os.kill(os.getpid(), signal.SIGTERM)
+        if self._me(self.hang_rank) and step == self.hang_step:
+            log.warning("fault: rank %d hangs before step %d", self.rank, step)
+            threading.Event().wait()
+
+    def before_save(self, step: int) -> None:
+        """Called when the checkpoint of `step` starts; kills from a timer so the kill lands mid-write."""
+        if self._me(self.kill_rank) and step == self.kill_during_save_step:
+            log.warning("fault: SIGKILL rank %d during the save of step %d", self.rank, step)
+            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGKILL)).start()
+
+    def metric_override(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self._me(self.metric_rank) and self.metric_offset:
+            out = {k: v + self.metric_offset for k, v in metrics.items()}
+        if self._me(self.nan_rank) and step == self.nan_step:
+            out = {k: float("nan") for k in metrics}
+        return out

@@ -1,0 +1,344 @@
+"""The training loop, and nothing else: it calls components (evaluation, checkpoint manager, early
+stopping, preemption) and they never call back into it.
+
+    run(cfg) -> exit code      init dist, build, resume, loop, finish, teardown on every path
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from dtrain import __version__, dist, exitcodes
+from dtrain.agreement import Flag, StepAgreement
+from dtrain.checkpoint import CheckpointManager
+from dtrain.config import JobConfig, check_world_size, to_dict, to_yaml
+from dtrain.data import ResumableDistributedSampler
+from dtrain.early_stopping import EarlyStopping
+from dtrain.evaluation import evaluate
+from dtrain.faults import FaultInjector
+from dtrain.metrics import MetricsLogger, setup_logging
+from dtrain.optim import build_optimizer, build_scheduler
+from dtrain.parallel import unwrap, wrap_model
+from dtrain.preemption import PreemptionHandler
+from dtrain.tasks import Task, get_task, make_options, to_device
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Outcome:
+    """Why the loop ended; becomes summary.json."""
+
+    stopped_by: str = "max_steps"
+    exit_code: int = exitcodes.OK
+    last_step: int = 0
+    resumed_from: str | None = None
+    final_metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    """Builds every component from a JobConfig, then `fit()` runs the loop."""
+
+    def __init__(self, cfg: JobConfig, env: dist.DistEnv) -> None:
+        self.cfg, self.env = cfg, env
+        self.run_dir = Path(cfg.run_dir)
+        self.task: Task = get_task(cfg.task)
+        model_cfg = make_options(self.task.model_config, cfg.model, "model")
+        data_cfg = make_options(self.task.data_config, cfg.data.options, "data.options")
+        check_world_size(cfg, env.world_size)
+
+        seed_everything(cfg.seed)  # same seed everywhere: identical initial weights on every rank
+        if cfg.train.deterministic and env.device.type == "cpu":
+            torch.use_deterministic_algorithms(True)
+        self.train_ds, self.val_ds = self.task.build_datasets(data_cfg, cfg.seed)
+        self.model = wrap_model(self.task.build_model(model_cfg), cfg.parallel, env, self.task.fsdp_blocks)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.train.max_steps)
+        self.sampler = ResumableDistributedSampler(
+            len(self.train_ds), cfg.data.batch_size, cfg.data.grad_accum,  # type: ignore[arg-type]
+            env.rank, env.world_size, cfg.seed,
+        )
+        es = cfg.early_stopping
+        self.early_stopping: EarlyStopping | None = (
+            EarlyStopping(
+                monitor=es.monitor, mode=es.mode, min_delta=es.min_delta, patience=es.patience,
+                baseline=es.baseline, start_from_step=es.start_from_step, check_finite=es.check_finite,
+                stopping_threshold=es.stopping_threshold, divergence_threshold=es.divergence_threshold,
+                max_time=es.max_time, restore_best=es.restore_best,
+            )
+            if es.enabled
+            else None
+        )
+        ck = cfg.checkpoint
+        self.checkpoints = CheckpointManager(
+            cfg.checkpoint_root, storage_options=dict(ck.storage_options), async_save=ck.async_save,
+            keep_last_n=ck.keep_last_n or None, keep_best_k=ck.keep_best_k or None,
+            keep_every_n_steps=ck.keep_every_n_steps or None, monitor=es.monitor, mode=es.mode,
+        )
+        self.preemption = PreemptionHandler()
+        self.faults = FaultInjector.from_config(cfg.faults, env.rank)
+        self.agreement = StepAgreement(device=env.device if env.backend == "nccl" else None)
+        self.step = 0
+        self.last_saved_step = -1
+        self.last_eval: dict[str, float] = {}
+
+    # ---- components the checkpoint carries ------------------------------------------------------
+    def _stateful(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"scheduler": self.scheduler, "sampler": self.sampler}
+        if self.early_stopping is not None:
+            state["early_stopping"] = self.early_stopping
+        return state
+
+    def _extra(self) -> dict[str, Any]:
+        return {"step": self.step, "world_size": self.env.world_size, "strategy": self.cfg.parallel.strategy,
+                "config": to_dict(self.cfg), "dtrain_version": __version__, "torch_version": torch.__version__}
+
+    def save(self, reason: str) -> None:
+        if self.step == self.last_saved_step:
+            return
+        self.faults.before_save(self.step)
+        self.checkpoints.save(
+            self.step, model=self.model, optimizer=self.optimizer, stateful=self._stateful(),
+            extra=self._extra(), metrics=self.last_eval or None, reason=reason,
+        )
+        self.last_saved_step = self.step
+
+    def resume(self) -> str | None:
+        """Load the checkpoint `resume` asks for; returns its URL, or None for a fresh start."""
+        mode = self.cfg.resume
+        if mode == "never":
+            return None
+        kwargs = {"model": self.model, "optimizer": self.optimizer, "stateful": self._stateful()}
+        if mode == "auto":
+            found = self.checkpoints.restore_latest(**kwargs)
+            if found is None:
+                return None
+            info, extra = found
+            url = info.url
+        else:
+            extra = self.checkpoints.load(mode, **kwargs)
+            url = mode
+        self.step = self.last_saved_step = int(extra["step"])
+        saved_world = extra.get("world_size")
+        note = "" if saved_world == self.env.world_size else (
+            f" (saved by {saved_world} ranks, resharded onto {self.env.world_size}; the global sample "
+            "order continues exactly, per-rank random streams are re-seeded)"
+        )
+        log.info("resumed from %s at step %d%s", url, self.step, note)
+        return url
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        mode = self.cfg.train.autocast
+        if mode == "bf16" or (mode == "auto" and self.env.device.type == "cuda"):
+            return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self, batches: Any) -> float:
+        """One optimizer step over grad_accum micro-batches; returns this rank's mean loss."""
+        accum = self.cfg.data.grad_accum
+        total = 0.0
+        for micro in range(accum):
+            batch = to_device(next(batches), self.env.device)
+            sync_ctx = (
+                self.model.no_sync()
+                if micro < accum - 1 and isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+                else contextlib.nullcontext()
+            )
+            with sync_ctx:
+                with self._autocast():
+                    loss = self.task.train_loss(self.model, batch) / accum
+                loss.backward()
+            total += float(loss.detach())
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return total
+
+    def _evaluate(self) -> dict[str, float]:
+        eval_model = unwrap(self.model)
+        metrics = evaluate(eval_model, self.val_ds, self.task.eval_per_sample,  # type: ignore[arg-type]
+                           batch_size=self.cfg.data.eval_batch_size, device=self.env.device,
+                           autocast=self._autocast())
+        metrics.update(self.faults.metric_override(self.step, metrics))
+        return metrics
+
+    def fit(self) -> int:
+        cfg, tcfg = self.cfg, self.cfg.train
+        outcome = Outcome()
+        outcome.resumed_from = self.resume()
+        metrics_log = MetricsLogger(self.run_dir, enabled=self.env.is_main, progress=cfg.logging.progress,
+                                    tensorboard=cfg.logging.tensorboard, max_steps=tcfg.max_steps,
+                                    start_step=self.step)
+        if outcome.resumed_from:
+            metrics_log.log(self.step, {"event": "resume", "from": outcome.resumed_from})
+        loader = DataLoader(self.train_ds, batch_sampler=self.sampler, num_workers=cfg.data.num_workers)
+        batches = iter(loader)
+        t_start = time.monotonic()
+        t_last_save = t_start
+        t_log, loss_sum, loss_n = time.monotonic(), 0.0, 0
+        samples_per_step = cfg.data.batch_size
+        self.preemption.install()
+        try:
+            while self.step < tcfg.max_steps:
+                self.faults.at_step(self.step + 1)
+                loss = self.train_step(batches)
+                self.step += 1
+                self.sampler.advance(samples_per_step)
+                loss_sum, loss_n = loss_sum + loss, loss_n + 1
+
+                local = Flag.NONE
+                if not math.isfinite(loss):
+                    local |= Flag.NON_FINITE
+                if self.preemption.requested:
+                    local |= Flag.PREEMPT
+                elapsed = time.monotonic() - t_start
+                if tcfg.max_time and elapsed > tcfg.max_time:
+                    local |= Flag.TIME_BUDGET
+                if self.early_stopping is not None and self.early_stopping.time_exceeded(elapsed):
+                    local |= Flag.TIME_BUDGET
+                if cfg.checkpoint.every_minutes and time.monotonic() - t_last_save > 60 * cfg.checkpoint.every_minutes:
+                    local |= Flag.SAVE_NOW
+
+                do_eval = self.step % tcfg.eval_every == 0 or self.step == tcfg.max_steps
+                if do_eval and math.isfinite(loss):
+                    self.last_eval = self._evaluate()
+                    metrics_log.log(self.step, {"epoch": round(self.sampler.epoch_float, 4), **self.last_eval})
+                    if self.early_stopping is not None:
+                        if self.early_stopping.stopped_step is None:
+                            self.early_stopping.check_metrics(self.last_eval)
+                        if self.early_stopping.update(self.last_eval[self.early_stopping.monitor], self.step):
+                            local |= Flag.EARLY_STOP
+                save_due = bool(cfg.checkpoint.every_steps) and self.step % cfg.checkpoint.every_steps == 0
+                agreed = self.agreement.step(local, sync=do_eval or save_due or self.step == tcfg.max_steps)
+
+                if self.step % tcfg.log_every == 0 or do_eval or agreed.stops:
+                    mean_loss = dist.all_reduce_mean(loss_sum / max(1, loss_n))
+                    now = time.monotonic()
+                    rate = samples_per_step * loss_n / max(1e-9, now - t_log)
+                    lr = self.scheduler.get_last_lr()[0]
+                    metrics_log.log(self.step, {"epoch": round(self.sampler.epoch_float, 4), "train/loss": mean_loss,
+                                                "lr": lr, "samples_per_s": round(rate, 1)})
+                    metrics_log.progress(self.step, {"loss": mean_loss, "lr": lr, "samples/s": rate,
+                                                     **{k: v for k, v in self.last_eval.items()}})
+                    t_log, loss_sum, loss_n = now, 0.0, 0
+
+                if agreed & Flag.NON_FINITE:
+                    outcome.stopped_by, outcome.exit_code = "non_finite_loss", exitcodes.FAILURE
+                    log.error("training loss is not finite at step %d on some rank; stopping without a checkpoint "
+                              "(the last committed one is intact)", self.step)
+                    break
+                if agreed.stops or (do_eval and cfg.checkpoint.on_eval) or agreed & Flag.SAVE_NOW or save_due:
+                    reason = "preempted" if agreed & Flag.PREEMPT else ("stop" if agreed.stops else "periodic")
+                    if agreed & Flag.PREEMPT:
+                        self.checkpoints.wait()  # finish the in-flight async save before the emergency one
+                    self.save(reason)
+                    t_last_save = time.monotonic()
+                if agreed & Flag.PREEMPT:
+                    outcome.stopped_by, outcome.exit_code = "preempted", exitcodes.PREEMPTED
+                    metrics_log.write(f"preempted by {self.preemption.signal_name or 'a peer'} at step {self.step}: "
+                                      "emergency checkpoint committed, exiting for requeue")
+                    break
+                if agreed & Flag.EARLY_STOP:
+                    assert self.early_stopping is not None
+                    outcome.stopped_by = f"early_stopping:{self.early_stopping.stop_reason or 'peer'}"
+                    break
+                if agreed & Flag.TIME_BUDGET:
+                    outcome.stopped_by = "max_time"
+                    break
+            self.agreement.drain()
+            if outcome.exit_code == exitcodes.OK:
+                self.save("end")
+            self.checkpoints.wait()
+            if outcome.exit_code == exitcodes.OK:
+                self._restore_best()
+        finally:
+            self.preemption.uninstall()
+            metrics_log.close()
+            self.checkpoints.close()
+        outcome.last_step = self.step
+        outcome.final_metrics = self.last_eval
+        self._write_summary(outcome)
+        return outcome.exit_code
+
+    def _restore_best(self) -> None:
+        es = self.early_stopping
+        if es is None or not es.restore_best:
+            return
+        best = self.checkpoints.best()
+        if best is None or best.step == self.step:
+            return
+        self.checkpoints.load(best, model=self.model)
+        log.info("restored the best weights (%s=%.6g at step %d) from %s", es.monitor, es.best, best.step, best.url)
+
+    def _write_summary(self, outcome: Outcome) -> None:
+        if not self.env.is_main:
+            return
+        es = self.early_stopping
+        best = self.checkpoints.best() if es is not None else None
+        summary = {
+            "stopped_by": outcome.stopped_by,
+            "exit_code": outcome.exit_code,
+            "last_step": outcome.last_step,
+            "max_steps": self.cfg.train.max_steps,
+            "monitor": es.monitor if es else None,
+            "best_step": es.best_step if es else None,
+            "best_metric": es.best if es and es.best is not None and math.isfinite(es.best) else None,
+            "best_checkpoint": best.url if best else None,
+            "resumed_from": outcome.resumed_from,
+            "final_metrics": outcome.final_metrics,
+            "world_size": self.env.world_size,
+            "strategy": self.cfg.parallel.strategy,
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        log.info("summary: %s", json.dumps({k: summary[k] for k in ("stopped_by", "last_step", "best_step",
+                                                                   "best_metric")}))
+
+
+def check_task_options(cfg: JobConfig) -> None:
+    """Task name and its model/data options are checked before any process group starts."""
+    task = get_task(cfg.task)
+    make_options(task.model_config, cfg.model, "model")
+    make_options(task.data_config, cfg.data.options, "data.options")
+
+
+def run(cfg: JobConfig) -> int:
+    """Train under whatever launcher started us; the process group is torn down on every path."""
+    check_task_options(cfg)
+    env = dist.init(cfg.dist.timeout_s, cfg.dist.backend)
+    try:
+        run_dir = Path(cfg.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        setup_logging(env.rank, cfg.logging.level, run_dir / "train.log")
+        if env.is_main:
+            (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        log.info("dtrain %s: %d rank(s), %s, strategy=%s, device=%s", __version__, env.world_size,
+                 env.launcher, cfg.parallel.strategy, env.device)
+        return Trainer(cfg, env).fit()
+    finally:
+        dist.shutdown()
+
+
+def train(cfg: JobConfig) -> int:
+    """Python entry point: `dtrain.train(dtrain.load_config("configs/digits.yaml", ["optim.lr=3e-4"]))`."""
+    return run(cfg)

@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dtrain.config import JobConfig, check_world_size, from_dict, load_config, to_dict, to_yaml
+from dtrain.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["digits.yaml", "gpt.yaml", "gpt-1b.yaml", "gpt-1b-small.yaml"])
+def test_example_configs_load(name: str) -> None:
+    path = REPO / "configs" / name
+    if not path.exists():
+        pytest.skip(f"{name} not in this tree yet")
+    cfg = load_config(path)
+    assert isinstance(cfg, JobConfig)
+
+
+def test_yaml_then_overrides_win(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  lr: 0.1\ntrain:\n  max_steps: 7\n")
+    cfg = load_config(f, ["optim.lr=3e-4", "model.n_layer=2", "parallel.strategy=fsdp"])
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.train.max_steps == 7
+    assert cfg.model == {"n_layer": 2}
+    assert cfg.parallel.strategy == "fsdp"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["optim.lr_typo=1"], "unknown config key 'optim.lr_typo'; known keys under optim: name, lr"),
+        (["nosuchsection=1"], "unknown config key 'nosuchsection'"),
+        (["parallel.strategy=zero3"], "parallel.strategy='zero3' is not allowed; choose one of: none, ddp, fsdp"),
+        (["optim.lr=fast"], "optim.lr"),
+        (["optim.name=adam"], "optim.name='adam' is not allowed"),
+        (["data.batch_size=10", "data.grad_accum=3"], "data.batch_size=10 is not divisible by data.grad_accum=3"),
+        (["early_stopping.patience=-1"], "early_stopping.patience=-1 must be"),
+        (["early_stopping.mode=up"], "early_stopping.mode='up'"),
+        (["train.max_steps=0"], "train.max_steps=0 must be > 0"),
+        (["lr"], "must look like key=value"),
+    ],
+)
+def test_bad_values_name_the_key(overrides: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert needle in str(e.value)
+
+
+def test_unknown_key_in_yaml_names_file(tmp_path: Path) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"optim.learning_rate.*bad.yaml"):
+        load_config(f)
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    f = tmp_path / "list.yaml"
+    f.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(f)
+    f.write_text("optim: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(f)
+
+
+def test_world_size_must_divide_batch() -> None:
+    cfg = load_config(None, ["data.batch_size=64", "data.grad_accum=2"])
+    check_world_size(cfg, 2)
+    check_world_size(cfg, 4)
+    with pytest.raises(ConfigError, match="not divisible by world size 3"):
+        check_world_size(cfg, 3)
+
+
+def test_round_trip_through_dict_and_yaml() -> None:
+    cfg = load_config(None, ["optim.lr=0.5", "checkpoint.storage_options.anon=true"])
+    assert from_dict(to_dict(cfg)) == cfg
+    assert "lr: 0.5" in to_yaml(cfg)
+    assert cfg.checkpoint_root.endswith("runs/default/checkpoints")

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from dtrain import dist
+from dtrain.agreement import Flag, StepAgreement
+from tests.multiproc import run_ranks
+
+
+@pytest.mark.parametrize(
+    ("nodelist", "first"),
+    [("node1", "node1"), ("gpu[03-05,07],cpu1", "gpu03"), ("a1,a2", "a1"), ("rack[7]-ib", "rack7-ib"),
+     ("n[0012-0020]", "n0012")],
+)
+def test_first_slurm_host(nodelist: str, first: str) -> None:
+    assert dist.first_slurm_host(nodelist) == first
+
+
+def test_detects_torchrun_slurm_and_plain(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in list(os.environ):
+        if k.startswith(("SLURM_", "TORCHELASTIC_")) or k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            monkeypatch.delenv(k)
+    assert dist.detect_launcher() == ("none", 0, 1, 0)
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "n[1-2]")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert dist.detect_launcher() == ("slurm", 3, 4, 1)
+    assert os.environ["MASTER_ADDR"] == "n1"
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    assert dist.detect_launcher() == ("torchrun", 1, 2, 1)
+
+
+def test_single_process_init_is_idempotent_and_helpers_are_local() -> None:
+    env = dist.init()
+    assert dist.init() is env
+    assert (env.rank, env.world_size, env.backend, str(env.device)) == (0, 1, "none", "cpu")
+    assert dist.all_reduce_mean(2.5) == 2.5
+    assert dist.agree_any(True) and not dist.agree_any(False)
+    assert StepAgreement().step(Flag.PREEMPT, sync=False) == Flag.PREEMPT
+    dist.shutdown()
+    dist.shutdown()
+
+
+def _collectives(rank: int, world: int) -> dict:
+    env = dist.init(timeout_s=30)
+    assert dist.init() is env and env.world_size == world and env.rank == rank
+    mean = dist.all_reduce_mean(float(rank + 1))
+    any_true = dist.agree_any(rank == 1)
+    none_true = dist.agree_any(False)
+    word = dist.agree_flags(1 << rank)
+    agreement = StepAgreement()
+    seen = []
+    # Rank 1 raises PREEMPT at step 2 on an async step: everyone sees it at step 3.
+    for step in range(1, 6):
+        local = Flag.PREEMPT if (rank == 1 and step == 2) else Flag.NONE
+        seen.append(int(agreement.step(local, sync=(step == 5))))
+    # A synchronous step returns the flag at once, on every rank.
+    now = int(agreement.step(Flag.EARLY_STOP if rank == 0 else Flag.NONE, sync=True))
+    dist.shutdown()
+    return {"mean": mean, "any": any_true, "none": none_true, "word": word, "seen": seen, "now": now}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(90)
+def test_collectives_agree_on_every_rank() -> None:
+    results = run_ranks(_collectives, 2)
+    assert results[0] == results[1]
+    r = results[0]
+    assert r["mean"] == 1.5 and r["any"] is True and r["none"] is False and r["word"] == 0b11
+    assert r["seen"] == [0, 0, int(Flag.PREEMPT), 0, 0]
+    assert r["now"] == int(Flag.EARLY_STOP)
