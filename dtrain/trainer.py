@@ -261,7 +261,7 @@ class Trainer:
                     break
                 if agreed & Flag.EARLY_STOP:
                     assert self.early_stopping is not None
-                    outcome.stopped_by = f"early_stopping:{self.early_stopping.stop_reason or 'peer'}"
+                    outcome.stopped_by = f"early_stopping:{self.early_stopping.stop_reason or 'another_rank'}"
                     break
                 if agreed & Flag.TIME_BUDGET:
                     outcome.stopped_by = "max_time"
@@ -292,6 +292,12 @@ class Trainer:
         log.info("restored the best weights (%s=%.6g at step %d) from %s", es.monitor, es.best, best.step, best.url)
 
     def _write_summary(self, outcome: Outcome) -> None:
+        # Every rank records where it stopped: the proof (and the debugging aid) that they agreed.
+        ranks_dir = self.run_dir / "ranks"
+        ranks_dir.mkdir(parents=True, exist_ok=True)
+        (ranks_dir / f"rank-{self.env.rank:05d}.json").write_text(json.dumps(
+            {"rank": self.env.rank, "last_step": outcome.last_step, "stopped_by": outcome.stopped_by,
+             "exit_code": outcome.exit_code, "final_metrics": outcome.final_metrics}) + "\n")
         if not self.env.is_main:
             return
         es = self.early_stopping
@@ -325,6 +331,7 @@ def check_task_options(cfg: JobConfig) -> None:
 def run(cfg: JobConfig) -> int:
     """Train under whatever launcher started us; the process group is torn down on every path."""
     check_task_options(cfg)
+    check_world_size(cfg, dist.detect_launcher()[2])
     env = dist.init(cfg.dist.timeout_s, cfg.dist.backend)
     try:
         run_dir = Path(cfg.run_dir)
