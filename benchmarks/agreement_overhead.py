@@ -52,7 +52,7 @@ def _worker(rank: int, world: int, port: int, steps: int, rounds: int, out: str)
         loader = iter(torch.utils.data.DataLoader(train_ds, batch_sampler=sampler))
         times: dict[str, list[float]] = {"none": [], "sync": [], "pipelined": []}
 
-        def step() -> None:
+        def step(task=task, model=model, loader=loader, opt=opt) -> None:  # type: ignore[no-untyped-def]
             loss = task.train_loss(model, next(loader))
             loss.backward()
             opt.step()
