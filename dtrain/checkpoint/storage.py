@@ -1,0 +1,247 @@
+"""A few string-path functions over fsspec: the only place checkpoint code touches storage.
+
+Local paths (and file://) go straight to the OS so we control fsync and rename; everything else
+(s3://, memory://, ...) goes through fsspec. A URL is always a plain string; `join` builds children.
+S3 endpoint and credentials come from the standard AWS_* environment (AWS_ENDPOINT_URL[_S3],
+AWS_ACCESS_KEY_ID, ...) unless `storage_options` says otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import shutil
+import uuid
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from dtrain.errors import CheckpointError
+
+StorageOptions = dict[str, Any] | None
+
+
+def is_local(url: str) -> bool:
+    """True for a plain path or a file:// URL."""
+    return "://" not in url or url.startswith("file://")
+
+
+def local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def join(url: str, *parts: str) -> str:
+    """`url/part/...` for any scheme (local paths keep the OS form)."""
+    if is_local(url):
+        return os.path.join(local_path(url), *parts)
+    return posixpath.join(url.rstrip("/"), *parts)
+
+
+def _options(url: str, storage_options: StorageOptions) -> dict[str, Any]:
+    opts = dict(storage_options or {})
+    if url.startswith(("s3://", "s3a://")) and "endpoint_url" not in opts:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            opts["endpoint_url"] = endpoint
+    return opts
+
+
+def filesystem(url: str, storage_options: StorageOptions = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and the scheme-less path for a remote URL."""
+    try:
+        return url_to_fs(url, **_options(url, storage_options))
+    except (ImportError, ValueError) as e:
+        raise CheckpointError(f"cannot open storage for {url!r}: {e}") from e
+
+
+def makedirs(url: str, storage_options: StorageOptions = None) -> None:
+    """Create a directory (a no-op on object stores, which have none)."""
+    if is_local(url):
+        path = local_path(url)
+        os.makedirs(path, exist_ok=True)
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+        return
+    fs, path = filesystem(url, storage_options)
+    fs.makedirs(path, exist_ok=True)
+
+
+@contextlib.contextmanager
+def open_write(url: str, storage_options: StorageOptions = None) -> Iterator[BinaryIO]:
+    """Open `url` for writing; on success the bytes are durable (fsync) or committed (S3 close);
+    on an exception nothing is left behind: the local file is removed, the S3 upload discarded
+    (s3fs would otherwise commit the partial object when the `with` block exits)."""
+    if is_local(url):
+        path = local_path(url)
+        f = open(path, "wb")
+        try:
+            yield f  # type: ignore[misc]
+            f.flush()
+            os.fsync(f.fileno())
+        except BaseException:
+            f.close()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        f.close()
+        return
+    fs, path = filesystem(url, storage_options)
+    rf = fs.open(path, "wb")
+    try:
+        yield rf
+    except BaseException:
+        with contextlib.suppress(Exception):
+            rf.discard()  # s3fs: abort the multipart upload; nothing becomes visible
+        if not _is_s3(fs):  # others (memory://) may have created the file on open
+            with contextlib.suppress(Exception):
+                fs.rm(path)
+        raise
+    rf.close()
+
+
+def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "s3" in protocol
+
+
+def write_atomic(url: str, data: bytes, storage_options: StorageOptions = None) -> None:
+    """Readers see either no file or all of `data`: local = temp name, fsync, rename, fsync of the
+    directory; object stores = one PUT, which is atomic by itself."""
+    if is_local(url):
+        path = local_path(url)
+        directory = os.path.dirname(os.path.abspath(path))
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(directory)
+        return
+    fs, path = filesystem(url, storage_options)
+    fs.pipe_file(path, data)
+
+
+def read_bytes(url: str, start: int | None = None, end: int | None = None,
+               storage_options: StorageOptions = None) -> bytes:
+    """Bytes [start, end) of a file (the whole file by default). Raises FileNotFoundError."""
+    if is_local(url):
+        with open(local_path(url), "rb") as f:
+            if start:
+                f.seek(start)
+            return f.read() if end is None else f.read(end - (start or 0))
+    fs, path = filesystem(url, storage_options)
+    return fs.cat_file(path, start=start, end=end)
+
+
+def read_into(url: str, offset: int, out: memoryview, storage_options: StorageOptions = None) -> None:
+    """Fill `out` with the file's bytes from `offset`; a short file is a CheckpointError."""
+    n = len(out)
+    if is_local(url):
+        with open(local_path(url), "rb", buffering=0) as f:
+            f.seek(offset)
+            got = 0
+            while got < n:
+                k = f.readinto(out[got:])
+                if not k:
+                    break
+                got += k
+    else:
+        data = read_bytes(url, offset, offset + n, storage_options)
+        got = len(data)
+        out[:got] = data
+    if got != n:
+        raise CheckpointError(f"{url}: file is truncated: wanted bytes [{offset}, {offset + n}), "
+                              f"file ends at {offset + got}; the checkpoint is damaged")
+
+
+@contextlib.contextmanager
+def open_read(url: str, storage_options: StorageOptions = None) -> Iterator[BinaryIO]:
+    """A sequential reader (used to stream whole files for verification)."""
+    if is_local(url):
+        with open(local_path(url), "rb") as f:
+            yield f  # type: ignore[misc]
+        return
+    fs, path = filesystem(url, storage_options)
+    with fs.open(path, "rb", block_size=8 << 20) as f:
+        yield f
+
+
+def size(url: str, storage_options: StorageOptions = None) -> int:
+    """File size in bytes; FileNotFoundError if absent."""
+    if is_local(url):
+        return os.stat(local_path(url)).st_size
+    fs, path = filesystem(url, storage_options)
+    fs.invalidate_cache(path)
+    return int(fs.size(path))
+
+
+def exists(url: str, storage_options: StorageOptions = None) -> bool:
+    if is_local(url):
+        return os.path.exists(local_path(url))
+    fs, path = filesystem(url, storage_options)
+    fs.invalidate_cache(path)
+    return bool(fs.exists(path))
+
+
+def list_dir(url: str, storage_options: StorageOptions = None) -> list[tuple[str, bool]]:
+    """(name, is_directory) for each entry directly under `url`; empty if `url` does not exist."""
+    if is_local(url):
+        try:
+            with os.scandir(local_path(url)) as it:
+                return sorted((e.name, e.is_dir()) for e in it)
+        except FileNotFoundError:
+            return []
+    fs, path = filesystem(url, storage_options)
+    fs.invalidate_cache(path)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    out = []
+    for e in entries:
+        name = posixpath.basename(str(e["name"]).rstrip("/"))
+        if name:
+            out.append((name, e.get("type") == "directory"))
+    return sorted(out)
+
+
+def remove(url: str, storage_options: StorageOptions = None) -> None:
+    """Delete a file or a whole directory tree; absent is fine."""
+    if is_local(url):
+        path = local_path(url)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=False)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        return
+    fs, path = filesystem(url, storage_options)
+    fs.invalidate_cache(path)
+    with contextlib.suppress(FileNotFoundError):
+        if fs.isdir(path):
+            fs.rm(path, recursive=True)
+        else:
+            fs.rm(path)
+    fs.invalidate_cache(path)
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make a rename or a new entry durable; some filesystems cannot open directories (ignore)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
