@@ -1,0 +1,218 @@
+"""manifest.json: the one file that makes a checkpoint exist. Written last by rank 0; read strictly.
+
+A manifest lists every file with size and checksum, and every tensor with its global shape, dtype and
+the boxes (offsets, lengths into the global tensor) each file holds, with the box's absolute byte
+range in that file (`data_offsets`, [begin, end) from the start of the file) and its own CRC.
+Anything read from disk is untrusted: paths must stay inside the checkpoint directory, numbers must
+be numbers, chunks must tile their tensor exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from dtrain.checkpoint.checksum import parse_crc
+from dtrain.checkpoint.stfile import DTYPES, itemsize
+from dtrain.errors import CheckpointError
+
+SCHEMA_VERSION = 1
+KNOWN_VERSIONS = (1,)
+MANIFEST = "manifest.json"
+STATE = "state.json"
+_SEGMENT = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str  # relative to the checkpoint directory
+    size: int
+    checksum: str  # "crc32:xxxxxxxx" of the whole file
+
+
+@dataclass(frozen=True)
+class Chunk:
+    file: str
+    offsets: tuple[int, ...]
+    lengths: tuple[int, ...]
+    data_offsets: tuple[int, int]  # absolute byte range [begin, end) in `file`
+    checksum: str  # crc32 of exactly those bytes
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    dtype: str  # safetensors dtype name, e.g. "F32"
+    shape: tuple[int, ...]  # global shape
+    chunks: tuple[Chunk, ...]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    step: int
+    created: float
+    world_size: int
+    strategy: str
+    files: tuple[FileEntry, ...]
+    tensors: dict[str, TensorEntry]
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    reason: str = "periodic"
+    versions: dict[str, str] = field(default_factory=dict)
+    version: int = SCHEMA_VERSION
+
+    def to_json(self) -> bytes:
+        body = asdict(self)
+        body["tensors"] = {k: asdict(v) for k, v in sorted(self.tensors.items())}
+        return json.dumps(body, indent=1, allow_nan=False).encode("utf-8")
+
+    def file(self, path: str) -> FileEntry:
+        for f in self.files:
+            if f.path == path:
+                return f
+        raise CheckpointError(f"manifest lists no file {path!r}")
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def check_relative_path(path: object, where: str, field_name: str) -> str:
+    """A path inside the checkpoint directory: plain segments, no `..`, no root, no scheme."""
+    if not isinstance(path, str) or not path:
+        raise CheckpointError(f"{where}: field {field_name} must be a non-empty string, got {path!r}")
+    segments = path.split("/")
+    for seg in segments:
+        if seg in ("", ".", "..") or not _SEGMENT.match(seg):
+            raise CheckpointError(
+                f"{where}: field {field_name} = {path!r} points outside the checkpoint directory "
+                f"(absolute, '..', a URL scheme or another bucket); refusing to read it")
+    return path
+
+
+def parse_manifest(data: bytes, where: str) -> Manifest:
+    """Validate manifest bytes read from `where`; every problem is a CheckpointError naming it."""
+    try:
+        body = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{where}: not valid JSON ({e}); the checkpoint is damaged") from None
+    if not isinstance(body, dict):
+        raise CheckpointError(f"{where}: must be a JSON object, got {type(body).__name__}")
+    v = _get(body, "version", int, where)
+    if v not in KNOWN_VERSIONS:
+        raise CheckpointError(f"{where}: schema version {v} is not known to this dtrain (it reads "
+                              f"{list(KNOWN_VERSIONS)}); upgrade dtrain to read this checkpoint")
+    files = tuple(_file(f, i, where) for i, f in enumerate(_get(body, "files", list, where)))
+    sizes = {f.path: f.size for f in files}
+    if len(sizes) != len(files):
+        raise CheckpointError(f"{where}: field files lists a path twice")
+    tensors_raw = _get(body, "tensors", dict, where)
+    tensors = {k: _tensor(k, t, sizes, where) for k, t in tensors_raw.items()}
+    metrics = _get(body, "metrics", dict, where)
+    for k, m in metrics.items():
+        if m is not None and (not isinstance(m, (int, float)) or isinstance(m, bool)):
+            raise CheckpointError(f"{where}: field metrics[{k!r}] must be a number or null, got {m!r}")
+    versions = _get(body, "versions", dict, where)
+    return Manifest(
+        step=_uint(_get(body, "step", int, where), where, "step"),
+        created=float(_get(body, "created", (int, float), where)),
+        world_size=_get(body, "world_size", int, where),
+        strategy=_get(body, "strategy", str, where),
+        files=files, tensors=tensors, metrics=dict(metrics),
+        reason=_get(body, "reason", str, where),
+        versions={str(k): str(x) for k, x in versions.items()},
+        version=v,
+    )
+
+
+def _get(body: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
+    if key not in body:
+        raise CheckpointError(f"{where}: required field {key!r} is missing")
+    val = body[key]
+    if not isinstance(val, typ) or isinstance(val, bool):
+        raise CheckpointError(f"{where}: field {key!r} has the wrong type ({type(val).__name__})")
+    return val
+
+
+def _uint(v: object, where: str, name: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise CheckpointError(f"{where}: field {name} must be a non-negative integer, got {v!r}")
+    return v
+
+
+def _ints(v: object, where: str, name: str) -> tuple[int, ...]:
+    if not isinstance(v, list):
+        raise CheckpointError(f"{where}: field {name} must be a list of integers, got {v!r}")
+    return tuple(_uint(x, where, name) for x in v)
+
+
+def _file(f: object, i: int, where: str) -> FileEntry:
+    if not isinstance(f, dict):
+        raise CheckpointError(f"{where}: field files[{i}] must be an object")
+    path = check_relative_path(f.get("path"), where, f"files[{i}].path")
+    checksum = f.get("checksum")
+    if parse_crc(checksum) is None:  # type: ignore[arg-type]
+        raise CheckpointError(f"{where}: field files[{i}].checksum {checksum!r} is not 'crc32:<8 hex>'")
+    return FileEntry(path, _uint(f.get("size"), where, f"files[{i}].size"), checksum)  # type: ignore[arg-type]
+
+
+def _tensor(key: str, t: object, sizes: dict[str, int], where: str) -> TensorEntry:
+    name = f"tensors[{key!r}]"
+    if not isinstance(t, dict):
+        raise CheckpointError(f"{where}: field {name} must be an object")
+    dt = t.get("dtype")
+    if dt not in DTYPES:
+        raise CheckpointError(f"{where}: field {name}.dtype {dt!r} is not a known dtype")
+    shape = _ints(t.get("shape"), where, f"{name}.shape")
+    raw_chunks = t.get("chunks")
+    if not isinstance(raw_chunks, list):
+        raise CheckpointError(f"{where}: field {name}.chunks must be a list")
+    chunks = tuple(_chunk(c, f"{name}.chunks[{j}]", dt, shape, sizes, where) for j, c in enumerate(raw_chunks))
+    _check_tiling(chunks, shape, where, name)
+    return TensorEntry(dt, shape, chunks)  # type: ignore[arg-type]
+
+
+def _chunk(c: object, name: str, dt: str, shape: tuple[int, ...], sizes: dict[str, int],
+           where: str) -> Chunk:
+    if not isinstance(c, dict):
+        raise CheckpointError(f"{where}: field {name} must be an object")
+    path = check_relative_path(c.get("file"), where, f"{name}.file")
+    if path not in sizes:
+        raise CheckpointError(f"{where}: field {name}.file {path!r} is not listed in files")
+    offsets = _ints(c.get("offsets"), where, f"{name}.offsets")
+    lengths = _ints(c.get("lengths"), where, f"{name}.lengths")
+    if len(offsets) != len(shape) or len(lengths) != len(shape):
+        raise CheckpointError(f"{where}: field {name} has offsets/lengths of the wrong rank for shape {shape}")
+    if any(o + n > s for o, n, s in zip(offsets, lengths, shape, strict=True)):
+        raise CheckpointError(f"{where}: field {name} box {offsets}+{lengths} lies outside shape {shape}")
+    span = _ints(c.get("data_offsets"), where, f"{name}.data_offsets")
+    if len(span) != 2 or span[0] > span[1] or span[1] > sizes[path]:
+        raise CheckpointError(f"{where}: field {name}.data_offsets {list(span)} is not inside "
+                              f"{path!r} ({sizes[path]} bytes)")
+    if span[1] - span[0] != math.prod(lengths) * itemsize(dt):  # type: ignore[arg-type]
+        raise CheckpointError(f"{where}: field {name}.data_offsets spans {span[1] - span[0]} bytes, "
+                              f"box {lengths} of {dt} needs {math.prod(lengths) * itemsize(dt)}")  # type: ignore[arg-type]
+    checksum = c.get("checksum")
+    if parse_crc(checksum) is None:  # type: ignore[arg-type]
+        raise CheckpointError(f"{where}: field {name}.checksum {checksum!r} is not 'crc32:<8 hex>'")
+    return Chunk(path, offsets, lengths, (span[0], span[1]), checksum)  # type: ignore[arg-type]
+
+
+def _check_tiling(chunks: tuple[Chunk, ...], shape: tuple[int, ...], where: str, name: str) -> None:
+    """Chunks must cover the tensor exactly once, or loading would leave bytes uninitialised."""
+    vols = [math.prod(c.lengths) for c in chunks]
+    for i, a in enumerate(chunks):
+        for b in chunks[i + 1:]:
+            if vols[i] and math.prod(b.lengths) and all(
+                    ao < bo + bn and bo < ao + an
+                    for ao, an, bo, bn in zip(a.offsets, a.lengths, b.offsets, b.lengths, strict=True)):
+                raise CheckpointError(f"{where}: field {name} has overlapping chunks at {a.offsets} and {b.offsets}")
+    if sum(vols) != math.prod(shape):
+        raise CheckpointError(f"{where}: field {name} chunks cover {sum(vols)} of {math.prod(shape)} "
+                              f"elements; the checkpoint is incomplete")
+
+
+class CheckpointDamagedError(CheckpointError):
+    """The stored bytes are wrong: a file is missing or truncated, or a checksum does not match.
+    Resume falls back to the previous committed checkpoint on this error (and only on this one)."""
