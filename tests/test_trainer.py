@@ -1,0 +1,119 @@
+"""The training loop end to end, as users run it: real processes, real torchrun, gloo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dtrain import dist
+from dtrain.evaluation import evaluate
+from dtrain.models import digits
+from tests.launch import FAST, dtrain, losses, rank_summaries, summary
+from tests.multiproc import run_ranks
+
+pytestmark = pytest.mark.multiprocess
+
+
+def _ok(proc) -> None:  # type: ignore[no-untyped-def]
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+
+
+@pytest.mark.timeout(240)
+def test_ddp_and_fsdp_follow_the_single_process_loss_curve(tmp_path: Path) -> None:
+    """Same global batch => the same trajectory for 1 process, 2-rank DDP and 2-rank FSDP2."""
+    common = ["train", *FAST, "train.max_steps=30", "train.eval_every=15", "early_stopping.enabled=false",
+              "checkpoint.on_eval=false"]
+    runs = {"single": (1, "none"), "ddp": (2, "ddp"), "fsdp": (2, "fsdp")}
+    curves = {}
+    for name, (nproc, strategy) in runs.items():
+        run_dir = tmp_path / name
+        _ok(dtrain([*common, f"run_dir={run_dir}", f"parallel.strategy={strategy}"], nproc=nproc))
+        curves[name] = losses(run_dir)
+        assert summary(run_dir)["last_step"] == 30
+    assert sorted(curves["single"]) == list(range(5, 31, 5))
+    for name in ("ddp", "fsdp"):
+        assert curves[name].keys() == curves["single"].keys()
+        for step, value in curves["single"].items():
+            # float reduction order differs (2 partial sums vs 1): stated tolerance 1e-4 relative
+            assert curves[name][step] == pytest.approx(value, rel=1e-4), (name, step)
+    # and the curve actually descends: the test would catch a model that never trains
+    assert curves["single"][30] < 0.7 * curves["single"][5]
+
+
+def _eval_on_ranks(rank: int, world: int) -> dict[str, float]:
+    dist.init(timeout_s=30)
+    torch.manual_seed(0)
+    model = digits.build_model(digits.DigitsModelConfig())
+    _, val = digits.build_datasets(digits.DigitsDataConfig(), seed=0)
+    # odd batch size so the shards are uneven and padding is exercised
+    out = evaluate(model, val, digits.eval_per_sample, batch_size=37, device=torch.device("cpu"))
+    dist.shutdown()
+    return out
+
+
+@pytest.mark.timeout(90)
+def test_evaluation_metrics_are_identical_on_every_rank_and_match_one_process() -> None:
+    two = run_ranks(_eval_on_ranks, 2)
+    assert two[0] == two[1]  # bitwise: every rank acts on the same value
+    one = _eval_on_ranks(0, 1)
+    assert set(one) == {"val/loss", "val/acc"}
+    for k in one:
+        assert two[0][k] == pytest.approx(one[k], rel=1e-9)
+
+
+@pytest.mark.timeout(180)
+def test_nan_metric_on_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    run_dir = tmp_path / "nan"
+    proc = dtrain(["train", *FAST, f"run_dir={run_dir}", "train.max_steps=200", "train.eval_every=10",
+                   "early_stopping.enabled=true", "early_stopping.patience=100",
+                   "faults.nan_rank=1", "faults.nan_step=30"], nproc=2)
+    _ok(proc)
+    ranks = rank_summaries(run_dir)
+    assert [r["last_step"] for r in ranks] == [30, 30]
+    assert ranks[1]["stopped_by"] == "early_stopping:non_finite"
+    assert ranks[0]["stopped_by"].startswith("early_stopping:")
+
+
+@pytest.mark.timeout(180)
+def test_ranks_fed_different_metrics_still_stop_together(tmp_path: Path) -> None:
+    """Rank 1 sees a metric that never improves after its first value (a huge offset that grows is
+    not needed: min_delta makes rank 1's own patience run out first); both stop at one step."""
+    run_dir = tmp_path / "skew"
+    proc = dtrain(["train", *FAST, f"run_dir={run_dir}", "train.max_steps=300", "train.eval_every=10",
+                   "early_stopping.enabled=true", "early_stopping.patience=2", "early_stopping.min_delta=0.05",
+                   "faults.metric_rank=1", "faults.metric_offset=0.5"], nproc=2)
+    _ok(proc)
+    ranks = rank_summaries(run_dir)
+    assert len(ranks) == 2 and ranks[0]["last_step"] == ranks[1]["last_step"] < 300
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["parallel.strategy=zero"], "parallel.strategy='zero' is not allowed; choose one of: none, ddp, fsdp"),
+        (["optim.lr_typo=1"], "unknown config key 'optim.lr_typo'"),
+        (["model.depth=3"], "depth"),
+        (["task=nosuch"], "nosuch"),
+    ],
+)
+def test_bad_input_gives_one_clear_message(tmp_path: Path, args: list[str], needle: str) -> None:
+    proc = dtrain(["train", "--config", "configs/digits.yaml", f"run_dir={tmp_path}", *args])
+    assert proc.returncode == 2
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_missing_config_file(tmp_path: Path) -> None:
+    proc = dtrain(["train", "--config", str(tmp_path / "missing.yaml")])
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.timeout(90)
+def test_batch_not_divisible_by_world_size_fails_before_the_process_group(tmp_path: Path) -> None:
+    proc = dtrain(["train", *FAST, f"run_dir={tmp_path}", "data.batch_size=33"], nproc=2)
+    assert proc.returncode != 0
+    assert "data.batch_size=33 is not divisible by world size 2" in proc.stderr
