@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# Run `dtrain train` under torchrun on this node; copy this script and edit the defaults.
+#
+# One node (standalone rendezvous on localhost):
+#     CONFIG=configs/digits.yaml RUN_DIR=runs/digits NPROC_PER_NODE=2 launch/torchrun.sh optim.lr=3e-3
+#
+# Several nodes (c10d rendezvous): run the same command on every node, same RDZV_ENDPOINT and RDZV_ID.
+# The torchrun on the host named in RDZV_ENDPOINT hosts the rendezvous store; ranks are assigned by
+# the rendezvous, so NODE_RANK is optional (when set it is passed on and shown in the logs).
+#     NNODES=2 NPROC_PER_NODE=8 RDZV_ENDPOINT=node0.example:29400 RDZV_ID=exp42 \
+#         CONFIG=configs/gpt.yaml RUN_DIR=/shared/runs/exp42 launch/torchrun.sh
+# NNODES may be a range MIN:MAX (elastic: training starts once MIN nodes joined).
+#
+# Arguments are dtrain config overrides (KEY=VALUE). Environment (defaults in brackets):
+#   CONFIG [configs/digits.yaml]  RUN_DIR [runs/<config name>]  NPROC_PER_NODE [GPUs, else 1]
+#   NNODES [1]  RDZV_ENDPOINT (host:port, needed when NNODES is not 1)  RDZV_ID [dtrain]  NODE_RANK
+#   LOCAL_ADDR (address other nodes reach this one at; default: torchrun's fully qualified hostname)
+#   MAX_RESTARTS [3]: torchrun restarts all local workers this often after a worker failure
+#   SHUTDOWN_TIMEOUT [120]: seconds torchrun gives workers to write the emergency checkpoint after
+#       SIGTERM before it sends SIGKILL (torchrun's own default is 30)
+#   TORCHRUN [torchrun]  PYTHON [python3]
+# The Kubeflow training operator's PET_NNODES / PET_RDZV_ENDPOINT / PET_RDZV_ID / PET_MAX_RESTARTS /
+# PET_NPROC_PER_NODE are used when the variables above are unset.
+#
+# Preemption: SIGTERM, SIGINT, SIGUSR1 or SIGHUP sent to this script becomes one SIGTERM to torchrun,
+# which forwards it to every worker (torchrun forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT, but a SIGUSR1
+# would kill torchrun itself). dtrain then agrees on a stop at the next step boundary, commits an
+# emergency checkpoint and exits 75. torchrun reports any worker exit other than 0 as its own exit 1,
+# so this script reads the exit codes that this attempt's ranks wrote (RUN_DIR/ranks/rank-*.json and
+# RUN_DIR/summary.json) and exits with theirs when they all agree.
+# Exit codes: 0 done (finished or early-stopped), 75 preempted with a committed checkpoint (requeue and
+# run the same command again: it resumes), 2 config error, anything else a failure.
+set -uo pipefail
+
+CONFIG=${CONFIG:-configs/digits.yaml}
+RUN_DIR=${RUN_DIR:-runs/$(basename "${CONFIG%.*}")}
+NNODES=${NNODES:-${PET_NNODES:-1}}
+RDZV_ENDPOINT=${RDZV_ENDPOINT:-${PET_RDZV_ENDPOINT:-}}
+RDZV_ID=${RDZV_ID:-${PET_RDZV_ID:-dtrain}}
+MAX_RESTARTS=${MAX_RESTARTS:-${PET_MAX_RESTARTS:-3}}
+SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-120}
+TORCHRUN=${TORCHRUN:-torchrun}
+PYTHON=${PYTHON:-python3}
+if [[ -z "${NPROC_PER_NODE:-}" ]]; then
+    NPROC_PER_NODE=${PET_NPROC_PER_NODE:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}
+    [[ "$NPROC_PER_NODE" =~ ^[1-9] ]] || NPROC_PER_NODE=1
+fi
+
+log() { echo "[torchrun.sh $(hostname -s) $(date +%H:%M:%S)] $*" >&2; }
+
+args=(--nproc-per-node "$NPROC_PER_NODE" --max-restarts "$MAX_RESTARTS")
+if [[ -n "$RDZV_ENDPOINT" ]]; then
+    args+=(--nnodes "$NNODES" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "$RDZV_ID")
+    if [[ -n "${NODE_RANK:-}" ]]; then args+=(--node-rank "$NODE_RANK"); fi
+elif [[ "$NNODES" == 1 || "$NNODES" == 1:1 ]]; then
+    args+=(--standalone)
+else
+    log "NNODES=$NNODES needs RDZV_ENDPOINT=host:port (the same on every node)"
+    exit 2
+fi
+if [[ -n "${LOCAL_ADDR:-}" ]]; then args+=(--local-addr "$LOCAL_ADDR"); fi
+# Read by torchrun >= 2.9 (older versions ignore it and wait 30 s).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$SHUTDOWN_TIMEOUT
+
+# Stamp of every exit-code file before the run, so that only files this attempt wrote are read after it.
+exit_files_stamp() {
+    "$PYTHON" - "$RUN_DIR" <<'EOF' | sort
+import glob, os, sys
+run_dir = sys.argv[1]
+for path in sorted(glob.glob(os.path.join(run_dir, "ranks", "rank-*.json")) + [os.path.join(run_dir, "summary.json")]):
+    if os.path.exists(path):
+        print(f"{os.stat(path).st_mtime_ns} {path}")
+EOF
+}
+
+# The exit code every rank of this attempt recorded, or nothing when they disagree or wrote none.
+agreed_exit_code() {
+    "$PYTHON" - "$1" <<'EOF'
+import json, sys
+codes = set()
+for line in open(sys.argv[1]).read().splitlines():
+    path = line.split(" ", 1)[1]
+    try:
+        codes.add(int(json.load(open(path))["exit_code"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+if len(codes) == 1:
+    print(codes.pop())
+EOF
+}
+
+before=$(mktemp) && after=$(mktemp) && fresh=$(mktemp)
+trap 'rm -f "$before" "$after" "$fresh"' EXIT
+exit_files_stamp > "$before"
+
+# Pids of torchrun's children (the workers), read from /proc so that no extra tool is needed.
+workers_of() {
+    local stat line rest
+    for stat in /proc/[0-9]*/stat; do
+        { line=$(<"$stat"); } 2>/dev/null || continue
+        rest=${line##*) }            # drop "pid (comm) ": comm may contain spaces
+        read -r _ ppid _ <<<"$rest"
+        [[ "$ppid" == "$1" ]] && echo "${stat//[^0-9]/}"
+    done
+}
+
+stop_requested=""
+workers=()
+forward_stop() {
+    if [[ -n "$stop_requested" ]]; then
+        log "got SIG$1 again: the workers are already saving"
+        return
+    fi
+    stop_requested=$1
+    mapfile -t workers < <(workers_of "$torchrun_pid")
+    log "got SIG$1: asking workers ${workers[*]} for an emergency checkpoint (SIGTERM to torchrun $torchrun_pid)"
+    kill -TERM "$torchrun_pid" 2>/dev/null
+}
+
+log "$TORCHRUN ${args[*]} -m dtrain train --config $CONFIG run_dir=$RUN_DIR $*"
+# torchrun dies of a SIGUSR1 it does not handle (Slurm signals every process of a step), so it starts
+# with SIGUSR1 ignored; the workers install dtrain's own handler, which overrides the inherited ignore.
+(trap '' USR1; exec "$TORCHRUN" "${args[@]}" -m dtrain train --config "$CONFIG" "run_dir=$RUN_DIR" "$@") &
+torchrun_pid=$!
+for sig in TERM INT USR1 HUP; do
+    # shellcheck disable=SC2064
+    trap "forward_stop $sig" "$sig"
+done
+
+# `wait` returns early when a trapped signal arrives; keep waiting until torchrun has really exited.
+while true; do
+    wait "$torchrun_pid"
+    rc=$?
+    kill -0 "$torchrun_pid" 2>/dev/null || break
+done
+# A second signal makes torchrun give up waiting for its workers: wait for them here instead, or the
+# exit codes below would be read before the emergency checkpoint is committed.
+deadline=$((SECONDS + SHUTDOWN_TIMEOUT))
+for pid in "${workers[@]}"; do
+    while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.5; done
+done
+trap - TERM INT USR1 HUP
+
+if [[ $rc -ne 0 ]]; then
+    exit_files_stamp > "$after"
+    comm -13 "$before" "$after" > "$fresh"
+    code=$(agreed_exit_code "$fresh")
+    if [[ -n "$code" ]]; then
+        log "torchrun exited $rc; the ranks of this attempt exited $code"
+        rc=$code
+    fi
+fi
+if [[ $rc -eq 75 ]]; then
+    log "preempted: the emergency checkpoint is committed; run the same command again to resume (exit 75)"
+elif [[ -n "$stop_requested" ]]; then
+    log "stop (SIG$stop_requested) requested, but the workers exited $rc (a signal before training started kills them)"
+fi
+exit "$rc"
