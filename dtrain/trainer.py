@@ -99,6 +99,9 @@ class Trainer:
         self.step = 0
         self.last_saved_step = -1
         self.last_eval: dict[str, float] = {}
+        # (sum, count) of this rank's losses since the last log line; saved (averaged over ranks) so
+        # the first line after a resume reports the same window as an uninterrupted run
+        self.loss_window: tuple[float, int] = (0.0, 0)
 
     # ---- components the checkpoint carries ------------------------------------------------------
     def _stateful(self) -> dict[str, Any]:
@@ -108,8 +111,10 @@ class Trainer:
         return state
 
     def _extra(self) -> dict[str, Any]:
-        return {"step": self.step, "world_size": self.env.world_size, "strategy": self.cfg.parallel.strategy,
-                "config": to_dict(self.cfg), "dtrain_version": __version__, "torch_version": torch.__version__}
+        window = (dist.all_reduce_mean(self.loss_window[0]), self.loss_window[1])
+        return {"step": self.step, "loss_window": list(window), "world_size": self.env.world_size,
+                "strategy": self.cfg.parallel.strategy, "config": to_dict(self.cfg),
+                "dtrain_version": __version__, "torch_version": torch.__version__}
 
     def save(self, reason: str) -> None:
         if self.step == self.last_saved_step:
@@ -137,6 +142,8 @@ class Trainer:
             extra = self.checkpoints.load(mode, **kwargs)
             url = mode
         self.step = self.last_saved_step = int(extra["step"])
+        window = extra.get("loss_window", [0.0, 0])
+        self.loss_window = (float(window[0]), int(window[1]))
         saved_world = extra.get("world_size")
         note = "" if saved_world == self.env.world_size else (
             f" (saved by {saved_world} ranks, resharded onto {self.env.world_size}; the global sample "
@@ -183,6 +190,14 @@ class Trainer:
         metrics.update(self.faults.metric_override(self.step, metrics))
         return metrics
 
+    def _log_train(self, metrics_log: MetricsLogger, seconds: float, steps: int) -> None:
+        mean_loss = dist.all_reduce_mean(self.loss_window[0]) / max(1, self.loss_window[1])
+        rate = self.cfg.data.batch_size * steps / max(1e-9, seconds)
+        lr = self.scheduler.get_last_lr()[0]
+        metrics_log.log(self.step, {"epoch": round(self.sampler.epoch_float, 4), "train/loss": mean_loss,
+                                    "lr": lr, "samples_per_s": round(rate, 1)})
+        metrics_log.progress(self.step, {"loss": mean_loss, "lr": lr, "samples/s": rate, **self.last_eval})
+
     def fit(self) -> int:
         cfg, tcfg = self.cfg, self.cfg.train
         outcome = Outcome()
@@ -196,7 +211,7 @@ class Trainer:
         batches = iter(loader)
         t_start = time.monotonic()
         t_last_save = t_start
-        t_log, loss_sum, loss_n = time.monotonic(), 0.0, 0
+        t_log, steps_in_window = time.monotonic(), 0
         samples_per_step = cfg.data.batch_size
         self.preemption.install()
         try:
@@ -205,7 +220,8 @@ class Trainer:
                 loss = self.train_step(batches)
                 self.step += 1
                 self.sampler.advance(samples_per_step)
-                loss_sum, loss_n = loss_sum + loss, loss_n + 1
+                self.loss_window = (self.loss_window[0] + loss, self.loss_window[1] + 1)
+                steps_in_window += 1
 
                 local = Flag.NONE
                 if not math.isfinite(loss):
@@ -232,16 +248,12 @@ class Trainer:
                 save_due = bool(cfg.checkpoint.every_steps) and self.step % cfg.checkpoint.every_steps == 0
                 agreed = self.agreement.step(local, sync=do_eval or save_due or self.step == tcfg.max_steps)
 
-                if self.step % tcfg.log_every == 0 or do_eval or agreed.stops:
-                    mean_loss = dist.all_reduce_mean(loss_sum / max(1, loss_n))
-                    now = time.monotonic()
-                    rate = samples_per_step * loss_n / max(1e-9, now - t_log)
-                    lr = self.scheduler.get_last_lr()[0]
-                    metrics_log.log(self.step, {"epoch": round(self.sampler.epoch_float, 4), "train/loss": mean_loss,
-                                                "lr": lr, "samples_per_s": round(rate, 1)})
-                    metrics_log.progress(self.step, {"loss": mean_loss, "lr": lr, "samples/s": rate,
-                                                     **{k: v for k, v in self.last_eval.items()}})
-                    t_log, loss_sum, loss_n = now, 0.0, 0
+                if self.step % tcfg.log_every == 0 or agreed.stops:
+                    self._log_train(metrics_log, time.monotonic() - t_log, steps_in_window)
+                if self.step % tcfg.log_every == 0:
+                    # The window only restarts on log boundaries, so a stop mid-window saves the
+                    # partial window and a resumed run reports the same numbers as an uninterrupted one.
+                    t_log, steps_in_window, self.loss_window = time.monotonic(), 0, (0.0, 0)
 
                 if agreed & Flag.NON_FINITE:
                     outcome.stopped_by, outcome.exit_code = "non_finite_loss", exitcodes.FAILURE
@@ -341,7 +353,11 @@ def run(cfg: JobConfig) -> int:
             (run_dir / "config.yaml").write_text(to_yaml(cfg))
         log.info("dtrain %s: %d rank(s), %s, strategy=%s, device=%s", __version__, env.world_size,
                  env.launcher, cfg.parallel.strategy, env.device)
-        return Trainer(cfg, env).fit()
+        code = Trainer(cfg, env).fit()
+        # Nobody leaves before rank 0 has written the summary: torchrun tears down the other
+        # workers as soon as one exits with a non-zero code (75 included).
+        dist.barrier()
+        return code
     finally:
         dist.shutdown()
 
