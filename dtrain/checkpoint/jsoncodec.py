@@ -66,7 +66,8 @@ def decode(obj: Any, path: str = "$") -> Any:
         return obj
     if _TAG not in obj:
         return {k: decode(v, f"{path}.{k}") for k, v in obj.items()}
-    tag, v = obj.get(_TAG), obj.get("v")
+    tag = obj.get(_TAG)
+    v: Any = obj.get("v")
     try:
         if tag == "float":
             if v not in ("inf", "-inf", "nan"):

@@ -94,6 +94,7 @@ def open_write(url: str, storage_options: StorageOptions = None) -> Iterator[Bin
     except BaseException:
         with contextlib.suppress(Exception):
             rf.discard()  # s3fs: abort the multipart upload; nothing becomes visible
+            rf.closed = True  # or the file's __del__ would try to flush the discarded buffer
         if not _is_s3(fs):  # others (memory://) may have created the file on open
             with contextlib.suppress(Exception):
                 fs.rm(path)

@@ -1,0 +1,182 @@
+"""CheckpointManager: save (sync or async), find, load and prune checkpoints under one root URL.
+
+Every method that moves tensors is a collective over the checkpoint process group (a gloo group of
+its own, so a background save never interleaves with training collectives). With async_save the
+save call returns after staging a host copy; the write runs on one background thread, at most one
+save is in flight, and its error is raised by the next save(), wait() or close().
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+from torch import nn
+
+from dtrain.checkpoint import comm, retention, storage
+from dtrain.checkpoint.format import MANIFEST, CheckpointDamagedError
+from dtrain.checkpoint.restore import load_checkpoint
+from dtrain.checkpoint.retention import CheckpointInfo, best_of, scan, step_dir
+from dtrain.checkpoint.snapshot import PreparedSave, execute, prepare, stage
+from dtrain.checkpoint.state import Optimizers, Stateful, as_tuple
+from dtrain.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+_UNSET: Any = object()
+
+
+class CheckpointManager:
+    """Sharded safetensors checkpoints under `root` (a path or any fsspec URL)."""
+
+    def __init__(self, root: str, *, storage_options: dict[str, Any] | None = None, async_save: bool = False,
+                 keep_last_n: int | None = None, keep_best_k: int | None = None,
+                 keep_every_n_steps: int | None = None, monitor: str | None = None, mode: str = "min",
+                 process_group: Any = _UNSET) -> None:
+        if mode not in ("min", "max"):
+            raise ConfigError(f"checkpoint mode={mode!r} must be 'min' or 'max'")
+        for name, v in (("keep_last_n", keep_last_n), ("keep_best_k", keep_best_k),
+                        ("keep_every_n_steps", keep_every_n_steps)):
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ConfigError(f"checkpoint {name}={v!r} must be a positive integer or null")
+        if keep_best_k is not None and not monitor:
+            raise ConfigError("checkpoint keep_best_k needs a monitor metric (e.g. monitor='val/loss')")
+        self.root = root.rstrip("/") if "://" in root else root
+        self.storage_options = dict(storage_options or {})
+        self.async_save = async_save
+        self.keep_last_n, self.keep_best_k, self.keep_every_n_steps = keep_last_n, keep_best_k, keep_every_n_steps
+        self.monitor, self.mode = monitor, mode
+        self.group = comm.default_group() if process_group is _UNSET else process_group
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="dtrain-ckpt") if async_save else None
+        self._pending: Future[None] | None = None
+        self._lock = threading.Lock()
+
+    # ---- saving ---------------------------------------------------------------------------------
+    def save(self, step: int, *, model: nn.Module, optimizer: Optimizers = None,
+             stateful: dict[str, Stateful] | None = None, extra: dict[str, Any] | None = None,
+             metrics: dict[str, float] | None = None, reason: str = "periodic") -> None:
+        """Collective: checkpoint everything at `step` into `<root>/step-{step:09d}/`."""
+        self.wait()
+        prep = prepare(step_dir(self.root, step), step, model=model, optimizers=as_tuple(optimizer),
+                       stateful=stateful or {}, extra=extra or {}, metrics=metrics, reason=reason,
+                       group=self.group, storage_options=self.storage_options)
+        if prep.skip:
+            return
+        if self._pool is None:
+            self._finish(prep)
+            return
+        staged = stage(prep)
+        with self._lock:
+            self._pending = self._pool.submit(self._finish, staged)
+
+    def _finish(self, prep: PreparedSave) -> None:
+        manifest = execute(prep, self.group, self.storage_options)
+        if manifest is not None:  # rank 0, after the commit
+            log.info("checkpoint %s committed (%d files, %.1f MiB, reason %s)", prep.dir_url,
+                     len(manifest.files), manifest.total_bytes / 2**20, manifest.reason)
+            self._apply_retention()
+
+    def _apply_retention(self) -> None:
+        try:
+            infos = scan(self.root, self.storage_options)
+            doomed = retention.to_delete(infos, keep_last_n=self.keep_last_n, keep_best_k=self.keep_best_k,
+                                         keep_every_n_steps=self.keep_every_n_steps, monitor=self.monitor,
+                                         mode=self.mode)
+            retention.apply(infos, doomed, self.storage_options)
+        except Exception as e:  # pruning must never fail a committed save
+            log.warning("checkpoint retention under %s failed: %s", self.root, e)
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is committed; raise its error if it failed."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            try:
+                pending.result()
+            except CheckpointError:
+                raise
+            except Exception as e:
+                raise CheckpointError(f"background checkpoint save failed: {type(e).__name__}: {e}") from e
+
+    def close(self) -> None:
+        """Wait for the save in flight, then stop the background thread."""
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- finding --------------------------------------------------------------------------------
+    def list(self) -> list[CheckpointInfo]:
+        """Every checkpoint directory, oldest first; incomplete ones have committed=False."""
+        return scan(self.root, self.storage_options)
+
+    def latest_committed(self) -> CheckpointInfo | None:
+        committed = [i for i in self.list() if i.committed]
+        return committed[-1] if committed else None
+
+    def best(self) -> CheckpointInfo | None:
+        return best_of(self.list(), self.monitor, self.mode)
+
+    # ---- loading --------------------------------------------------------------------------------
+    def load(self, ckpt: CheckpointInfo | str, *, model: nn.Module, optimizer: Optimizers = None,
+             stateful: dict[str, Stateful] | None = None, strict: bool = True) -> dict[str, Any]:
+        """Collective: load a checkpoint into the given components; returns its `extra` dict."""
+        url = self._resolve(ckpt)
+        _, extra = load_checkpoint(url, model=model, optimizers=as_tuple(optimizer), stateful=stateful,
+                                   strict=strict, group=self.group, storage_options=self.storage_options)
+        return extra
+
+    def restore_latest(self, *, model: nn.Module, optimizer: Optimizers = None,
+                       stateful: dict[str, Stateful] | None = None) -> tuple[CheckpointInfo, dict[str, Any]] | None:
+        """Load the newest committed checkpoint; if it is damaged, warn why and try the one before.
+        None if there is no committed checkpoint at all."""
+        committed = [i for i in self.list() if i.committed]
+        damaged: list[str] = []
+        for info in reversed(committed):
+            try:
+                extra = self.load(info, model=model, optimizer=optimizer, stateful=stateful)
+            except CheckpointDamagedError as e:
+                log.warning("checkpoint %s is damaged, falling back to the previous committed one: %s",
+                            info.url, e)
+                damaged.append(info.url)
+                continue
+            return info, extra
+        if damaged:
+            raise CheckpointError(f"every committed checkpoint under {self.root} is damaged: {damaged}; "
+                                  f"run `dtrain ckpt verify` on them, or remove them to start fresh")
+        return None
+
+    def _resolve(self, ckpt: CheckpointInfo | str) -> str:
+        if isinstance(ckpt, CheckpointInfo):
+            return ckpt.url
+        if storage.exists(storage.join(ckpt, MANIFEST), self.storage_options):
+            return ckpt
+        inside = storage.join(self.root, ckpt)
+        if "://" not in ckpt and not ckpt.startswith("/") and storage.exists(
+                storage.join(inside, MANIFEST), self.storage_options):
+            return inside
+        raise CheckpointError(f"{ckpt} is not a committed checkpoint (no manifest.json there or under "
+                              f"{self.root}); see `dtrain ckpt ls {self.root}`")
+
+
+def load_model(url: str, model: nn.Module, *, storage_options: dict[str, Any] | None = None) -> None:
+    """Load only model weights, in a plain process: `url` is a checkpoint directory or a root
+    (then its newest committed checkpoint is used). Optimizer and RNG state are ignored."""
+    target = url
+    if not storage.exists(storage.join(url, MANIFEST), storage_options):
+        committed = [i for i in scan(url, storage_options) if i.committed]
+        if not committed:
+            raise CheckpointError(f"{url} is neither a committed checkpoint nor a root holding one")
+        target = committed[-1].url
+    with torch.no_grad():
+        load_checkpoint(target, model=model, group=None, storage_options=storage_options, restore_rng=False)

@@ -1,0 +1,89 @@
+"""Load a committed checkpoint into a model, optimizers and components, on any world size.
+
+Every rank reads what its own shards need, then the ranks agree (one small all-reduce) that all of
+them succeeded before any state is set, so a damaged file seen by one rank fails every rank the
+same way, and `restore_latest` on every rank falls back to the same older checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from dtrain.checkpoint import comm, rng, storage
+from dtrain.checkpoint.format import CheckpointDamagedError, Manifest
+from dtrain.checkpoint.plan import MODEL
+from dtrain.checkpoint.reader import ChunkReader, check_keys, fill_tensor, read_manifest, read_state
+from dtrain.checkpoint.state import (
+    Stateful,
+    apply_json_state,
+    flatten,
+    get_states,
+    load_stateful,
+    set_states,
+)
+from dtrain.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+_OK, _DAMAGED, _FAILED = 0, 1, 2
+_warned_rng = False
+
+
+def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.optim.Optimizer, ...] = (),
+                    stateful: dict[str, Stateful] | None = None, strict: bool = True,
+                    group: comm.ProcessGroup = None, storage_options: storage.StorageOptions = None,
+                    restore_rng: bool = True) -> tuple[Manifest, dict[str, Any]]:
+    """Collective over `group`. Returns the manifest and the saved `extra` dict."""
+    code = _OK
+    error: CheckpointError | None = None
+    try:
+        manifest = read_manifest(dir_url, storage_options)
+        state = read_state(dir_url, manifest, storage_options)
+        model_sd, optim_sd = get_states(model, optimizers)
+        tensors, leaves = flatten(model_sd, optim_sd)
+        wanted = {k for k in tensors if optimizers or k.startswith(MODEL)}
+        stored = {k for k in manifest.tensors if optimizers or k.startswith(MODEL)}
+        if strict:
+            check_keys(wanted, stored, "tensor", dir_url)
+        reader = ChunkReader(dir_url, manifest, storage_options)
+        for key in sorted(wanted & stored):
+            fill_tensor(reader, key, tensors[key])
+        apply_json_state(state.get("model_optim") or {}, leaves, optim_sd, strict, dir_url)
+    except CheckpointDamagedError as e:
+        code, error = _DAMAGED, e
+    except CheckpointError as e:
+        code, error = _FAILED, e
+    except Exception as e:
+        log.exception("loading %s failed", dir_url)
+        code, error = _FAILED, CheckpointError(f"{dir_url}: {type(e).__name__}: {e}")
+    codes = comm.agree_codes(code, group)
+    if any(codes):
+        if error is not None:
+            raise error
+        bad = [r for r, c in enumerate(codes) if c]
+        cls = CheckpointError if _FAILED in codes else CheckpointDamagedError
+        raise cls(f"{dir_url}: rank(s) {bad} could not load this checkpoint (see their log)")
+    set_states(model, optimizers, model_sd, optim_sd, strict)
+    load_stateful(stateful or {}, state.get("stateful") or {}, strict, dir_url)
+    if restore_rng:
+        _restore_rng(state, manifest, group, dir_url)
+    log.info("loaded %s (step %d, saved by %d rank(s) with %s; %.1f MiB read on this rank)", dir_url,
+             manifest.step, manifest.world_size, manifest.strategy, reader.bytes_read / 2**20)
+    extra = state.get("extra") or {}
+    return manifest, extra if isinstance(extra, dict) else {}
+
+
+def _restore_rng(state: dict[str, Any], manifest: Manifest, group: comm.ProcessGroup, where: str) -> None:
+    global _warned_rng
+    states = state.get("rng")
+    world, rank = comm.world(group), comm.rank(group)
+    if isinstance(states, list) and manifest.world_size == world and len(states) == world:
+        rng.restore(states[rank], where)
+        return
+    if not _warned_rng:
+        _warned_rng = True
+        log.warning("%s was saved by %d rank(s), this job has %d: RNG states are not restored, so random "
+                    "streams differ from an uninterrupted run", where, manifest.world_size, world)

@@ -1,0 +1,126 @@
+"""Find the checkpoints under a root and decide which ones retention may delete.
+
+A directory `step-000001200/` is committed when its manifest.json is valid; without one it is
+incomplete (still being written, or abandoned by a crash) and invisible to resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+
+from dtrain.checkpoint import storage
+from dtrain.checkpoint.format import MANIFEST, parse_manifest
+from dtrain.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+_DIR = re.compile(r"^step-(\d{9,})$")
+NO_MANIFEST = "no manifest.json (incomplete)"
+
+
+def step_dir(root: str, step: int) -> str:
+    if step < 0:
+        raise CheckpointError(f"checkpoint step must be >= 0, got {step}")
+    return storage.join(root, f"step-{step:09d}")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One checkpoint directory as found on storage."""
+
+    url: str
+    step: int
+    committed: bool
+    created: float | None = None
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    size_bytes: int | None = None
+    world_size: int | None = None
+    strategy: str | None = None
+    reason: str | None = None
+    problem: str | None = None  # why it is not committed (no manifest, invalid manifest)
+
+    def metric(self, name: str | None) -> float | None:
+        v = self.metrics.get(name) if name else None
+        return v if v is not None and math.isfinite(v) else None
+
+
+def scan(root: str, storage_options: storage.StorageOptions = None) -> list[CheckpointInfo]:
+    """Every `step-*` directory under `root`, oldest first, committed or not."""
+    infos = []
+    for name, is_dir in storage.list_dir(root, storage_options):
+        m = _DIR.match(name)
+        if not m or not is_dir:
+            continue
+        url = storage.join(root, name)
+        step = int(m.group(1))
+        murl = storage.join(url, MANIFEST)
+        try:
+            man = parse_manifest(storage.read_bytes(murl, storage_options=storage_options), murl)
+        except FileNotFoundError:
+            infos.append(CheckpointInfo(url, step, False, problem=NO_MANIFEST))
+            continue
+        except CheckpointError as e:
+            infos.append(CheckpointInfo(url, step, False, problem=str(e)))
+            continue
+        if man.step != step:
+            infos.append(CheckpointInfo(url, step, False, problem=f"manifest says step {man.step}"))
+            continue
+        infos.append(CheckpointInfo(url, step, True, man.created, dict(man.metrics), man.total_bytes,
+                                    man.world_size, man.strategy, man.reason))
+    return sorted(infos, key=lambda i: i.step)
+
+
+def best_of(infos: list[CheckpointInfo], monitor: str | None, mode: str) -> CheckpointInfo | None:
+    """The committed checkpoint with the best monitored metric (the newest one on ties)."""
+    scored = [i for i in infos if i.committed and i.metric(monitor) is not None]
+    if not scored:
+        return None
+    sign = 1.0 if mode == "min" else -1.0
+    return min(scored, key=lambda i: (sign * i.metric(monitor), -i.step))  # type: ignore[operator]
+
+
+def to_delete(infos: list[CheckpointInfo], *, keep_last_n: int | None, keep_best_k: int | None,
+              keep_every_n_steps: int | None, monitor: str | None, mode: str) -> list[CheckpointInfo]:
+    """Checkpoints retention removes. Never the newest committed, never the best, never anything
+    newer than the newest committed (it may be being written), never a directory whose manifest is
+    present but unreadable (it may be a newer dtrain's)."""
+    committed = [i for i in infos if i.committed]
+    if not committed:
+        return []
+    newest = committed[-1]
+    keep = {newest.step}
+    best = best_of(committed, monitor, mode)
+    if best is not None:
+        keep.add(best.step)
+    limited = keep_last_n is not None or keep_best_k is not None or keep_every_n_steps is not None
+    if not limited:
+        keep.update(i.step for i in committed)
+    if keep_last_n is not None:
+        keep.update(i.step for i in committed[-keep_last_n:] if keep_last_n > 0)
+    if keep_best_k is not None and keep_best_k > 0:
+        sign = 1.0 if mode == "min" else -1.0
+        scored = sorted((i for i in committed if i.metric(monitor) is not None),
+                        key=lambda i: (sign * i.metric(monitor), -i.step))  # type: ignore[operator]
+        keep.update(i.step for i in scored[:keep_best_k])
+    if keep_every_n_steps:
+        keep.update(i.step for i in committed if i.step % keep_every_n_steps == 0)
+    doomed = [i for i in committed if i.step not in keep]
+    doomed += [i for i in infos if not i.committed and i.problem == NO_MANIFEST and i.step < newest.step]
+    return sorted(doomed, key=lambda i: i.step)
+
+
+def apply(infos: list[CheckpointInfo], doomed: list[CheckpointInfo],
+          storage_options: storage.StorageOptions = None) -> list[CheckpointInfo]:
+    """Delete `doomed`: the manifest first, so a half-deleted checkpoint is never seen as committed."""
+    removed = []
+    for info in doomed:
+        try:
+            storage.remove(storage.join(info.url, MANIFEST), storage_options)
+            storage.remove(info.url, storage_options)
+            removed.append(info)
+            log.info("retention removed %s (%s)", info.url, "committed" if info.committed else "incomplete")
+        except OSError as e:
+            log.warning("retention could not remove %s: %s", info.url, e)
+    return removed

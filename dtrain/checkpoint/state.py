@@ -1,0 +1,135 @@
+"""Get state out of, and back into, a model, its optimizers and the small stateful components.
+
+Model and optimizer state go through torch.distributed.checkpoint.state_dict (`get_state_dict` /
+`set_state_dict`): canonical FQN keys (no DDP `module.` prefix), DTensor shards under FSDP2, and
+optimizer state keyed by FQN. Tensors go to safetensors; the rest (param_groups, scalar leaves,
+component state_dicts, RNG, `extra`) becomes state.json through the strict JSON codec.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.tensor import DTensor
+
+from dtrain.checkpoint.plan import Leaf, flatten
+from dtrain.checkpoint.reader import check_keys
+from dtrain.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+def as_tuple(optimizer: Optimizers) -> tuple[torch.optim.Optimizer, ...]:
+    if optimizer is None:
+        return ()
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return (optimizer,)
+    return tuple(optimizer)
+
+
+def get_states(model: nn.Module, optimizers: tuple[torch.optim.Optimizer, ...]
+               ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Model and optimizer state dicts whose tensors are this rank's shards (no copies)."""
+    opts = StateDictOptions(full_state_dict=False, cpu_offload=False)
+    model_sd, optim_sd = get_state_dict(model, optimizers, options=opts)
+    return model_sd, (optim_sd if optimizers else None)
+
+
+def strategy_of(model: nn.Module, world_size: int) -> str:
+    """How the model is parallelised, for the manifest: fsdp, ddp or none."""
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        return "fsdp"
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return "ddp"
+    return "none" if world_size == 1 else "replicated"
+
+
+def versions() -> dict[str, str]:
+    try:
+        dtrain_version = importlib.metadata.version("dtrain")
+    except importlib.metadata.PackageNotFoundError:
+        dtrain_version = "unknown"
+    return {"dtrain": dtrain_version, "torch": torch.__version__}
+
+
+def json_state(leaves: dict[str, Leaf], optim_sd: dict[str, Any] | None) -> dict[str, Any]:
+    """The non-tensor part of model/optimizer state, ready for the JSON codec."""
+    return {
+        "leaves": {k: leaf.value for k, leaf in leaves.items()},
+        "param_groups": None if optim_sd is None else optim_sd.get("param_groups", []),
+    }
+
+
+def apply_json_state(saved: dict[str, Any], leaves: dict[str, Leaf], optim_sd: dict[str, Any] | None,
+                     strict: bool, where: str) -> None:
+    """Put saved non-tensor leaves and param_groups into the target state dicts in place."""
+    stored = saved.get("leaves") or {}
+    wanted = {k for k in leaves if optim_sd is not None or k.startswith("model/")}
+    have = {k for k in stored if optim_sd is not None or k.startswith("model/")}
+    if strict:
+        check_keys(wanted, have, "non-tensor state", where)
+    for k in wanted & have:
+        leaves[k].container[leaves[k].subkey] = stored[k]
+    if optim_sd is None:
+        return
+    groups = saved.get("param_groups")
+    if groups is None:
+        if strict:
+            raise CheckpointError(f"{where}: the checkpoint has no optimizer state; load without an "
+                                  f"optimizer or pass strict=False")
+        return
+    if strict:
+        want = {p for g in optim_sd["param_groups"] for p in g["params"]}
+        got = {p for g in groups for p in g.get("params", [])}
+        check_keys(want, got, "optimizer param_groups parameter", where)
+    optim_sd["param_groups"] = groups
+
+
+def set_states(model: nn.Module, optimizers: tuple[torch.optim.Optimizer, ...], model_sd: dict[str, Any],
+               optim_sd: dict[str, Any] | None, strict: bool) -> None:
+    opts = StateDictOptions(strict=strict)
+    if optimizers and optim_sd is not None:
+        set_state_dict(model, optimizers, model_state_dict=model_sd, optim_state_dict=optim_sd, options=opts)
+    else:
+        set_model_state_dict(model, model_sd, options=opts)
+
+
+def stateful_states(stateful: dict[str, Stateful]) -> dict[str, Any]:
+    out = {}
+    for name, obj in stateful.items():
+        if not hasattr(obj, "state_dict"):
+            raise CheckpointError(f"stateful[{name!r}] ({type(obj).__name__}) has no state_dict()")
+        out[name] = obj.state_dict()
+    return out
+
+
+def load_stateful(stateful: dict[str, Stateful], saved: dict[str, Any], strict: bool, where: str) -> None:
+    for name, obj in stateful.items():
+        if name not in saved:
+            if strict:
+                raise CheckpointError(f"{where}: no state for component {name!r} in the checkpoint "
+                                      f"(it has {sorted(saved)}); pass strict=False to skip it")
+            log.warning("%s: no state for component %r; it keeps its current state", where, name)
+            continue
+        obj.load_state_dict(saved[name])
+
+
+__all__ = ["Stateful", "as_tuple", "get_states", "flatten", "strategy_of", "versions", "json_state",
+           "apply_json_state", "set_states", "stateful_states", "load_stateful"]

@@ -1,0 +1,206 @@
+"""Checkpoint tools behind `dtrain ckpt`: list, inspect, verify, export, prune.
+
+`verify` re-reads every byte and reports every problem instead of stopping at the first; `export`
+assembles full model tensors (whatever layout saved them) into a plain safetensors file, or shards
+plus model.safetensors.index.json, that `safetensors.torch.load_file` reads without dtrain.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from dtrain.checkpoint import retention, storage
+from dtrain.checkpoint.checksum import crc32_combine, format_crc, parse_crc
+from dtrain.checkpoint.format import MANIFEST, STATE, Chunk, Manifest
+from dtrain.checkpoint.jsoncodec import loads
+from dtrain.checkpoint.plan import MODEL, Box
+from dtrain.checkpoint.reader import ChunkReader, fill_tensor, read_manifest
+from dtrain.checkpoint.retention import CheckpointInfo, scan
+from dtrain.checkpoint.stfile import DTYPES, dtype_name, read_header
+from dtrain.checkpoint.writer import write_tensor_file
+from dtrain.errors import CheckpointError
+
+_PIECE = 16 << 20
+_DTYPE_ALIASES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                  "float16": torch.float16, "half": torch.float16, "fp32": torch.float32,
+                  "float32": torch.float32, "float": torch.float32}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    chunks: tuple[Chunk, ...]
+
+
+def list_checkpoints(root: str, storage_options: storage.StorageOptions = None) -> list[CheckpointInfo]:
+    return scan(root, storage_options)
+
+
+def resolve(url: str, storage_options: storage.StorageOptions = None) -> str:
+    """A checkpoint directory as given, or the newest committed one under a root."""
+    if storage.exists(storage.join(url, MANIFEST), storage_options):
+        return url
+    committed = [i for i in scan(url, storage_options) if i.committed]
+    if not committed:
+        raise CheckpointError(f"{url} is neither a committed checkpoint nor a root holding one")
+    return committed[-1].url
+
+
+def inspect(url: str, storage_options: storage.StorageOptions = None) -> tuple[Manifest, list[TensorInfo]]:
+    """The manifest and every tensor's dtype, global shape, size and shard layout."""
+    man = read_manifest(resolve(url, storage_options), storage_options)
+    infos = [TensorInfo(k, t.dtype, t.shape, math.prod(t.shape) * DTYPES[t.dtype].itemsize, t.chunks)
+             for k, t in sorted(man.tensors.items())]
+    return man, infos
+
+
+def verify(url: str, storage_options: storage.StorageOptions = None) -> list[str]:
+    """Every problem found in a checkpoint directory (empty list = sound): manifest validity, each
+    file's presence, size and CRC, each safetensors header, each chunk's CRC, state.json."""
+    try:
+        man = read_manifest(url, storage_options)
+    except CheckpointError as e:
+        return [str(e)]
+    problems: list[str] = []
+    by_file: dict[str, list[tuple[str, Chunk]]] = {}
+    for key, t in man.tensors.items():
+        for c in t.chunks:
+            by_file.setdefault(c.file, []).append((key, c))
+    for entry in man.files:
+        furl = storage.join(url, entry.path)
+        try:
+            size = storage.size(furl, storage_options)
+        except FileNotFoundError:
+            problems.append(f"{furl}: listed in the manifest but missing")
+            continue
+        if size != entry.size:
+            problems.append(f"{furl}: size {size} bytes, manifest says {entry.size}")
+            continue
+        if entry.path == STATE:
+            problems += _verify_state(furl, entry.checksum, storage_options)
+        elif entry.path.endswith(".safetensors"):
+            problems += _verify_tensor_file(furl, entry.size, entry.checksum, by_file.get(entry.path, []),
+                                            storage_options)
+    return problems
+
+
+def _verify_state(furl: str, checksum: str, so: storage.StorageOptions) -> list[str]:
+    data = storage.read_bytes(furl, storage_options=so)
+    if zlib.crc32(data) != parse_crc(checksum):
+        return [f"{furl}: checksum {format_crc(zlib.crc32(data))}, manifest says {checksum}"]
+    try:
+        loads(data, furl)
+    except CheckpointError as e:
+        return [str(e)]
+    return []
+
+
+def _verify_tensor_file(furl: str, size: int, checksum: str, chunks: list[tuple[str, Chunk]],
+                        so: storage.StorageOptions) -> list[str]:
+    problems = []
+    with storage.open_read(furl, so) as f:
+        def read_range(start: int, end: int) -> bytes:
+            f.seek(start)
+            return f.read(end - start)
+        try:
+            header = read_header(read_range, size, furl)
+        except CheckpointError as e:
+            return [str(e)]
+        crc = zlib.crc32(read_range(0, header.data_start))
+        spans = {(e.begin, e.end): e for e in header.entries.values()}
+        for key, c in sorted(chunks, key=lambda kc: kc[1].data_offsets):
+            st = spans.get(c.data_offsets)
+            if st is None or st.shape != c.lengths:
+                problems.append(f"{furl}: tensor {key!r} bytes {list(c.data_offsets)} do not match the file header")
+        pos = header.data_start
+        for begin, end in sorted(spans):
+            part = 0
+            f.seek(begin)
+            for off in range(begin, end, _PIECE):
+                part = zlib.crc32(f.read(min(_PIECE, end - off)), part)
+            crc = crc32_combine(crc, part, end - begin)
+            pos = end
+            match = [(k, c) for k, c in chunks if c.data_offsets == (begin, end)]
+            for key, c in match:
+                if parse_crc(c.checksum) != part:
+                    problems.append(f"{furl}: checksum mismatch in tensor {key!r} ({format_crc(part)}, "
+                                    f"manifest says {c.checksum})")
+        if pos != size:
+            problems.append(f"{furl}: {size - pos} bytes after the last tensor")
+    if crc != parse_crc(checksum):
+        problems.append(f"{furl}: file checksum {format_crc(crc)}, manifest says {checksum}")
+    return problems
+
+
+def export(url: str, out: str, *, dtype: str | torch.dtype | None = None, max_shard_bytes: int | None = None,
+           storage_options: storage.StorageOptions = None) -> list[str]:
+    """Write the full model weights as `out` (one .safetensors file), or, past `max_shard_bytes`,
+    as shards plus model.safetensors.index.json in the directory `out`. Returns the files written."""
+    src = resolve(url, storage_options)
+    man = read_manifest(src, storage_options)
+    cast = _DTYPE_ALIASES.get(dtype.lower(), None) if isinstance(dtype, str) else dtype
+    if isinstance(dtype, str) and cast is None:
+        raise CheckpointError(f"export dtype {dtype!r} is not one of {sorted(_DTYPE_ALIASES)}")
+    reader = ChunkReader(src, man, storage_options)
+    plan = []
+    for key, t in sorted(man.tensors.items()):
+        if not key.startswith(MODEL):
+            continue
+        dt = DTYPES[t.dtype]
+        to = cast if cast is not None and dt.is_floating_point else dt
+        plan.append((Box(key[len(MODEL):], dtype_name(to), t.shape, (0,) * len(t.shape), t.shape),
+                     _loader(reader, key, dt, to, t.shape)))
+    total = sum(b.nbytes for b, _ in plan)
+    if max_shard_bytes is None or total <= max_shard_bytes:
+        target = out if out.endswith(".safetensors") else storage.join(out, "model.safetensors")
+        _make_parent(target, storage_options)
+        write_tensor_file(target, target, plan, storage_options, {"format": "pt"})
+        return [target]
+    shards: list[list[tuple[Box, object]]] = [[]]
+    for item in plan:
+        if shards[-1] and sum(b.nbytes for b, _ in shards[-1]) + item[0].nbytes > max_shard_bytes:
+            shards.append([])
+        shards[-1].append(item)
+    storage.makedirs(out, storage_options)
+    written, weight_map = [], {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_tensor_file(storage.join(out, name), name, shard, storage_options, {"format": "pt"})  # type: ignore[arg-type]
+        weight_map.update({b.key: name for b, _ in shard})
+        written.append(storage.join(out, name))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    storage.write_atomic(storage.join(out, "model.safetensors.index.json"),
+                         json.dumps(index, indent=2).encode("utf-8"), storage_options)
+    return written + [storage.join(out, "model.safetensors.index.json")]
+
+
+def _loader(reader: ChunkReader, key: str, dt: torch.dtype, to: torch.dtype, shape: tuple[int, ...]):  # noqa: ANN202
+    def load() -> torch.Tensor:
+        full = torch.empty(shape, dtype=dt)
+        fill_tensor(reader, key, full)
+        return full if to == dt else full.to(to)
+    return load
+
+
+def _make_parent(target: str, so: storage.StorageOptions) -> None:
+    if storage.is_local(target):
+        parent = storage.local_path(target).rsplit("/", 1)[0] if "/" in storage.local_path(target) else "."
+        storage.makedirs(parent, so)
+
+
+def prune(root: str, *, keep_last_n: int | None = None, keep_best_k: int | None = None,
+          keep_every_n_steps: int | None = None, monitor: str | None = None, mode: str = "min",
+          storage_options: storage.StorageOptions = None) -> list[CheckpointInfo]:
+    """Apply retention rules once (the same rules the manager applies after each save)."""
+    infos = scan(root, storage_options)
+    doomed = retention.to_delete(infos, keep_last_n=keep_last_n, keep_best_k=keep_best_k,
+                                 keep_every_n_steps=keep_every_n_steps, monitor=monitor, mode=mode)
+    return retention.apply(infos, doomed, storage_options)

@@ -1,0 +1,159 @@
+"""Write one rank's share of a checkpoint, streaming, and commit the whole checkpoint.
+
+A tensor file is written header first, then each tensor's bytes straight from the tensor's memory
+in pieces of at most `PIECE` bytes: no whole-file buffer, so extra memory stays at one piece (plus
+one tensor's host copy for a device tensor). A helper thread computes each chunk's CRC-32 while the
+next piece is written. The file is a standard safetensors file (`safetensors.torch.load_file` reads it).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from dtrain.checkpoint import comm, storage
+from dtrain.checkpoint.checksum import BackgroundCrc, crc32_combine, format_crc
+from dtrain.checkpoint.format import MANIFEST, STATE, Chunk, FileEntry, Manifest, TensorEntry, parse_manifest
+from dtrain.checkpoint.plan import MODEL, Box
+from dtrain.checkpoint.stfile import encode_header
+from dtrain.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+PIECE = 64 << 20
+
+
+@dataclass
+class RankReport:
+    """What one rank wrote (or why it could not)."""
+
+    rank: int
+    files: list[FileEntry] = field(default_factory=list)
+    chunks: list[tuple[str, Chunk]] = field(default_factory=list)
+    error: str | None = None
+
+
+def _bytes_view(t: torch.Tensor) -> memoryview:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    flat = t.contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().data if flat.numel() else memoryview(b"")
+
+
+def write_tensor_file(url: str, name: str, items: Sequence[tuple[Box, torch.Tensor | Callable[[], torch.Tensor]]],
+                      storage_options: storage.StorageOptions = None, metadata: dict[str, str] | None = None,
+                      ) -> tuple[FileEntry, list[tuple[str, Chunk]]]:
+    """Stream `items` into a safetensors file at `url`; return its entry and each chunk's record.
+    A callable item is called just before its bytes are written (export builds tensors lazily)."""
+    header, entries = encode_header([(b.key, b.dtype, b.lengths) for b, _ in items], metadata)
+    file_crc = zlib.crc32(header)
+    chunks: list[tuple[str, Chunk]] = []
+    crcs: list[BackgroundCrc] = []
+    with ThreadPoolExecutor(1, thread_name_prefix="dtrain-crc") as pool, \
+            storage.open_write(url, storage_options) as f:
+        f.write(header)
+        for (box, t), entry in zip(items, entries, strict=True):
+            view = _bytes_view(t() if callable(t) else t)
+            if len(view) != entry.end - entry.begin:
+                raise CheckpointError(f"{name}: tensor {box.key!r} has {len(view)} bytes, expected "
+                                      f"{entry.end - entry.begin}")
+            crc = BackgroundCrc(pool)
+            for i in range(0, len(view), PIECE):
+                piece = view[i:i + PIECE]
+                crc.update(piece)
+                f.write(piece)
+            crcs.append(crc)
+        for (box, _), entry, crc in zip(items, entries, crcs, strict=True):
+            c = crc.value()
+            file_crc = crc32_combine(file_crc, c, entry.end - entry.begin)
+            chunks.append((box.key, Chunk(name, box.offsets, box.lengths, (entry.begin, entry.end),
+                                          format_crc(c))))
+    size = entries[-1].end if entries else len(header)
+    return FileEntry(name, size, format_crc(file_crc)), chunks
+
+
+def write_small_file(url: str, name: str, data: bytes, storage_options: storage.StorageOptions = None) -> FileEntry:
+    with storage.open_write(url, storage_options) as f:
+        f.write(data)
+    return FileEntry(name, len(data), format_crc(zlib.crc32(data)))
+
+
+def file_names(rank: int, world: int) -> tuple[str, str]:
+    return (f"model-{rank:05d}-of-{world:05d}.safetensors", f"optim-{rank:05d}-of-{world:05d}.safetensors")
+
+
+def write_rank(dir_url: str, rank: int, world: int, items: list[tuple[Box, torch.Tensor]],
+               state_bytes: bytes | None, storage_options: storage.StorageOptions = None) -> RankReport:
+    """Write this rank's files; any error is captured in the report so every rank learns of it."""
+    report = RankReport(rank)
+    try:
+        for name, part in zip(file_names(rank, world), _split(items), strict=True):
+            if part:
+                entry, chunks = write_tensor_file(storage.join(dir_url, name), name, part, storage_options)
+                report.files.append(entry)
+                report.chunks.extend(chunks)
+        if state_bytes is not None:
+            report.files.append(write_small_file(storage.join(dir_url, STATE), STATE, state_bytes, storage_options))
+    except Exception as e:  # reported to every rank and re-raised there
+        log.exception("rank %d failed to write its checkpoint files under %s", rank, dir_url)
+        report.error = f"rank {rank}: {type(e).__name__}: {e}"
+    return report
+
+
+def _split(items: list[tuple[Box, torch.Tensor]]) -> tuple[list[tuple[Box, torch.Tensor]], ...]:
+    model = [it for it in items if it[0].key.startswith(MODEL)]
+    optim = [it for it in items if not it[0].key.startswith(MODEL)]
+    return model, optim
+
+
+def build_manifest(reports: list[RankReport], meta: dict[str, Box], *, step: int, world_size: int,
+                   strategy: str, metrics: dict[str, float | None], reason: str,
+                   versions: dict[str, str]) -> Manifest:
+    chunks: dict[str, list[Chunk]] = {k: [] for k in meta}
+    files: list[FileEntry] = []
+    for r in reports:
+        files.extend(r.files)
+        for key, c in r.chunks:
+            chunks[key].append(c)
+    tensors = {k: TensorEntry(b.dtype, b.shape, tuple(sorted(chunks[k], key=lambda c: c.offsets)))
+               for k, b in meta.items()}
+    return Manifest(step=step, created=time.time(), world_size=world_size, strategy=strategy,
+                    files=tuple(sorted(files, key=lambda f: f.path)), tensors=tensors,
+                    metrics=dict(metrics), reason=reason, versions=versions)
+
+
+def commit(dir_url: str, report: RankReport, meta: dict[str, Box], group: comm.ProcessGroup,
+           storage_options: storage.StorageOptions = None, **manifest_fields: object) -> Manifest | None:
+    """Gather every rank's report; rank 0 writes manifest.json only if all succeeded, LAST.
+    Any failure is raised on every rank. Returns the manifest on rank 0, None elsewhere."""
+    reports: list[RankReport] = comm.all_gather_object(report, group)
+    errors = [r.error for r in reports if r.error]
+    manifest = None
+    outcome: str | None = None
+    if comm.rank(group) == 0:
+        if errors:
+            outcome = "; ".join(errors)
+        else:
+            try:
+                manifest = build_manifest(reports, meta, world_size=len(reports), **manifest_fields)  # type: ignore[arg-type]
+                data = manifest.to_json()
+                parse_manifest(data, storage.join(dir_url, MANIFEST))  # never commit what we cannot read
+                storage.write_atomic(storage.join(dir_url, MANIFEST), data, storage_options)
+            except Exception as e:
+                log.exception("writing the manifest of %s failed", dir_url)
+                outcome = f"rank 0: writing {MANIFEST}: {type(e).__name__}: {e}"
+    outcome = comm.broadcast_object(outcome, group)
+    if outcome:
+        raise CheckpointError(f"checkpoint {dir_url} was not committed: {outcome}")
+    return manifest
+
+
+def total_bytes(items: list[tuple[Box, torch.Tensor]]) -> int:
+    return sum(math.prod(b.lengths) * t.element_size() for b, t in items)

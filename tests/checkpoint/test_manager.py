@@ -1,0 +1,203 @@
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import uuid
+
+import pytest
+import torch
+
+from dtrain.checkpoint import CheckpointDamagedError, CheckpointManager, load_model, storage
+from dtrain.errors import CheckpointError, ConfigError
+from tests.checkpoint.models import assert_same, make_all, make_model, train
+
+
+def saved_run(root: str, steps: tuple[int, ...] = (2,), **kw) -> tuple:  # noqa: ANN003
+    m, o, s, c = make_all()
+    mgr = CheckpointManager(root, **kw)
+    done = 0
+    for step in steps:
+        train(m, o, s, c, step - done, data_seed=step)
+        done = step
+        mgr.save(step, model=m, optimizer=o, stateful={"sched": s, "counter": c}, extra={"note": "hi"},
+                 metrics={"val/loss": 1.0 / step})
+    mgr.close()
+    return mgr, m, o, s, c
+
+
+@pytest.mark.parametrize("scheme", ["local", "memory"])
+def test_resume_continues_bitwise_identical(scheme: str, tmp_path) -> None:
+    root = str(tmp_path) if scheme == "local" else f"memory://ckpt-{uuid.uuid4().hex}"
+    # uninterrupted: 4 steps
+    m0, o0, s0, c0 = make_all()
+    train(m0, o0, s0, c0, 2, data_seed=2)
+    rng_before = torch.get_rng_state()
+    train(m0, o0, s0, c0, 2, data_seed=4)
+    # interrupted at step 2, resumed in fresh objects
+    mgr, *_ = saved_run(root, steps=(2,))
+    torch.manual_seed(12345)  # a "new process": different RNG state until restored
+    m, o, s, c = make_all(seed=7)
+    info, extra = mgr.restore_latest(model=m, optimizer=o, stateful={"sched": s, "counter": c})
+    assert info.step == 2 and extra == {"note": "hi"} and c.seen == 16
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    train(m, o, s, c, 2, data_seed=4)
+    assert_same(m.state_dict(), m0.state_dict(), "model")
+    assert_same(o.state_dict(), o0.state_dict(), "optim")
+    assert s.state_dict() == s0.state_dict() and c.seen == c0.seen
+
+
+def test_incomplete_directory_is_invisible_then_collected(tmp_path) -> None:
+    mgr, *_ = saved_run(str(tmp_path), steps=(2,))
+    (tmp_path / "step-000000001").mkdir()
+    (tmp_path / "step-000000001" / "model-00000-of-00001.safetensors").write_bytes(b"partial")
+    (tmp_path / "step-000000009").mkdir()  # newer and incomplete (being written elsewhere)
+    listing = {i.step: i.committed for i in mgr.list()}
+    assert listing == {1: False, 2: True, 9: False}
+    assert mgr.latest_committed().step == 2
+    with pytest.raises(CheckpointError, match="not a committed checkpoint"):
+        mgr.load(str(tmp_path / "step-000000001"), model=make_model())
+    m, o, s, c = make_all()
+    mgr.save(3, model=m, optimizer=o)
+    assert {i.step for i in mgr.list()} == {2, 3, 9}  # older incomplete one collected, newer kept
+
+
+def corrupt_first_model_file(ckpt: str, how: str) -> str:
+    path = os.path.join(ckpt, "model-00000-of-00001.safetensors")
+    data = bytearray(open(path, "rb").read())
+    if how == "flip":
+        data[-3] ^= 0xFF
+    else:
+        data = data[: len(data) - 5]
+    open(path, "wb").write(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize(("how", "needle"), [("flip", "checksum mismatch"), ("truncate", "truncated")])
+def test_damaged_newest_falls_back_with_a_warning(how: str, needle: str, tmp_path, caplog) -> None:
+    mgr, *_ = saved_run(str(tmp_path), steps=(2, 4))
+    bad = corrupt_first_model_file(str(tmp_path / "step-000000004"), how)
+    m, o, s, c = make_all(seed=3)
+    with pytest.raises(CheckpointDamagedError) as e:
+        mgr.load(mgr.latest_committed(), model=m, optimizer=o)
+    assert bad in str(e.value) and needle in str(e.value)
+    with caplog.at_level(logging.WARNING):
+        info, _ = mgr.restore_latest(model=m, optimizer=o, stateful={"sched": s, "counter": c})
+    assert info.step == 2
+    assert any("step-000000004" in r.message and needle in r.message for r in caplog.records)
+    assert c.seen == 16
+
+
+def test_all_damaged_is_an_error_not_a_fresh_start(tmp_path) -> None:
+    mgr, *_ = saved_run(str(tmp_path), steps=(2,))
+    corrupt_first_model_file(str(tmp_path / "step-000000002"), "flip")
+    with pytest.raises(CheckpointError, match="every committed checkpoint"):
+        mgr.restore_latest(model=make_model())
+
+
+def test_no_checkpoint_means_none(tmp_path) -> None:
+    assert CheckpointManager(str(tmp_path / "empty")).restore_latest(model=make_model()) is None
+
+
+def test_model_mismatch_names_the_tensor(tmp_path) -> None:
+    mgr, *_ = saved_run(str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"step-000000002: tensor 'model/0\.bias'.*F32\[16\].*F32\[32\]"):
+        mgr.load(mgr.latest_committed(), model=make_model(hidden=32))
+    bigger = torch.nn.Sequential(*make_model(), torch.nn.Linear(4, 2))
+    with pytest.raises(CheckpointError, match=r"missing from the checkpoint: 'model/5\.bias', 'model/5\.weight'"):
+        mgr.load(mgr.latest_committed(), model=bigger)
+    smaller = torch.nn.Sequential(*list(make_model())[:2])
+    with pytest.raises(CheckpointError, match=r"target does not: 'model/4\.bias'"):
+        mgr.load(mgr.latest_committed(), model=smaller)
+    mgr.load(mgr.latest_committed(), model=smaller, strict=False)
+    with pytest.raises(CheckpointError, match="no state for component 'sampler'"):
+        mgr.load(mgr.latest_committed(), model=make_model(), stateful={"sampler": make_all()[3]})
+
+
+def test_model_only_load_and_load_model_from_root(tmp_path) -> None:
+    _, m, *_ = saved_run(str(tmp_path), steps=(2, 3))
+    fresh = make_model(seed=9)
+    load_model(str(tmp_path), fresh)
+    assert_same(fresh.state_dict(), m.state_dict())
+    fresh2 = make_model(seed=9)
+    load_model(f"file://{tmp_path}/step-000000003", fresh2)
+    assert_same(fresh2.state_dict(), m.state_dict())
+
+
+def test_manifest_pointing_outside_is_refused(tmp_path) -> None:
+    mgr, *_ = saved_run(str(tmp_path))
+    mpath = tmp_path / "step-000000002" / "manifest.json"
+    body = json.loads(mpath.read_text())
+    body["files"][0]["path"] = "../../elsewhere/model.safetensors"
+    mpath.write_text(json.dumps(body))
+    with pytest.raises(CheckpointError, match=r"manifest\.json: field files\[0\]\.path"):
+        mgr.load(str(tmp_path / "step-000000002"), model=make_model())
+    assert mgr.latest_committed() is None
+    assert "files[0].path" in mgr.list()[0].problem
+
+
+def test_same_step_twice_is_skipped(tmp_path) -> None:
+    mgr, m, o, *_ = saved_run(str(tmp_path))
+    before = (tmp_path / "step-000000002" / "manifest.json").read_bytes()
+    mgr.save(2, model=m, optimizer=o)
+    assert (tmp_path / "step-000000002" / "manifest.json").read_bytes() == before
+
+
+def test_bad_options_are_config_errors(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="mode"):
+        CheckpointManager(str(tmp_path), mode="lowest")
+    with pytest.raises(ConfigError, match="keep_best_k needs a monitor"):
+        CheckpointManager(str(tmp_path), keep_best_k=2)
+    with pytest.raises(ConfigError, match="keep_last_n"):
+        CheckpointManager(str(tmp_path), keep_last_n=0)
+
+
+def test_async_save_snapshots_state_at_the_call(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+    real = storage.open_write
+
+    def gated(url, storage_options=None):  # noqa: ANN001, ANN202
+        release.wait(30)
+        return real(url, storage_options)
+
+    monkeypatch.setattr(storage, "open_write", gated)
+    m, o, s, c = make_all()
+    train(m, o, s, c, 1, data_seed=1)
+    expected = {k: v.clone() for k, v in m.state_dict().items()}
+    mgr = CheckpointManager(str(tmp_path), async_save=True)
+    mgr.save(1, model=m, optimizer=o)
+    assert mgr.latest_committed() is None  # still being written
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1.0)  # training goes on while the save is in flight
+    release.set()
+    mgr.wait()
+    fresh = make_model(seed=5)
+    mgr.load(mgr.latest_committed(), model=fresh)
+    assert_same(fresh.state_dict(), expected)
+    mgr.close()
+
+
+def test_async_background_error_is_raised_on_the_next_call(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dtrain.checkpoint import writer
+
+    def broken(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise OSError("disk full")
+
+    m, o, *_ = make_all()
+    mgr = CheckpointManager(str(tmp_path), async_save=True)
+    monkeypatch.setattr(writer, "write_tensor_file", broken)
+    mgr.save(1, model=m, optimizer=o)  # returns: the failure happens in the background
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match="disk full"):
+        mgr.save(2, model=m, optimizer=o)
+    assert mgr.latest_committed() is None
+    mgr.save(3, model=m, optimizer=o)  # the error was reported once; saving works again
+    mgr.close()
+    assert [i.step for i in mgr.list() if i.committed] == [3]
+    monkeypatch.setattr(writer, "write_tensor_file", broken)
+    mgr2 = CheckpointManager(str(tmp_path), async_save=True)
+    mgr2.save(4, model=m, optimizer=o)
+    with pytest.raises(CheckpointError, match="disk full"):
+        mgr2.close()

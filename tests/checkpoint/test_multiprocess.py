@@ -1,0 +1,102 @@
+"""Real 2-rank gloo jobs: resharding between 1 process, DDP and FSDP2, bitwise; failures on one rank."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from dtrain.checkpoint import CheckpointManager
+from tests.checkpoint.workers import (
+    failing_rank_save,
+    full_state,
+    make_mlp,
+    make_optim,
+    reshard_scenarios,
+    step,
+)
+from tests.multiproc import run_ranks
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(240)]
+
+
+def assert_equal_states(a: dict, b: dict) -> None:
+    """Bitwise equality of two `full_state` results (numpy arrays)."""
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert a["model"][k].dtype == b["model"][k].dtype and a["model"][k].tobytes() == b["model"][k].tobytes(), k
+    assert a["optim"].keys() == b["optim"].keys() and a["optim"]
+    for fqn in a["optim"]:
+        assert a["optim"][fqn].keys() == b["optim"][fqn].keys()
+        for name, v in a["optim"][fqn].items():
+            assert v.tobytes() == b["optim"][fqn][name].tobytes(), (fqn, name)
+
+
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    base = tmp_path_factory.mktemp("reshard")
+    roots = {k: str(base / k) for k in ("single", "fsdp", "ddp")}
+    model = make_mlp()
+    opt = make_optim(model)
+    for s in (1, 2):
+        step(model, opt, 0, 1, seed=s)
+    CheckpointManager(roots["single"]).save(2, model=model, optimizer=opt, extra={"tag": "single"})
+    ranks = run_ranks(reshard_scenarios, 2, roots)
+    return {"roots": roots, "single_saved": full_state(model, opt), "ranks": ranks}
+
+
+def test_one_process_to_two_fsdp_ranks(scenarios: dict) -> None:
+    for r in scenarios["ranks"]:
+        got = r["single_to_fsdp"]
+        assert got["step"] == 2 and got["extra"] == {"tag": "single"}
+        assert_equal_states(got["loaded"], scenarios["single_saved"])
+
+
+def test_fsdp_ranks_write_their_own_shards(scenarios: dict) -> None:
+    ckpt = os.path.join(scenarios["roots"]["fsdp"], "step-000000002")
+    assert sorted(os.listdir(ckpt)) == [
+        "manifest.json", "model-00000-of-00002.safetensors", "model-00001-of-00002.safetensors",
+        "optim-00000-of-00002.safetensors", "optim-00001-of-00002.safetensors", "state.json"]
+    man = json.load(open(os.path.join(ckpt, "manifest.json")))
+    assert man["strategy"] == "fsdp"
+    assert len(man["tensors"]["model/0.weight"]["chunks"]) == 2
+
+
+def test_fsdp_to_ddp_is_bitwise_and_training_continues(scenarios: dict) -> None:
+    saved = scenarios["ranks"][0]["fsdp_save"]
+    for r in scenarios["ranks"]:
+        got = r["fsdp_to_ddp"]
+        assert_equal_states(got["loaded"], saved["saved"])
+        for k, v in got["after"]["model"].items():  # one more step lands where the FSDP run went
+            torch.testing.assert_close(torch.from_numpy(v), torch.from_numpy(saved["after"]["model"][k]),
+                                       rtol=1e-6, atol=1e-7)
+
+
+def test_ddp_writes_replicas_once_spread_over_ranks_and_loads_in_one_process(scenarios: dict) -> None:
+    root = scenarios["roots"]["ddp"]
+    man = json.load(open(os.path.join(root, "step-000000002", "manifest.json")))
+    assert man["world_size"] == 2 and man["strategy"] == "ddp"
+    assert all(len(t["chunks"]) == 1 for t in man["tensors"].values())  # each replica written once
+    share: dict[str, int] = {}
+    for t in man["tensors"].values():
+        c = t["chunks"][0]
+        rank = c["file"].split("-")[1]
+        share[rank] = share.get(rank, 0) + c["data_offsets"][1] - c["data_offsets"][0]
+    assert set(share) == {"00000", "00001"} and min(share.values()) > 0.3 * max(share.values())
+    model = make_mlp(seed=5)
+    opt = make_optim(model)
+    info, extra = CheckpointManager(root).restore_latest(model=model, optimizer=opt)
+    assert info.step == 2 and extra == {"tag": "ddp"}
+    assert_equal_states(full_state(model, opt), scenarios["ranks"][0]["ddp_save"]["saved"])
+
+
+def test_a_failing_rank_fails_every_rank_and_commits_nothing(tmp_path) -> None:
+    roots = [str(tmp_path / "sync"), str(tmp_path / "async")]
+    for messages in run_ranks(failing_rank_save, 2, roots):
+        for m in messages:
+            assert "not committed" in m and "rank 1" in m and "no space left on device" in m
+    for root in roots:
+        assert not os.path.exists(os.path.join(root, "step-000000001", "manifest.json"))
+        assert CheckpointManager(root, process_group=None).latest_committed() is None

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import pytest
+
+from dtrain.checkpoint import CheckpointManager
+from dtrain.checkpoint.retention import NO_MANIFEST, CheckpointInfo, best_of, to_delete
+from tests.checkpoint.models import make_all, train
+
+
+def infos(losses: dict[int, float | None], incomplete: tuple[int, ...] = ()) -> list[CheckpointInfo]:
+    out = [CheckpointInfo(f"/r/step-{s:09d}", s, True, metrics={} if v is None else {"val/loss": v})
+           for s, v in losses.items()]
+    out += [CheckpointInfo(f"/r/step-{s:09d}", s, False, problem=NO_MANIFEST) for s in incomplete]
+    return sorted(out, key=lambda i: i.step)
+
+
+def steps(doomed: list[CheckpointInfo]) -> list[int]:
+    return [i.step for i in doomed]
+
+
+RULES = dict(keep_last_n=None, keep_best_k=None, keep_every_n_steps=None, monitor="val/loss", mode="min")
+
+
+def test_no_rules_keep_everything_committed_but_collect_old_incomplete() -> None:
+    got = to_delete(infos({10: 1.0, 20: 0.5}, incomplete=(5, 15, 30)), **RULES)
+    assert steps(got) == [5, 15]  # 30 is newer than the newest committed: may be being written
+
+
+def test_keep_last_n_never_drops_the_best() -> None:
+    got = to_delete(infos({10: 0.1, 20: 0.5, 30: 0.6, 40: 0.7}), **{**RULES, "keep_last_n": 2})
+    assert steps(got) == [20]
+
+
+def test_keep_best_k_and_milestones() -> None:
+    losses = {100: 0.9, 200: 0.3, 300: 0.5, 400: 0.2, 500: 0.8, 600: None}
+    got = to_delete(infos(losses), **{**RULES, "keep_best_k": 2, "keep_every_n_steps": 300})
+    assert steps(got) == [100, 500]  # kept: best 400 and 200, milestones 300 and 600, newest 600
+
+
+def test_mode_max_and_best_of() -> None:
+    data = infos({1: 0.5, 2: 0.9, 3: 0.7})
+    assert best_of(data, "val/loss", "max").step == 2
+    assert best_of(data, "val/loss", "min").step == 1
+    assert best_of(data, None, "min") is None
+    assert steps(to_delete(data, **{**RULES, "keep_last_n": 1, "mode": "max"})) == [1]
+
+
+@pytest.mark.timeout(120)
+def test_manager_prunes_after_each_commit(tmp_path) -> None:
+    m, o, s, c = make_all()
+    mgr = CheckpointManager(str(tmp_path), keep_last_n=2, keep_best_k=1, keep_every_n_steps=4,
+                            monitor="val/loss", mode="min")
+    losses = {1: 0.5, 2: 0.1, 3: 0.4, 4: 0.45, 5: 0.3, 6: 0.35, 7: 0.6}
+    for step, loss in losses.items():
+        train(m, o, s, c, 1, data_seed=step)
+        mgr.save(step, model=m, optimizer=o, metrics={"val/loss": loss})
+    assert [i.step for i in mgr.list()] == [2, 4, 6, 7]
+    assert mgr.best().step == 2 and mgr.latest_committed().step == 7

@@ -1,0 +1,122 @@
+"""Rank functions for the multi-process checkpoint tests (module level: they are spawned)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+from dtrain import dist
+from dtrain.checkpoint import CheckpointManager, writer
+from dtrain.errors import CheckpointError
+
+
+def make_mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
+
+
+def make_optim(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+
+
+def step(model: nn.Module, opt: torch.optim.Optimizer, rank: int, world: int, seed: int) -> None:
+    """One step on this rank's slice of a fixed global batch (same global data for any world)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 6, generator=g)
+    per = 8 // world
+    model(x[rank * per:(rank + 1) * per]).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def full_state(model: nn.Module, opt: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Unsharded model and optimizer state (FQN keys) on every rank, for comparisons."""
+    opts = StateDictOptions(full_state_dict=True)
+    msd, osd = get_state_dict(model, [opt] if opt else [], options=opts)
+    optim = osd.get("state", {}) if opt else {}
+    # numpy, not tensors: tensors sent through a multiprocessing queue live in shared memory that
+    # vanishes when the worker exits
+    return {"model": {k: v.detach().numpy().copy() for k, v in msd.items()},
+            "optim": {f: {n: v.detach().numpy().copy() for n, v in st.items()} for f, st in optim.items()}}
+
+
+def wrap(model: nn.Module, strategy: str, world: int) -> nn.Module:
+    if strategy == "ddp":
+        return nn.parallel.DistributedDataParallel(model)
+    if strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+    return model
+
+
+def train_and_save(model: nn.Module, rank: int, world: int, root: str, tag: str) -> dict[str, Any]:
+    """Train 2 steps, save at step 2, then train one more step (the reference continuation)."""
+    opt = make_optim(model)
+    for s in (1, 2):
+        step(model, opt, rank, world, seed=s)
+    mgr = CheckpointManager(root)
+    mgr.save(2, model=model, optimizer=opt, extra={"tag": tag})
+    saved = full_state(model, opt)
+    step(model, opt, rank, world, seed=3)
+    after = full_state(model, opt)
+    mgr.close()
+    return {"saved": saved, "after": after}
+
+
+def load_and_continue(model: nn.Module, rank: int, world: int, root: str) -> dict[str, Any]:
+    opt = make_optim(model)
+    info, extra = CheckpointManager(root).restore_latest(model=model, optimizer=opt)
+    loaded = full_state(model, opt)
+    step(model, opt, rank, world, seed=3)
+    return {"step": info.step, "extra": extra, "loaded": loaded, "after": full_state(model, opt)}
+
+
+def reshard_scenarios(rank: int, world: int, roots: dict[str, str]) -> dict[str, Any]:
+    """In one 2-rank job (process start-up dominates the cost): load a 1-process checkpoint into
+    FSDP2; save from FSDP2 and load that into DDP; save from DDP (the parent loads it in 1 process)."""
+    dist.init(timeout_s=60, backend="gloo")
+    out = {
+        "single_to_fsdp": load_and_continue(wrap(make_mlp(seed=99), "fsdp", world), rank, world, roots["single"]),
+        "fsdp_save": train_and_save(wrap(make_mlp(), "fsdp", world), rank, world, roots["fsdp"], "fsdp"),
+        "fsdp_to_ddp": load_and_continue(wrap(make_mlp(seed=98), "ddp", world), rank, world, roots["fsdp"]),
+        "ddp_save": train_and_save(wrap(make_mlp(), "ddp", world), rank, world, roots["ddp"], "ddp"),
+    }
+    dist.shutdown()
+    return out
+
+
+def failing_rank_save(rank: int, world: int, roots: list[str]) -> list[str]:
+    """Rank 1 cannot write (sync, then async save); every rank must raise, no manifest may appear."""
+    dist.init(timeout_s=60, backend="gloo")
+    model = wrap(make_mlp(), "ddp", world)
+    opt = make_optim(model)
+    real = writer.write_tensor_file
+
+    def broken(*a: Any, **k: Any) -> Any:
+        raise OSError("no space left on device")
+
+    if rank == 1:
+        writer.write_tensor_file = broken  # type: ignore[assignment]
+    messages = []
+    for root, async_save in zip(roots, (False, True), strict=True):
+        mgr = CheckpointManager(root, async_save=async_save)
+        try:
+            mgr.save(1, model=model, optimizer=opt)
+            mgr.wait()
+        except CheckpointError as e:
+            messages.append(str(e))
+        else:
+            messages.append("no error")
+        mgr.close()
+    writer.write_tensor_file = real  # type: ignore[assignment]
+    dist.shutdown()
+    return messages
