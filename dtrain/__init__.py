@@ -21,6 +21,8 @@ _EXPORTS = {
     "init": "dtrain.dist",
     "shutdown": "dtrain.dist",
     "distributed": "dtrain.dist",
+    "barrier": "dtrain.dist",
+    "is_main_process": "dtrain.dist",
     "DistEnv": "dtrain.dist",
     "agree_any": "dtrain.dist",
     "all_reduce_mean": "dtrain.dist",

@@ -213,9 +213,16 @@ class Trainer:
         t_last_save = t_start
         t_log, steps_in_window = time.monotonic(), 0
         samples_per_step = cfg.data.batch_size
+        es = self.early_stopping
+        finished = es is not None and es.should_stop
+        if finished:
+            assert es is not None
+            outcome.stopped_by = f"early_stopping:{es.stop_reason}"
+            log.info("this run already stopped early at step %s (%s); nothing left to train", es.stopped_step,
+                     es.stop_message or es.stop_reason)
         self.preemption.install()
         try:
-            while self.step < tcfg.max_steps:
+            while not finished and self.step < tcfg.max_steps:
                 self.faults.at_step(self.step + 1)
                 loss = self.train_step(batches)
                 self.step += 1
