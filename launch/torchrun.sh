@@ -89,6 +89,19 @@ if len(codes) == 1:
 EOF
 }
 
+# A bad config fails here, on every node, with exit 2 before any process group is formed (and
+# before torchrun, which would report it as exit 1).
+"$PYTHON" - "$CONFIG" "run_dir=$RUN_DIR" "$@" <<'EOF' || exit $?
+import sys
+from dtrain.config import load_config
+from dtrain.errors import ConfigError
+try:
+    load_config(sys.argv[1], sys.argv[2:])
+except ConfigError as e:
+    print(f"dtrain: config error: {e}", file=sys.stderr)
+    sys.exit(2)
+EOF
+
 before=$(mktemp) && after=$(mktemp) && fresh=$(mktemp)
 trap 'rm -f "$before" "$after" "$fresh"' EXIT
 exit_files_stamp > "$before"
