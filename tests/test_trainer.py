@@ -117,3 +117,18 @@ def test_batch_not_divisible_by_world_size_fails_before_the_process_group(tmp_pa
     proc = dtrain(["train", *FAST, f"run_dir={tmp_path}", "data.batch_size=33"], nproc=2)
     assert proc.returncode != 0
     assert "data.batch_size=33 is not divisible by world size 2" in proc.stderr
+
+
+@pytest.mark.timeout(180)
+def test_large_model_config_runs_small_on_cpu(tmp_path: Path) -> None:
+    """configs/gpt-1b-small.yaml: the 1B job's features (FSDP2, activation checkpointing,
+    accumulation, async save) end to end on 2 CPU ranks."""
+    run_dir = tmp_path / "g1"
+    proc = dtrain(["train", "--config", "configs/gpt-1b-small.yaml", f"run_dir={run_dir}",
+                   "logging.progress=false"], nproc=2)
+    _ok(proc)
+    s = summary(run_dir)
+    assert s["last_step"] == 6 and s["strategy"] == "fsdp"
+    assert (run_dir / "checkpoints" / "step-000000006" / "manifest.json").exists()
+    curve = losses(run_dir)
+    assert curve[6] < curve[1]
