@@ -10,6 +10,8 @@ test can target one attempt of a restarted job:
     nan_rank / nan_step          this rank's monitored validation metric becomes NaN at step S
     metric_rank / metric_offset  add an offset to this rank's validation metrics (ranks disagree)
     only_attempt                 apply only when TORCHELASTIC_RESTART_COUNT/SLURM_RESTART_COUNT equals it
+    chaos_seed / chaos_kills     chaos: in each of the first `chaos_kills` attempts, SIGKILL a rank
+                                 drawn from the seed, 1..chaos_max_gap steps after the attempt's start
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import signal
 import threading
 from dataclasses import dataclass, fields
@@ -42,21 +45,27 @@ class FaultInjector:
     metric_rank: int | None = None
     metric_offset: float = 0.0
     only_attempt: int | None = None
+    chaos_seed: int | None = None
+    chaos_kills: int = 0
+    chaos_max_gap: int = 12
+    world_size: int = 1
+    attempt: int = 0
+    _first_step: int | None = None
 
     @classmethod
-    def from_config(cls, options: dict[str, Any], rank: int) -> FaultInjector:
+    def from_config(cls, options: dict[str, Any], rank: int, world_size: int = 1) -> FaultInjector:
         merged = dict(options)
         if os.environ.get("DTRAIN_FAULTS"):
             try:
                 merged.update(json.loads(os.environ["DTRAIN_FAULTS"]))
             except json.JSONDecodeError as e:
                 raise ConfigError(f"DTRAIN_FAULTS is not valid JSON: {e}") from e
-        known = {f.name for f in fields(cls)} - {"rank"}
+        known = {f.name for f in fields(cls)} - {"rank", "world_size", "attempt", "_first_step"}
         unknown = set(merged) - known
         if unknown:
             raise ConfigError(f"unknown fault option(s) {sorted(unknown)}; known: {sorted(known)}")
-        injector = cls(rank=rank, **merged)
         attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", os.environ.get("SLURM_RESTART_COUNT", "0")))
+        injector = cls(rank=rank, world_size=world_size, attempt=attempt, **merged)
         if injector.only_attempt is not None and injector.only_attempt != attempt:
             return cls(rank=rank)
         if merged:
@@ -66,8 +75,21 @@ class FaultInjector:
     def _me(self, rank: int | None) -> bool:
         return rank is not None and rank == self.rank
 
+    def chaos_target(self) -> tuple[int, int] | None:
+        """(rank, steps after this attempt's first step) that chaos kills in this attempt, if any."""
+        if self.chaos_seed is None or self.attempt >= self.chaos_kills:
+            return None
+        rng = random.Random(f"{self.chaos_seed}/{self.attempt}")
+        return rng.randrange(self.world_size), rng.randint(1, self.chaos_max_gap)
+
     def at_step(self, step: int) -> None:
         """Called before training step `step`."""
+        if self._first_step is None:
+            self._first_step = step
+        target = self.chaos_target()
+        if target is not None and target[0] == self.rank and step == self._first_step + target[1]:
+            log.warning("chaos: SIGKILL rank %d before step %d (attempt %d)", self.rank, step, self.attempt)
+            os.kill(os.getpid(), signal.SIGKILL)
         if self._me(self.kill_rank) and step == self.kill_step:
             log.warning("fault: SIGKILL rank %d before step %d", self.rank, step)
             os.kill(os.getpid(), signal.SIGKILL)

@@ -94,7 +94,7 @@ class Trainer:
             keep_every_n_steps=ck.keep_every_n_steps or None, monitor=es.monitor, mode=es.mode,
         )
         self.preemption = PreemptionHandler()
-        self.faults = FaultInjector.from_config(cfg.faults, env.rank)
+        self.faults = FaultInjector.from_config(cfg.faults, env.rank, env.world_size)
         self.agreement = StepAgreement(device=env.device if env.backend == "nccl" else None)
         self.step = 0
         self.last_saved_step = -1

@@ -151,3 +151,34 @@ def test_patience_survives_a_kill(tmp_path: Path) -> None:
     got = summary(run_dir)
     assert got["resumed_from"].endswith(f"step-{kill_at - 1:09d}")
     assert (got["last_step"], got["best_step"], got["stopped_by"]) == (stop, best, "early_stopping:patience")
+
+
+@pytest.mark.timeout(300)
+def test_hung_peer_times_out_then_the_restart_resumes(tmp_path: Path, reference) -> None:  # type: ignore[no-untyped-def]
+    """A silent rank must become an error within dist.timeout_s (not an endless hang), then a restart."""
+    _, ref_weights = reference
+    run_dir = tmp_path / "hang"
+    faults = json.dumps({"hang_rank": 1, "hang_step": 12, "only_attempt": 0})
+    proc = dtrain([*JOB, f"run_dir={run_dir}", "dist.timeout_s=8"], nproc=2, max_restarts=1,
+                  env={"DTRAIN_FAULTS": faults}, timeout=200)
+    _ok(proc)
+    assert summary(run_dir)["resumed_from"].endswith("step-000000010")
+    assert_same_weights(final_weights(run_dir, tmp_path), ref_weights)
+
+
+@pytest.mark.timeout(420)
+def test_chaos_random_kills_end_on_the_uninterrupted_weights(tmp_path: Path, reference) -> None:  # type: ignore[no-untyped-def]
+    """Seeded chaos: three attempts in a row each lose a random rank at a random step; torchrun
+    restarts the group each time. Final weights are bitwise the reference's, and every committed
+    checkpoint still verifies."""
+    _, ref_weights = reference
+    run_dir = tmp_path / "chaos"
+    faults = json.dumps({"chaos_seed": 11, "chaos_kills": 3, "chaos_max_gap": 9})
+    proc = dtrain([*JOB, f"run_dir={run_dir}"], nproc=2, max_restarts=4, env={"DTRAIN_FAULTS": faults}, timeout=400)
+    _ok(proc)
+    assert proc.stderr.count("chaos: SIGKILL") == 3, proc.stderr[-4000:]
+    assert_same_weights(final_weights(run_dir, tmp_path), ref_weights)
+    committed = [i for i in list_checkpoints(str(run_dir / "checkpoints")) if i.committed]
+    assert [i.step for i in committed] == list(range(5, MAX_STEPS + 1, 5)), "a committed checkpoint was lost"
+    for info in committed:
+        assert verify(info.url) == [], info.url
