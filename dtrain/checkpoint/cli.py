@@ -1,0 +1,323 @@
+"""`dtrain ckpt`: list, inspect, verify, export and prune checkpoints from the shell.
+
+A thin layer over dtrain.checkpoint.tools: it parses arguments, picks the checkpoint a URL means
+(a checkpoint directory, or the newest / best committed one under a root), and prints tables or
+JSON. Errors dtrain raises on purpose become one `dtrain ckpt: error: ...` line and exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Any
+
+from dtrain.checkpoint import retention, storage, tools
+from dtrain.checkpoint.format import MANIFEST
+from dtrain.checkpoint.plan import MODEL
+from dtrain.checkpoint.reader import read_manifest, read_state
+from dtrain.checkpoint.retention import CheckpointInfo
+from dtrain.checkpoint.stfile import DTYPES
+from dtrain.errors import CheckpointError, DtrainError
+
+PROG = "dtrain ckpt"
+_ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+# ---- argument types -----------------------------------------------------------------------------
+def parse_size(text: str) -> int:
+    """'2GB' -> 2_000_000_000, '512MiB' -> 536870912, '1000' -> 1000 (decimal and binary units)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 500MB, 2GB or 1GiB")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def parse_storage_option(text: str) -> tuple[str, Any]:
+    """'key=value'; the value is read as JSON when it is true/false/null, a number, {...} or [...]."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not key=value (e.g. endpoint_url=http://127.0.0.1:9000)")
+    word = raw.lower() if raw.lower() in ("true", "false", "null") else None
+    if not (word or re.fullmatch(r"-?\d+", raw) or raw[:1] in ("{", "[")):
+        return key.strip(), raw
+    try:
+        return key.strip(), json.loads(word or raw)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"storage option {key}: {raw!r} is not valid JSON ({e})") from None
+
+
+# ---- formatting ---------------------------------------------------------------------------------
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def utc(t: float | None) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
+
+
+def _metrics(m: dict[str, float | None]) -> str:
+    return " ".join(f"{k}={'nan' if v is None else f'{v:.6g}'}" for k, v in sorted(m.items())) or "-"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+def _note(text: str) -> None:
+    print(f"{PROG}: note: {text}", file=sys.stderr)
+
+
+# ---- choosing a checkpoint ----------------------------------------------------------------------
+def _monitor(args: argparse.Namespace, infos: list[CheckpointInfo], so: dict[str, Any]) -> tuple[str, str, str]:
+    """(metric, mode, where it came from): --monitor, else the run's early_stopping config saved in
+    the newest committed checkpoint, else val/loss (min)."""
+    if getattr(args, "monitor", None):
+        return args.monitor, args.mode or "min", "--monitor"
+    committed = [i for i in infos if i.committed]
+    if committed:
+        try:
+            state = read_state(committed[-1].url, read_manifest(committed[-1].url, so), so)
+            es = ((state.get("extra") or {}).get("config") or {}).get("early_stopping") or {}
+            if isinstance(es.get("monitor"), str) and es.get("mode") in ("min", "max"):
+                return es["monitor"], args.mode or es["mode"], "the run's early_stopping config"
+        except (CheckpointError, OSError, AttributeError):
+            pass
+    return "val/loss", args.mode or "min", "the default"
+
+
+def _pick(args: argparse.Namespace, so: dict[str, Any]) -> str:
+    """The checkpoint directory the URL means for inspect/export (newest, or best with --best)."""
+    url = args.url
+    if storage.exists(storage.join(url, MANIFEST), so):
+        if getattr(args, "best", False):
+            _note(f"--best ignored: {url} is a checkpoint directory, not a root")
+        return url
+    if not getattr(args, "best", False):
+        return tools.resolve(url, so)
+    infos = retention.scan(url, so)
+    monitor, mode, source = _monitor(args, infos, so)
+    best = retention.best_of(infos, monitor, mode)
+    if best is not None:
+        _note(f"best checkpoint by {monitor} ({mode}, from {source}): step {best.step}, "
+              f"{monitor}={best.metric(monitor):.6g}")
+        return best.url
+    newest = tools.resolve(url, so)
+    _note(f"no committed checkpoint under {url} records {monitor!r} (from {source}); "
+          f"using the newest committed one, {newest}")
+    return newest
+
+
+# ---- sub-commands -------------------------------------------------------------------------------
+def cmd_ls(args: argparse.Namespace, so: dict[str, Any]) -> int:
+    if not storage.exists(args.url, so):
+        raise CheckpointError(f"{args.url} does not exist (no checkpoints there)")
+    infos = tools.list_checkpoints(args.url, so)
+    monitor, mode, _ = _monitor(args, infos, so)
+    best = retention.best_of(infos, monitor, mode)
+    if args.json:
+        print(json.dumps([{**dataclasses.asdict(i), "best": best is not None and i.url == best.url,
+                            "time_utc": None if i.created is None else utc(i.created) + "Z"} for i in infos], indent=1))
+        return 0
+    if not infos:
+        print(f"no checkpoints under {args.url}")
+        return 0
+    rows = []
+    for i in infos:
+        status = ("committed" + (f", best {monitor}" if best is not None and i.url == best.url else "")
+                  if i.committed else f"incomplete: {(i.problem or '?').removesuffix(' (incomplete)')}")
+        rows.append([str(i.step), utc(i.created), human_bytes(i.size_bytes),
+                     f"{i.world_size} {i.strategy}" if i.committed else "-", i.reason or "-",
+                     _metrics(i.metrics) if i.committed else "-", status])
+    print(_table(["STEP", "TIME (UTC)", "SIZE", "RANKS", "REASON", "METRICS", "STATUS"], rows))
+    return 0
+
+
+def _layout(t: tools.TensorInfo) -> str:
+    if len(t.chunks) == 1 and t.chunks[0].lengths == t.shape:
+        return t.chunks[0].file
+    return "; ".join(f"{c.file}[{', '.join(f'{o}:{o + n}' for o, n in zip(c.offsets, c.lengths, strict=True))}]"
+                     for c in t.chunks)
+
+
+def cmd_inspect(args: argparse.Namespace, so: dict[str, Any]) -> int:
+    url = _pick(args, so)
+    man, tensors = tools.inspect(url, so)
+    if args.json:
+        print(json.dumps({"url": url, **json.loads(man.to_json())}, indent=1))
+        return 0
+    for name, value in (("checkpoint", url), ("step", man.step), ("created", utc(man.created) + " UTC"),
+                        ("world size", man.world_size), ("strategy", man.strategy), ("reason", man.reason),
+                        ("metrics", _metrics(man.metrics)),
+                        ("versions", ", ".join(f"{k} {v}" for k, v in sorted(man.versions.items())))):
+        print(f"{name:<11} {value}")
+    print(f"\nfiles ({len(man.files)}, {human_bytes(man.total_bytes)}):")
+    print(_table(["FILE", "SIZE", "CHECKSUM"], [[f.path, human_bytes(f.size), f.checksum] for f in man.files]))
+    print(f"\ntensors ({len(tensors)}):")
+    print(_table(["TENSOR", "DTYPE", "SHAPE", "SIZE", "LAYOUT (file[box])"],
+                 [[t.key, t.dtype, str(list(t.shape)), human_bytes(t.nbytes), _layout(t)] for t in tensors]))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace, so: dict[str, Any]) -> int:
+    if storage.exists(storage.join(args.url, MANIFEST), so):
+        targets = [args.url]
+    else:
+        infos = retention.scan(args.url, so)
+        targets = [i.url for i in infos if i.committed or i.problem != retention.NO_MANIFEST]
+        for i in infos:
+            if i.problem == retention.NO_MANIFEST:
+                print(f"SKIP {i.url}: {i.problem}")
+        if not infos:
+            targets = [args.url]  # verify() says why this is not a checkpoint
+    bad = 0
+    for url in targets:
+        problems = tools.verify(url, so)
+        bad += bool(problems)
+        print(f"{'FAILED' if problems else 'OK'} {url}" + (f": {len(problems)} problem(s)" if problems else ""))
+        for p in problems:
+            print(f"  {p}")
+    if len(targets) > 1:
+        print(f"{len(targets) - bad} of {len(targets)} checkpoint(s) sound")
+    return 1 if bad else 0
+
+
+def cmd_export(args: argparse.Namespace, so: dict[str, Any]) -> int:
+    src = _pick(args, so)
+    man, tensors = tools.inspect(src, so)
+    model = [t for t in tensors if t.key.startswith(MODEL)]
+    if not model:
+        raise CheckpointError(f"{src} holds no model tensors; nothing to export")
+    total = sum(math.prod(t.shape) * _ITEMSIZE[args.dtype] if args.dtype and DTYPES[t.dtype].is_floating_point
+                else t.nbytes for t in model)
+    if args.max_shard_size and total > args.max_shard_size and args.out.endswith(".safetensors"):
+        raise CheckpointError(f"the model is {human_bytes(total)}, over --max-shard-size "
+                              f"{human_bytes(args.max_shard_size)}: give a directory as --out for the "
+                              f"shards and model.safetensors.index.json, not {args.out}")
+    files = tools.export(src, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size, storage_options=so)
+    print(f"exported {len(model)} tensors ({human_bytes(total)}) of step {man.step} from {src}:")
+    for f in files:
+        print(f"  {f}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace, so: dict[str, Any]) -> int:
+    rules = {"--keep-last": args.keep_last, "--keep-best": args.keep_best, "--keep-every": args.keep_every}
+    if all(v is None for v in rules.values()) or any(v is not None and v < 1 for v in rules.values()):
+        raise _Usage(f"prune needs at least one of {', '.join(rules)}, each a positive integer")
+    infos = retention.scan(args.url, so)
+    monitor, mode, source = _monitor(args, infos, so)
+    if args.keep_best is not None:
+        _note(f"--keep-best ranks by {monitor} ({mode}, from {source})")
+    doomed = retention.to_delete(infos, keep_last_n=args.keep_last, keep_best_k=args.keep_best,
+                                 keep_every_n_steps=args.keep_every, monitor=monitor, mode=mode)
+    removed = doomed if args.dry_run else retention.apply(infos, doomed, so)
+    verb = "would remove" if args.dry_run else "removed"
+    for i in removed:
+        print(f"{verb} {i.url} ({'committed' if i.committed else 'incomplete'})")
+    failed = [i for i in doomed if i not in removed]
+    print(f"{verb} {len(removed)}, kept {len(infos) - len(doomed)} of {len(infos)} checkpoint(s) under {args.url}")
+    if failed:
+        raise CheckpointError(f"could not remove {[i.url for i in failed]} (see the warnings above)")
+    return 0
+
+
+# ---- parser -------------------------------------------------------------------------------------
+class _Usage(Exception):
+    """A usage error found after parsing (exit 2, like argparse's own)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--storage-option", action="append", default=[], type=parse_storage_option,
+                        metavar="KEY=VALUE", help="fsspec/s3fs option, repeatable (e.g. endpoint_url=http://...); "
+                        "AWS_* environment variables work too")
+    pick = argparse.ArgumentParser(add_help=False)
+    pick.add_argument("--monitor", help="metric for --best / best marking (default: the run's "
+                      "early_stopping.monitor saved in the checkpoint, else val/loss)")
+    pick.add_argument("--mode", choices=("min", "max"), help="whether lower or higher --monitor is better")
+    parser = argparse.ArgumentParser(prog=PROG, description="List, inspect, verify, export and prune dtrain "
+                                     "checkpoints. URL is a local path or any fsspec URL (s3://...).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("ls", parents=[common, pick], help="table of the checkpoints under a root")
+    p.add_argument("url", metavar="ROOT")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("inspect", parents=[common], help="tensors, shapes, dtypes and shard layout")
+    p.add_argument("url", metavar="URL", help="a checkpoint directory, or a root (its newest committed one)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("verify", parents=[common], help="check every file's size and checksum (exit 1 on any problem)")
+    p.add_argument("url", metavar="URL", help="a checkpoint directory, or a root (every checkpoint in it)")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("export", parents=[common, pick], help="consolidated model weights as plain safetensors")
+    p.add_argument("url", metavar="URL", help="a checkpoint directory, or a root (its newest committed one)")
+    p.add_argument("--out", required=True, help="a .safetensors file, or a directory (model.safetensors, or "
+                   "shards + model.safetensors.index.json past --max-shard-size)")
+    p.add_argument("--dtype", choices=sorted(_ITEMSIZE), help="cast floating-point tensors (integers are kept)")
+    p.add_argument("--max-shard-size", type=parse_size, metavar="SIZE", help="split into shards of at most "
+                   "SIZE (e.g. 2GB, 500MiB); default: one file")
+    p.add_argument("--best", action="store_true", help="with a root: the best committed checkpoint by --monitor")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("prune", parents=[common, pick], help="delete checkpoints by retention rules "
+                       "(never the newest committed or the best)")
+    p.add_argument("url", metavar="ROOT")
+    p.add_argument("--keep-last", type=int, metavar="N", help="keep the N newest committed")
+    p.add_argument("--keep-best", type=int, metavar="K", help="keep the K best by --monitor")
+    p.add_argument("--keep-every", type=int, metavar="STEPS", help="keep every multiple of STEPS")
+    p.add_argument("--dry-run", action="store_true", help="print what would be removed; remove nothing")
+    p.set_defaults(func=cmd_prune)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one `dtrain ckpt` command; returns the exit code (0 ok, 1 error or damage, 2 bad usage)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse exits 2 on bad arguments, 0 after --help
+        return int(e.code or 0)
+    so = dict(args.storage_option)
+    try:
+        return int(args.func(args, so))
+    except _Usage as e:
+        parser.print_usage(sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `dtrain ckpt inspect ... | head`: stop quietly, as shell tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as e:
+        if not isinstance(e, (DtrainError, OSError)) and not _storage_error(e):
+            raise  # a bug: keep the traceback
+        print(f"{PROG}: error: {type(e).__name__ + ': ' if _storage_error(e) else ''}{e}", file=sys.stderr)
+        return 1
+
+
+def _storage_error(e: BaseException) -> bool:
+    """botocore's own errors (no credentials, endpoint unreachable) are not OSErrors."""
+    return type(e).__module__.split(".")[0] in ("botocore", "aiobotocore", "s3fs")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""`dtrain ckpt`: run in-process through main([...]) and as a real `python -m dtrain` subprocess,
+against checkpoints written by CheckpointManager."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dtrain.checkpoint import CheckpointManager
+from dtrain.checkpoint.cli import main, parse_size, parse_storage_option
+from tests.checkpoint import workers
+from tests.checkpoint.models import make_all, train
+from tests.multiproc import run_ranks
+
+REPO = Path(__file__).resolve().parents[2]
+LOSSES = {1: 3.0, 2: 1.0, 3: 2.0}  # step 2 is the best by val/loss, step 3 the newest
+Weights = dict[int, dict[str, torch.Tensor]]
+
+
+def _save_run(root: str, extra: dict[str, Any] | None = None, storage_options: dict[str, Any] | None = None,
+              with_metrics: bool = True) -> Weights:
+    """Three committed checkpoints; returns each step's model state_dict."""
+    m, o, s, c = make_all()
+    mgr = CheckpointManager(root, storage_options=storage_options)
+    weights: Weights = {}
+    for step, loss in LOSSES.items():
+        train(m, o, s, c, 1, data_seed=step)
+        metrics = {"val/loss": loss, "val/acc": 1.0 / loss} if with_metrics else None
+        mgr.save(step, model=m, optimizer=o, metrics=metrics, extra=extra)
+        weights[step] = {k: v.clone() for k, v in m.state_dict().items()}
+    return weights
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> tuple[str, Weights]:
+    """Steps 1-3 committed, plus step 4 whose manifest was removed (as if the save crashed)."""
+    root = str(tmp_path / "ckpts")
+    weights = _save_run(root)
+    m, o, *_ = make_all(seed=1)
+    CheckpointManager(root).save(4, model=m, optimizer=o)
+    os.unlink(os.path.join(root, "step-000000004", "manifest.json"))
+    return root, weights
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def digest(tensors: dict[str, torch.Tensor]) -> dict[str, list[Any]]:
+    """dtype, shape and a hash of the bytes of each tensor (the same code runs without dtrain)."""
+    return {k: [str(t.dtype), list(t.shape), hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8)
+                                                            .numpy().tobytes()).hexdigest()]
+            for k, t in sorted(tensors.items())}
+
+
+_NO_DTRAIN_LOADER = """
+import hashlib, json, sys
+sys.modules["dtrain"] = None  # any import of dtrain now fails: prove the file needs none
+import torch
+from safetensors.torch import load_file
+t = load_file(sys.argv[1])
+print(json.dumps({k: [str(v.dtype), list(v.shape), hashlib.sha256(v.contiguous().reshape(-1)
+      .view(torch.uint8).numpy().tobytes()).hexdigest()] for k, v in sorted(t.items())}))
+"""
+
+
+def test_ls_shows_committed_best_and_incomplete(run: tuple[str, Weights], capsys) -> None:
+    root, _ = run
+    code, out, _ = cli(capsys, "ls", root)
+    assert code == 0
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert set(rows) == {"1", "2", "3", "4"}
+    assert "committed, best val/loss" in rows["2"] and "val/loss=1" in rows["2"]
+    assert rows["3"].rstrip().endswith("committed") and "KiB" in rows["3"]
+    assert "incomplete: no manifest.json" in rows["4"]
+    code, out, _ = cli(capsys, "ls", root, "--json", "--monitor", "val/acc", "--mode", "max")
+    listed = {d["step"]: d for d in json.loads(out)}
+    assert listed[2]["best"] and listed[2]["metrics"] == {"val/loss": 1.0, "val/acc": 1.0}
+    assert listed[3]["committed"] and listed[3]["size_bytes"] > 0 and listed[3]["time_utc"].endswith("Z")
+    assert not listed[4]["committed"] and "manifest" in listed[4]["problem"]
+
+
+def test_ls_as_a_real_command(run: tuple[str, Weights]) -> None:
+    root, _ = run
+    done = subprocess.run([sys.executable, "-m", "dtrain", "ckpt", "ls", root], cwd=REPO,
+                          capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("STEP") and "incomplete" in done.stdout
+
+
+def test_verify_exit_codes_and_names_the_file(run: tuple[str, Weights], capsys) -> None:
+    root, _ = run
+    ckpt = os.path.join(root, "step-000000002")
+    assert cli(capsys, "verify", ckpt)[0] == 0
+    optim_file = os.path.join(ckpt, "optim-00000-of-00001.safetensors")
+    data = bytearray(Path(optim_file).read_bytes())
+    data[len(data) // 2 + 40] ^= 0xFF
+    Path(optim_file).write_bytes(bytes(data))
+    code, out, _ = cli(capsys, "verify", ckpt)
+    assert code == 1 and "FAILED" in out and optim_file in out and "checksum" in out
+    code, out, _ = cli(capsys, "verify", os.path.join(root, "step-000000004"))
+    assert code == 1 and "manifest.json" in out  # incomplete: not a sound checkpoint
+    code, out, _ = cli(capsys, "verify", root)  # a root: every committed checkpoint, incomplete skipped
+    assert code == 1 and f"FAILED {ckpt}" in out and "2 of 3 checkpoint(s) sound" in out
+    assert f"SKIP {os.path.join(root, 'step-000000004')}" in out
+
+
+def test_inspect_shows_tensors_and_layout(run: tuple[str, Weights], capsys) -> None:
+    root, _ = run
+    code, out, _ = cli(capsys, "inspect", root)  # a root means its newest committed checkpoint
+    assert code == 0
+    assert "step-000000003" in out and "world size  1" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("model/0.weight "))
+    assert line.split()[1:4] == ["F32", "[16,", "6]"] and line.endswith("model-00000-of-00001.safetensors")
+    code, out, _ = cli(capsys, "inspect", os.path.join(root, "step-000000001"), "--json")
+    info = json.loads(out)
+    assert info["step"] == 1 and info["strategy"] == "none"
+    by_key = info["tensors"]
+    assert by_key["optim/state/4.weight/exp_avg"]["chunks"][0]["file"] == "optim-00000-of-00001.safetensors"
+
+
+@pytest.mark.timeout(120)
+def test_export_loads_with_plain_safetensors_without_dtrain(run: tuple[str, Weights], tmp_path, capsys) -> None:
+    root, weights = run
+    out = str(tmp_path / "export" / "model.safetensors")
+    code, stdout, _ = cli(capsys, "export", root, "--out", out)
+    assert code == 0 and out in stdout and "step 3" in stdout
+    done = subprocess.run([sys.executable, "-I", "-c", _NO_DTRAIN_LOADER, out], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == digest(weights[3])
+
+
+def test_export_bf16_casts_floats_only(run: tuple[str, Weights], tmp_path, capsys) -> None:
+    root, weights = run
+    out = str(tmp_path / "m-bf16.safetensors")
+    assert cli(capsys, "export", root, "--out", out, "--dtype", "bf16")[0] == 0
+    loaded = load_file(out)
+    assert loaded["0.weight"].dtype == torch.bfloat16
+    assert torch.equal(loaded["0.weight"], weights[3]["0.weight"].to(torch.bfloat16))
+    assert loaded["1.num_batches_tracked"].dtype == torch.int64
+    assert os.path.getsize(out) < os.path.getsize(os.path.join(root, "step-000000003",
+                                                               "model-00000-of-00001.safetensors"))
+
+
+def test_export_sharded_with_index(run: tuple[str, Weights], tmp_path, capsys) -> None:
+    root, weights = run
+    out = tmp_path / "sharded"
+    code, stdout, _ = cli(capsys, "export", root, "--out", str(out), "--max-shard-size", "500B")
+    assert code == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all(str(out / s) in stdout for s in shards)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in weights[3].values())
+    assert all(os.path.getsize(out / s) < 500 + 1024 for s in shards)  # payload <= limit, plus header
+    merged = {k: v for s in shards for k, v in load_file(str(out / s)).items()}
+    assert digest(merged) == digest(weights[3])
+    code, _, err = cli(capsys, "export", root, "--out", str(tmp_path / "one.safetensors"), "--max-shard-size", "500B")
+    assert code == 1 and "give a directory as --out" in err and not (tmp_path / "one.safetensors").exists()
+
+
+def test_export_best_by_metric_config_and_fallback(tmp_path, capsys) -> None:
+    root = str(tmp_path / "a")
+    weights = _save_run(root, extra={"config": {"early_stopping": {"monitor": "val/acc", "mode": "max"}}})
+    out = str(tmp_path / "best.safetensors")
+    code, _, err = cli(capsys, "export", root, "--best", "--out", out)  # monitor from the run's config
+    assert code == 0 and "val/acc (max, from the run's early_stopping config): step 2" in err
+    assert digest(load_file(out)) == digest(weights[2])
+    code, _, err = cli(capsys, "export", root, "--best", "--monitor", "val/acc", "--mode", "min", "--out", out)
+    assert code == 0 and "step 1" in err and digest(load_file(out)) == digest(weights[1])
+    plain = str(tmp_path / "b")
+    weights = _save_run(plain, with_metrics=False)
+    code, _, err = cli(capsys, "export", plain, "--best", "--out", out)
+    assert code == 0 and "records 'val/loss'" in err and "using the newest committed one" in err
+    assert digest(load_file(out)) == digest(weights[3])
+
+
+def test_prune_dry_run_then_keep_last_keeps_best(run: tuple[str, Weights], capsys) -> None:
+    root, _ = run
+    code, out, _ = cli(capsys, "prune", root, "--keep-last", "1", "--dry-run")
+    assert code == 0 and "would remove" in out and "step-000000001" in out
+    assert len(os.listdir(root)) == 4
+    code, out, _ = cli(capsys, "prune", root, "--keep-last", "1")
+    assert code == 0 and "removed 1, kept 3 of 4" in out
+    # the best (step 2 by val/loss) and the newest committed survive; the newer incomplete one may be
+    # a save still being written, so it stays too
+    assert sorted(os.listdir(root)) == ["step-000000002", "step-000000003", "step-000000004"]
+    code, out, err = cli(capsys, "prune", root, "--keep-last", "1", "--keep-best", "1",
+                         "--monitor", "val/acc", "--mode", "min")
+    assert code == 0 and "ranks by val/acc (min, from --monitor)" in err
+    assert sorted(os.listdir(root)) == ["step-000000003", "step-000000004"]
+
+
+def test_errors_and_usage(run: tuple[str, Weights], tmp_path, capsys) -> None:
+    root, _ = run
+    code, _, err = cli(capsys, "inspect", str(tmp_path / "nothing"))
+    assert code == 1 and err.startswith("dtrain ckpt: error: ") and err.count("\n") == 1
+    code, _, err = cli(capsys, "export", os.path.join(root, "step-000000004"), "--out", str(tmp_path / "x"))
+    assert code == 1 and "step-000000004" in err
+    assert cli(capsys, "export", root)[0] == 2  # --out is required
+    assert cli(capsys, "export", root, "--out", "x", "--max-shard-size", "2XB")[0] == 2
+    assert cli(capsys, "ls", root, "--storage-option", "novalue")[0] == 2
+    assert cli(capsys, "prune", root)[0] == 2
+    assert cli(capsys, "prune", root, "--keep-last", "0")[0] == 2
+    assert cli(capsys, "frobnicate")[0] == 2
+    assert cli(capsys, "--help")[0] == 0
+
+
+def test_argument_parsers() -> None:
+    assert parse_size("2GB") == 2 * 10**9 and parse_size("512MiB") == 512 * 2**20 and parse_size("1000") == 1000
+    assert parse_size("1.5 kb") == 1500
+    assert parse_storage_option("endpoint_url=http://127.0.0.1:9000") == ("endpoint_url", "http://127.0.0.1:9000")
+    assert parse_storage_option("anon=true") == ("anon", True)
+    assert parse_storage_option('client_kwargs={"region_name": "eu-west-1"}') == (
+        "client_kwargs", {"region_name": "eu-west-1"})
+    assert parse_storage_option("default_block_size=5242880") == ("default_block_size", 5242880)
+
+
+def _sharded_save(rank: int, world: int, root: str) -> dict[str, Any] | None:
+    from dtrain import dist
+
+    dist.init(timeout_s=60)
+    model = workers.wrap(workers.make_mlp(), "fsdp", world)
+    opt = workers.make_optim(model)
+    workers.step(model, opt, rank, world, seed=3)
+    with CheckpointManager(root) as mgr:
+        mgr.save(7, model=model, optimizer=opt, metrics={"val/loss": 0.5})
+    full = workers.full_state(model, None)["model"]
+    dist.shutdown()
+    return full if rank == 0 else None
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(180)
+def test_inspect_and_export_of_an_fsdp_checkpoint_saved_by_two_ranks(tmp_path, capsys) -> None:
+    root = str(tmp_path / "fsdp")
+    full = run_ranks(_sharded_save, 2, root)[0]
+    code, out, _ = cli(capsys, "inspect", root)
+    assert code == 0 and "world size  2" in out and "strategy    fsdp" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("model/0.weight "))
+    assert "model-00000-of-00002.safetensors[0:8, 0:6]" in line
+    assert "model-00001-of-00002.safetensors[8:16, 0:6]" in line
+    out_file = str(tmp_path / "full.safetensors")
+    assert cli(capsys, "export", root, "--out", out_file)[0] == 0
+    assert digest(load_file(out_file)) == digest({k: torch.from_numpy(v) for k, v in full.items()})
+
+
+@pytest.mark.s3
+@pytest.mark.timeout(180)
+def test_s3_through_storage_options(s3_root: tuple[str, dict[str, Any]], tmp_path, capsys) -> None:
+    root, options = s3_root
+    weights = _save_run(root, storage_options=options)
+    flags = [x for k, v in options.items() for x in ("--storage-option", f"{k}={v}")]
+    code, out, _ = cli(capsys, "ls", root, *flags)
+    assert code == 0 and [ln.split()[0] for ln in out.splitlines()[1:]] == ["1", "2", "3"]
+    assert cli(capsys, "verify", root, *flags)[0] == 0
+    out_file = str(tmp_path / "from-s3.safetensors")
+    assert cli(capsys, "export", root, "--best", "--out", out_file, *flags)[0] == 0
+    assert digest(load_file(out_file)) == digest(weights[2])
+    code, _, err = cli(capsys, "ls", root)  # no endpoint: a one-line error, not a traceback
+    assert code == 1 and err.startswith("dtrain ckpt: error: ")
