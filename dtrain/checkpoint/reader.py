@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import math
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
 from dtrain.checkpoint import storage
-from dtrain.checkpoint.checksum import format_crc, parse_crc
+from dtrain.checkpoint.checksum import crc32_combine, format_crc, parse_crc
 from dtrain.checkpoint.format import MANIFEST, STATE, CheckpointDamagedError, Chunk, Manifest, parse_manifest
 from dtrain.checkpoint.jsoncodec import loads
 from dtrain.checkpoint.plan import local_box
@@ -24,6 +25,8 @@ from dtrain.checkpoint.stfile import DTYPES
 from dtrain.errors import CheckpointError
 
 log = logging.getLogger(__name__)
+PIECE = 8 << 20  # local disk
+REMOTE_PIECE = 64 << 20  # object stores: each ranged GET has a fixed cost (moto: 8 MiB ran at 80 MiB/s, 64 at 240)
 
 
 def read_manifest(dir_url: str, storage_options: storage.StorageOptions = None) -> Manifest:
@@ -57,13 +60,20 @@ def read_state(dir_url: str, manifest: Manifest, storage_options: storage.Storag
 
 @dataclass
 class ChunkReader:
-    """Reads and verifies chunks of one checkpoint; checks each file's size once."""
+    """Reads and verifies chunks of one checkpoint; checks each file's size once.
+
+    A big chunk is read as `PIECE`-sized pieces on a few threads, each piece hashed right after it
+    lands (file reads, S3 GETs and zlib all release the GIL), and the piece CRCs are combined: on
+    2 cores this reads at about disk speed instead of read time plus hash time.
+    """
 
     dir_url: str
     manifest: Manifest
     storage_options: storage.StorageOptions = None
+    workers: int = 4
     bytes_read: int = 0
     _sizes_ok: set[str] = field(default_factory=set)
+    _pool: ThreadPoolExecutor | None = None
 
     def _check_size(self, name: str) -> str:
         url = storage.join(self.dir_url, name)
@@ -90,14 +100,35 @@ class ChunkReader:
         mv = raw.numpy().data if raw.numel() else memoryview(bytearray())
         if len(mv) != end - begin:
             raise CheckpointError(f"{url}: chunk of {key!r} has {end - begin} bytes, destination {len(mv)}")
-        if len(mv):
-            storage.read_into(url, begin, mv, self.storage_options)
-        crc = zlib.crc32(mv)
+        crc = self._read_hashed(url, begin, mv)
         if crc != parse_crc(chunk.checksum):
             raise CheckpointDamagedError(f"{url}: checksum mismatch in tensor {key!r} (bytes {begin}-{end}: "
                                          f"{format_crc(crc)}, manifest says {chunk.checksum}); the file is damaged")
         self.bytes_read += end - begin
         return out
+
+    def _read_hashed(self, url: str, begin: int, mv: memoryview) -> int:
+        n = len(mv)
+        step = PIECE if storage.is_local(url) else REMOTE_PIECE
+
+        def piece(off: int) -> int:
+            part = mv[off:min(off + step, n)]
+            storage.read_into(url, begin + off, part, self.storage_options)
+            return zlib.crc32(part)
+
+        if n <= step:
+            return piece(0) if n else 0
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="dtrain-read")
+        crc = 0
+        for off, part_crc in zip(range(0, n, step), self._pool.map(piece, range(0, n, step)), strict=True):
+            crc = crc32_combine(crc, part_crc, min(step, n - off))
+        return crc
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
 
 def _overlap(a_off: tuple[int, ...], a_len: tuple[int, ...], b_off: tuple[int, ...],

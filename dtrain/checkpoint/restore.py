@@ -8,6 +8,7 @@ same way, and `restore_latest` on every rank falls back to the same older checkp
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ from dtrain.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 _OK, _DAMAGED, _FAILED = 0, 1, 2
+_REMOTE_TENSORS_IN_FLIGHT = 8
 _warned_rng = False
 
 
@@ -49,8 +51,10 @@ def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.o
         if strict:
             check_keys(wanted, stored, "tensor", dir_url)
         reader = ChunkReader(dir_url, manifest, storage_options)
-        for key in sorted(wanted & stored):
-            fill_tensor(reader, key, tensors[key])
+        try:
+            _fill_all(reader, tensors, sorted(wanted & stored), storage.is_local(dir_url))
+        finally:
+            reader.close()
         apply_json_state(state.get("model_optim") or {}, leaves, optim_sd, strict, dir_url)
     except CheckpointDamagedError as e:
         code, error = _DAMAGED, e
@@ -74,6 +78,18 @@ def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.o
              manifest.step, manifest.world_size, manifest.strategy, reader.bytes_read / 2**20)
     extra = state.get("extra") or {}
     return manifest, extra if isinstance(extra, dict) else {}
+
+
+def _fill_all(reader: ChunkReader, tensors: dict[str, torch.Tensor], keys: list[str], local: bool) -> None:
+    """Local disks read one tensor at a time (big pieces already run in parallel); object stores
+    get several tensors in flight, since each small GET costs a round trip."""
+    if local:
+        for key in keys:
+            fill_tensor(reader, key, tensors[key])
+        return
+    with ThreadPoolExecutor(_REMOTE_TENSORS_IN_FLIGHT, thread_name_prefix="dtrain-fetch") as pool:
+        for _ in pool.map(lambda k: fill_tensor(reader, k, tensors[k]), keys):
+            pass
 
 
 def _restore_rng(state: dict[str, Any], manifest: Manifest, group: comm.ProcessGroup, where: str) -> None:

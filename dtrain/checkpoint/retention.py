@@ -121,6 +121,6 @@ def apply(infos: list[CheckpointInfo], doomed: list[CheckpointInfo],
             storage.remove(info.url, storage_options)
             removed.append(info)
             log.info("retention removed %s (%s)", info.url, "committed" if info.committed else "incomplete")
-        except OSError as e:
+        except (OSError, CheckpointError) as e:
             log.warning("retention could not remove %s: %s", info.url, e)
     return removed

@@ -9,19 +9,39 @@ AWS_ACCESS_KEY_ID, ...) unless `storage_options` says otherwise.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import posixpath
 import shutil
 import uuid
-from collections.abc import Iterator
-from typing import Any, BinaryIO
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
 
+from dtrain.checkpoint.s3upload import ConcurrentS3Writer
 from dtrain.errors import CheckpointError
 
 StorageOptions = dict[str, Any] | None
+T = TypeVar("T")
+
+
+def _named_errors(fn: Callable[..., T]) -> Callable[..., T]:
+    """Remote failures (no credentials, unreachable endpoint, denied) become a CheckpointError that
+    names the URL; FileNotFoundError stays as is because callers use it to mean "absent"."""
+    @functools.wraps(fn)
+    def wrapper(url: str, *args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(url, *args, **kwargs)
+        except (FileNotFoundError, CheckpointError):
+            raise
+        except Exception as e:
+            if is_local(url):
+                raise
+            raise CheckpointError(f"{url}: {type(e).__name__}: {e} (check the endpoint, credentials and "
+                                  f"storage_options)") from e
+    return wrapper
 
 
 def is_local(url: str) -> bool:
@@ -57,6 +77,7 @@ def filesystem(url: str, storage_options: StorageOptions = None) -> tuple[fsspec
         raise CheckpointError(f"cannot open storage for {url!r}: {e}") from e
 
 
+@_named_errors
 def makedirs(url: str, storage_options: StorageOptions = None) -> None:
     """Create a directory (a no-op on object stores, which have none)."""
     if is_local(url):
@@ -71,8 +92,9 @@ def makedirs(url: str, storage_options: StorageOptions = None) -> None:
 @contextlib.contextmanager
 def open_write(url: str, storage_options: StorageOptions = None) -> Iterator[BinaryIO]:
     """Open `url` for writing; on success the bytes are durable (fsync) or committed (S3 close);
-    on an exception nothing is left behind: the local file is removed, the S3 upload discarded
-    (s3fs would otherwise commit the partial object when the `with` block exits)."""
+    on an exception nothing is left behind: the local file is removed, the S3 upload aborted
+    (an s3fs file would commit the partial object if closed, as a `with fs.open()` block does).
+    S3 objects upload several multipart parts at once (s3upload.py)."""
     if is_local(url):
         path = local_path(url)
         f = open(path, "wb")
@@ -88,9 +110,9 @@ def open_write(url: str, storage_options: StorageOptions = None) -> Iterator[Bin
         f.close()
         return
     fs, path = filesystem(url, storage_options)
-    rf = fs.open(path, "wb")
+    rf = ConcurrentS3Writer(fs, path) if _is_s3(fs) else fs.open(path, "wb")
     try:
-        yield rf
+        yield rf  # type: ignore[misc]
     except BaseException:
         with contextlib.suppress(Exception):
             rf.discard()  # s3fs: abort the multipart upload; nothing becomes visible
@@ -107,6 +129,7 @@ def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
     return "s3" in protocol
 
 
+@_named_errors
 def write_atomic(url: str, data: bytes, storage_options: StorageOptions = None) -> None:
     """Readers see either no file or all of `data`: local = temp name, fsync, rename, fsync of the
     directory; object stores = one PUT, which is atomic by itself."""
@@ -130,6 +153,7 @@ def write_atomic(url: str, data: bytes, storage_options: StorageOptions = None) 
     fs.pipe_file(path, data)
 
 
+@_named_errors
 def read_bytes(url: str, start: int | None = None, end: int | None = None,
                storage_options: StorageOptions = None) -> bytes:
     """Bytes [start, end) of a file (the whole file by default). Raises FileNotFoundError."""
@@ -142,6 +166,7 @@ def read_bytes(url: str, start: int | None = None, end: int | None = None,
     return fs.cat_file(path, start=start, end=end)
 
 
+@_named_errors
 def read_into(url: str, offset: int, out: memoryview, storage_options: StorageOptions = None) -> None:
     """Fill `out` with the file's bytes from `offset`; a short file is a CheckpointError."""
     n = len(out)
@@ -175,6 +200,7 @@ def open_read(url: str, storage_options: StorageOptions = None) -> Iterator[Bina
         yield f
 
 
+@_named_errors
 def size(url: str, storage_options: StorageOptions = None) -> int:
     """File size in bytes; FileNotFoundError if absent."""
     if is_local(url):
@@ -184,6 +210,7 @@ def size(url: str, storage_options: StorageOptions = None) -> int:
     return int(fs.size(path))
 
 
+@_named_errors
 def exists(url: str, storage_options: StorageOptions = None) -> bool:
     if is_local(url):
         return os.path.exists(local_path(url))
@@ -192,6 +219,7 @@ def exists(url: str, storage_options: StorageOptions = None) -> bool:
     return bool(fs.exists(path))
 
 
+@_named_errors
 def list_dir(url: str, storage_options: StorageOptions = None) -> list[tuple[str, bool]]:
     """(name, is_directory) for each entry directly under `url`; empty if `url` does not exist."""
     if is_local(url):
@@ -214,6 +242,7 @@ def list_dir(url: str, storage_options: StorageOptions = None) -> list[tuple[str
     return sorted(out)
 
 
+@_named_errors
 def remove(url: str, storage_options: StorageOptions = None) -> None:
     """Delete a file or a whole directory tree; absent is fine."""
     if is_local(url):

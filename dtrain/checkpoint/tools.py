@@ -158,6 +158,14 @@ def export(url: str, out: str, *, dtype: str | torch.dtype | None = None, max_sh
         to = cast if cast is not None and dt.is_floating_point else dt
         plan.append((Box(key[len(MODEL):], dtype_name(to), t.shape, (0,) * len(t.shape), t.shape),
                      _loader(reader, key, dt, to, t.shape)))
+    try:
+        return _write_export(plan, out, max_shard_bytes, storage_options)
+    finally:
+        reader.close()
+
+
+def _write_export(plan: list, out: str, max_shard_bytes: int | None, storage_options: storage.StorageOptions
+                  ) -> list[str]:
     total = sum(b.nbytes for b, _ in plan)
     if max_shard_bytes is None or total <= max_shard_bytes:
         target = out if out.endswith(".safetensors") else storage.join(out, "model.safetensors")

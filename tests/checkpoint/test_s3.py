@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dtrain.checkpoint import CheckpointManager, storage, verify, writer
+from dtrain.checkpoint import CheckpointManager, s3upload, storage, verify, writer
 from dtrain.errors import CheckpointError
 from tests.checkpoint.models import assert_same, make_all, make_model, train
 
@@ -45,7 +45,7 @@ def test_endpoint_and_credentials_from_aws_environment(s3_root: tuple, monkeypat
 
 def test_failed_write_leaves_no_visible_checkpoint(s3_root: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
     root, options = s3_root
-    options = {**options, "default_block_size": 5 * 2**20}  # force a multipart upload
+    monkeypatch.setattr(s3upload, "PART_BYTES", 5 * 2**20)  # several parts in flight for 12 MiB
     model = torch.nn.Sequential(torch.nn.Linear(1024, 3000), torch.nn.Linear(3000, 2))  # ~12 MiB of weights
     real = writer._bytes_view
     calls = {"n": 0}

@@ -73,3 +73,16 @@ def test_s3_endpoint_comes_from_environment(monkeypatch: pytest.MonkeyPatch) -> 
     assert storage._options("s3://b/x", None)["endpoint_url"] == "http://127.0.0.1:1"
     assert storage._options("s3://b/x", {"endpoint_url": "http://o"})["endpoint_url"] == "http://o"
     assert "endpoint_url" not in storage._options("memory://x", None)
+
+
+def test_remote_failures_name_the_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Denied:
+        def invalidate_cache(self, path: str) -> None:
+            pass
+
+        def ls(self, path: str, detail: bool) -> list:
+            raise RuntimeError("NoCredentialsError: Unable to locate credentials")
+
+    monkeypatch.setattr(storage, "filesystem", lambda url, so=None: (Denied(), url[5:]))
+    with pytest.raises(CheckpointError, match=r"s3://bucket/run: RuntimeError: NoCredentialsError.*storage_options"):
+        storage.list_dir("s3://bucket/run")
