@@ -51,6 +51,7 @@ class CheckpointManager:
         self.group = comm.default_group() if process_group is _UNSET else process_group
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="dtrain-ckpt") if async_save else None
         self._pending: Future[None] | None = None
+        self._staging: dict[tuple[Any, ...], torch.Tensor] = {}  # async host buffers, reused
         self._lock = threading.Lock()
 
     # ---- saving ---------------------------------------------------------------------------------
@@ -67,7 +68,7 @@ class CheckpointManager:
         if self._pool is None:
             self._finish(prep)
             return
-        staged = stage(prep)
+        staged = stage(prep, self._staging)
         with self._lock:
             self._pending = self._pool.submit(self._finish, staged)
 
@@ -108,6 +109,7 @@ class CheckpointManager:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
+            self._staging.clear()
 
     def __enter__(self) -> CheckpointManager:
         return self

@@ -115,16 +115,28 @@ def _prepare_directory(dir_url: str, storage_options: storage.StorageOptions) ->
     return False
 
 
-def stage(prep: PreparedSave) -> PreparedSave:
-    """Host copies of this rank's share (pinned when CUDA is present) so training can go on."""
+def stage(prep: PreparedSave, cache: dict[tuple[Any, ...], torch.Tensor] | None = None) -> PreparedSave:
+    """Host copies of this rank's share (pinned for device tensors) so training can go on.
+
+    With a `cache` (the manager's; safe because at most one save is in flight) the buffers of the
+    previous save are reused: fresh memory costs page faults (pinned memory: a slow allocation),
+    which here doubled the time of the copy itself. Buffers no longer needed are dropped."""
     pin = torch.cuda.is_available()
     staged = []
+    fresh: dict[tuple[Any, ...], torch.Tensor] = {}
     for box, t in prep.items:
-        host = torch.empty(tuple(t.shape), dtype=t.dtype, device="cpu", pin_memory=pin and t.is_cuda)
+        slot = (box.id, t.dtype, tuple(t.shape), pin and t.is_cuda)
+        host = cache.get(slot) if cache is not None else None
+        if host is None:
+            host = torch.empty(tuple(t.shape), dtype=t.dtype, device="cpu", pin_memory=pin and t.is_cuda)
         host.copy_(t.detach(), non_blocking=pin and t.is_cuda)
+        fresh[slot] = host
         staged.append((box, host))
     if pin and any(t.is_cuda for _, t in prep.items):
         torch.cuda.synchronize()
+    if cache is not None:
+        cache.clear()
+        cache.update(fresh)
     return replace(prep, items=staged)
 
 
