@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run `dtrain train` under torchrun on this node; copy this script and edit the defaults.
 #
-# One node (standalone rendezvous on localhost):
+# One node (standalone rendezvous on localhost unless RDZV_ENDPOINT is set):
 #     CONFIG=configs/digits.yaml RUN_DIR=runs/digits NPROC_PER_NODE=2 launch/torchrun.sh optim.lr=3e-3
 #
 # Several nodes (c10d rendezvous): run the same command on every node, same RDZV_ENDPOINT and RDZV_ID.
@@ -15,7 +15,8 @@
 #   CONFIG [configs/digits.yaml]  RUN_DIR [runs/<config name>]  NPROC_PER_NODE [GPUs, else 1]
 #   NNODES [1]  RDZV_ENDPOINT (host:port, needed when NNODES is not 1)  RDZV_ID [dtrain]  NODE_RANK
 #   LOCAL_ADDR (address other nodes reach this one at; default: torchrun's fully qualified hostname)
-#   MAX_RESTARTS [3]: torchrun restarts all local workers this often after a worker failure
+#   MAX_RESTARTS [3 standalone, 0 with RDZV_ENDPOINT]: torchrun's in-place restarts of all local
+#       workers after a worker failure
 #   SHUTDOWN_TIMEOUT [120]: seconds torchrun gives workers to write the emergency checkpoint after
 #       SIGTERM before it sends SIGKILL (torchrun's own default is 30)
 #   TORCHRUN [torchrun]  PYTHON [python3]
@@ -37,7 +38,6 @@ RUN_DIR=${RUN_DIR:-runs/$(basename "${CONFIG%.*}")}
 NNODES=${NNODES:-${PET_NNODES:-1}}
 RDZV_ENDPOINT=${RDZV_ENDPOINT:-${PET_RDZV_ENDPOINT:-}}
 RDZV_ID=${RDZV_ID:-${PET_RDZV_ID:-dtrain}}
-MAX_RESTARTS=${MAX_RESTARTS:-${PET_MAX_RESTARTS:-3}}
 SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-120}
 TORCHRUN=${TORCHRUN:-torchrun}
 PYTHON=${PYTHON:-python3}
@@ -46,8 +46,12 @@ if [[ -z "${NPROC_PER_NODE:-}" ]]; then
     [[ "$NPROC_PER_NODE" =~ ^[1-9] ]] || NPROC_PER_NODE=1
 fi
 
-log() { echo "[torchrun.sh $(hostname -s) $(date +%H:%M:%S)] $*" >&2; }
+log() { echo "[torchrun.sh ${HOSTNAME%%.*} $(date +%H:%M:%S)] $*" >&2; }
 
+# In-place restarts re-form reliably on one node; across nodes a replaced peer failed to rejoin a
+# restarted torchrun in our tests, so there the default is 0 and the scheduler restarts everything.
+MAX_RESTARTS=${MAX_RESTARTS:-${PET_MAX_RESTARTS:-}}
+[[ -n "$MAX_RESTARTS" ]] || { [[ -n "$RDZV_ENDPOINT" ]] && MAX_RESTARTS=0 || MAX_RESTARTS=3; }
 args=(--nproc-per-node "$NPROC_PER_NODE" --max-restarts "$MAX_RESTARTS")
 if [[ -n "$RDZV_ENDPOINT" ]]; then
     args+=(--nnodes "$NNODES" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "$RDZV_ID")

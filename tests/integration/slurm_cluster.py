@@ -80,7 +80,7 @@ def write_slurm_conf(root: Path, node: str, cpus: int, memory_mib: int, munge_so
     conf = root / "slurm.conf"
     conf.write_text(f"""\
 ClusterName=dtraintest
-SlurmctldHost={node}
+SlurmctldHost={node}(127.0.0.1)
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 SlurmUser=root
@@ -165,7 +165,7 @@ class SlurmCluster:
 def _start_munged(root: Path) -> tuple[subprocess.Popen[bytes], Path]:
     munge = pwd.getpwnam("munge")
     mdir = root / "munge"
-    mdir.mkdir(mode=0o700)
+    mdir.mkdir(mode=0o755)
     key = mdir / "munge.key"
     shutil.copyfile("/etc/munge/munge.key", key) if Path("/etc/munge/munge.key").exists() \
         else key.write_bytes(os.urandom(1024))

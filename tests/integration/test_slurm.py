@@ -61,7 +61,7 @@ def test_usr1_warning_checkpoints_requeues_and_resumes(slurm: SlurmCluster, tmp_
     assert first["JobState"] == "RUNNING", first
     slurm.cmd("scancel", "--signal=USR1", "--batch", str(job_id))
 
-    # The requeued job waits for its BeginTime; release it at once.
+    # The requeued job waits for its BeginTime; release it early.
     requeued = slurm.wait_for("the job to be requeued",
                               lambda: _job_if(slurm, job_id, Restarts="1+", JobState="PENDING"), timeout=120)
     preempted = summary(run_dir)
@@ -69,12 +69,14 @@ def test_usr1_warning_checkpoints_requeues_and_resumes(slurm: SlurmCluster, tmp_
     assert 0 < preempted["last_step"] < MAX_STEPS
     ckpt = run_dir / "checkpoints" / f"step-{preempted['last_step']:09d}"
     assert (ckpt / "manifest.json").exists(), f"no committed emergency checkpoint at {ckpt}"
-    slurm.cmd("scontrol", "update", f"jobid={job_id}", "StartTime=now")
+    # slurmd refuses job credentials issued in the same second as the requeue's revocation ("Job
+    # credential revoked"), which is why Slurm delays requeued jobs; 2 s is enough for that.
+    slurm.cmd("scontrol", "update", f"jobid={job_id}", "StartTime=now+2")
 
     done = slurm.wait_for("the requeued job to finish",
                           lambda: _job_if(slurm, job_id, JobState="COMPLETED|FAILED|CANCELLED|TIMEOUT"), timeout=180)
     text = log.read_text()
-    assert done["JobState"] == "COMPLETED", f"{done}\n{text[-4000:]}"
+    assert done["JobState"] == "COMPLETED", f"{done}\n{text[-4000:]}\n{slurm.logs(60)}"
     assert done["Restarts"] == "1", done
     assert requeued["Reason"] in ("BeginTime", "None"), requeued
 

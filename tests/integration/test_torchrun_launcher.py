@@ -1,0 +1,60 @@
+"""launch/torchrun.sh on one node: config errors exit 2, a stop signal exits 75, the rerun resumes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.launch import FAST, read_jsonl, summary
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "launch" / "torchrun.sh"
+
+
+def _env(run_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "PET_", "SLURM_", "DTRAIN_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(REPO),
+               CONFIG="configs/digits.yaml", RUN_DIR=str(run_dir), NPROC_PER_NODE="2")
+    return env
+
+
+def test_config_error_exits_2_before_torchrun_starts(tmp_path: Path) -> None:
+    done = subprocess.run([str(SCRIPT), "train.max_stepz=10"], cwd=REPO, env=_env(tmp_path / "run"),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "max_stepz" in done.stderr and "torchrun --nproc-per-node" not in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(240)
+def test_ctrl_c_checkpoints_exits_75_and_the_same_command_resumes(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    argv = [str(SCRIPT), "train.max_steps=200", "train.eval_every=20", "early_stopping.enabled=false", *FAST]
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(argv, cwd=REPO, env=_env(run_dir), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "metrics.jsonl").exists() or \
+                not any(r.get("step", 0) >= 40 for r in read_jsonl(run_dir / "metrics.jsonl")):
+            assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "first.log").read_text()
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)  # to the script only, as `kill -INT` would
+        assert proc.wait(120) == 75, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    stopped = summary(run_dir)
+    assert stopped["stopped_by"] == "preempted" and 0 < stopped["last_step"] < 200
+
+    again = subprocess.run(argv, cwd=REPO, env=_env(run_dir), capture_output=True, text=True, timeout=150)
+    assert again.returncode == 0, again.stderr[-3000:]
+    final = summary(run_dir)
+    assert final["last_step"] == 200 and final["resumed_from"].endswith(f"step-{stopped['last_step']:09d}")
