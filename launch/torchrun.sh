@@ -122,6 +122,7 @@ workers_of() {
 }
 
 stop_requested=""
+torchrun_pid=""
 workers=()
 forward_stop() {
     if [[ -n "$stop_requested" ]]; then
@@ -129,20 +130,26 @@ forward_stop() {
         return
     fi
     stop_requested=$1
+    [[ -n "$torchrun_pid" ]] || return  # not started yet: it gets the SIGTERM right after its start
     mapfile -t workers < <(workers_of "$torchrun_pid")
     log "got SIG$1: asking workers ${workers[*]} for an emergency checkpoint (SIGTERM to torchrun $torchrun_pid)"
     kill -TERM "$torchrun_pid" 2>/dev/null
 }
 
-log "$TORCHRUN ${args[*]} -m dtrain train --config $CONFIG run_dir=$RUN_DIR $*"
-# torchrun dies of a SIGUSR1 it does not handle (Slurm signals every process of a step), so it starts
-# with SIGUSR1 ignored; the workers install dtrain's own handler, which overrides the inherited ignore.
-(trap '' USR1; exec "$TORCHRUN" "${args[@]}" -m dtrain train --config "$CONFIG" "run_dir=$RUN_DIR" "$@") &
-torchrun_pid=$!
 for sig in TERM INT USR1 HUP; do
     # shellcheck disable=SC2064
     trap "forward_stop $sig" "$sig"
 done
+log "$TORCHRUN ${args[*]} -m dtrain train --config $CONFIG run_dir=$RUN_DIR $*"
+# torchrun dies of a SIGUSR1 it does not handle (Slurm signals every process of a step), so it starts
+# with SIGUSR1 ignored; the workers install dtrain's own handler, which overrides the inherited ignore.
+# (A subshell drops this script's traps; an ignored signal stays ignored across exec.)
+(trap '' USR1; exec "$TORCHRUN" "${args[@]}" -m dtrain train --config "$CONFIG" "run_dir=$RUN_DIR" "$@") &
+torchrun_pid=$!
+if [[ -n "$stop_requested" ]]; then
+    log "a stop (SIG$stop_requested) arrived during start-up: passing it on"
+    kill -TERM "$torchrun_pid" 2>/dev/null
+fi
 
 # `wait` returns early when a trapped signal arrives; keep waiting until torchrun has really exited.
 while true; do
