@@ -26,6 +26,11 @@ STATE = "state.json"
 _SEGMENT = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
+def rng_file(rank: int, world: int) -> str:
+    """Each rank's RNG states live in their own small file, so no rank reads the others'."""
+    return f"rng-{rank:05d}-of-{world:05d}.json"
+
+
 @dataclass(frozen=True)
 class FileEntry:
     path: str  # relative to the checkpoint directory

@@ -25,7 +25,6 @@ from dtrain.checkpoint.state import Optimizers, Stateful, as_tuple
 from dtrain.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
-_UNSET: Any = object()
 
 
 class CheckpointManager:
@@ -34,7 +33,7 @@ class CheckpointManager:
     def __init__(self, root: str, *, storage_options: dict[str, Any] | None = None, async_save: bool = False,
                  keep_last_n: int | None = None, keep_best_k: int | None = None,
                  keep_every_n_steps: int | None = None, monitor: str | None = None, mode: str = "min",
-                 process_group: Any = _UNSET) -> None:
+                 process_group: Any = None) -> None:
         if mode not in ("min", "max"):
             raise ConfigError(f"checkpoint mode={mode!r} must be 'min' or 'max'")
         for name, v in (("keep_last_n", keep_last_n), ("keep_best_k", keep_best_k),
@@ -48,7 +47,8 @@ class CheckpointManager:
         self.async_save = async_save
         self.keep_last_n, self.keep_best_k, self.keep_every_n_steps = keep_last_n, keep_best_k, keep_every_n_steps
         self.monitor, self.mode = monitor, mode
-        self.group = comm.default_group() if process_group is _UNSET else process_group
+        # None: dtrain's own gloo checkpoint group (None itself when there is a single process)
+        self.group = comm.default_group() if process_group is None else process_group
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="dtrain-ckpt") if async_save else None
         self._pending: Future[None] | None = None
         self._staging: dict[tuple[Any, ...], torch.Tensor] = {}  # async host buffers, reused
@@ -71,6 +71,7 @@ class CheckpointManager:
         staged = stage(prep, self._staging)
         with self._lock:
             self._pending = self._pool.submit(self._finish, staged)
+            self._pending.add_done_callback(_log_failure)
 
     def _finish(self, prep: PreparedSave) -> None:
         manifest = execute(prep, self.group, self.storage_options)
@@ -133,6 +134,7 @@ class CheckpointManager:
     def load(self, ckpt: CheckpointInfo | str, *, model: nn.Module, optimizer: Optimizers = None,
              stateful: dict[str, Stateful] | None = None, strict: bool = True) -> dict[str, Any]:
         """Collective: load a checkpoint into the given components; returns its `extra` dict."""
+        self.wait()  # never let a load's collectives interleave with a background save's
         url = self._resolve(ckpt)
         _, extra = load_checkpoint(url, model=model, optimizers=as_tuple(optimizer), stateful=stateful,
                                    strict=strict, group=self.group, storage_options=self.storage_options)
@@ -142,6 +144,7 @@ class CheckpointManager:
                        stateful: dict[str, Stateful] | None = None) -> tuple[CheckpointInfo, dict[str, Any]] | None:
         """Load the newest committed checkpoint; if it is damaged, warn why and try the one before.
         None if there is no committed checkpoint at all."""
+        self.wait()
         committed = [i for i in self.list() if i.committed]
         damaged: list[str] = []
         for info in reversed(committed):
@@ -169,6 +172,14 @@ class CheckpointManager:
             return inside
         raise CheckpointError(f"{ckpt} is not a committed checkpoint (no manifest.json there or under "
                               f"{self.root}); see `dtrain ckpt ls {self.root}`")
+
+
+def _log_failure(future: Future[None]) -> None:
+    """Say so at once when a background save fails; the error itself is raised by the next
+    save(), wait() or close() on the training thread."""
+    if not future.cancelled() and future.exception() is not None:
+        log.error("background checkpoint save failed (raised by the next save/wait/close): %s",
+                  future.exception())
 
 
 def load_model(url: str, model: nn.Module, *, storage_options: dict[str, Any] | None = None) -> None:

@@ -42,8 +42,14 @@ def read_manifest(dir_url: str, storage_options: storage.StorageOptions = None) 
 
 def read_state(dir_url: str, manifest: Manifest, storage_options: storage.StorageOptions = None) -> dict:
     """state.json, checked against the manifest's size and checksum."""
-    url = storage.join(dir_url, STATE)
-    entry = manifest.file(STATE)
+    return read_json_file(dir_url, manifest, STATE, storage_options)
+
+
+def read_json_file(dir_url: str, manifest: Manifest, name: str,
+                   storage_options: storage.StorageOptions = None) -> dict:
+    """A small JSON file of the checkpoint, checked against the manifest's size and checksum."""
+    url = storage.join(dir_url, name)
+    entry = manifest.file(name)
     try:
         data = storage.read_bytes(url, storage_options=storage_options)
     except FileNotFoundError:

@@ -15,9 +15,16 @@ import torch
 from torch import nn
 
 from dtrain.checkpoint import comm, rng, storage
-from dtrain.checkpoint.format import CheckpointDamagedError, Manifest
+from dtrain.checkpoint.format import CheckpointDamagedError, Manifest, rng_file
 from dtrain.checkpoint.plan import MODEL
-from dtrain.checkpoint.reader import ChunkReader, check_keys, fill_tensor, read_manifest, read_state
+from dtrain.checkpoint.reader import (
+    ChunkReader,
+    check_keys,
+    fill_tensor,
+    read_json_file,
+    read_manifest,
+    read_state,
+)
 from dtrain.checkpoint.state import (
     Stateful,
     apply_json_state,
@@ -56,6 +63,11 @@ def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.o
         finally:
             reader.close()
         apply_json_state(state.get("model_optim") or {}, leaves, optim_sd, strict, dir_url)
+        rng_state = _read_rng(dir_url, manifest, group, storage_options) if restore_rng else None
+        missing = [n for n in (stateful or {}) if n not in (state.get("stateful") or {})]
+        if strict and missing:  # checked before anything is set, like every other mismatch
+            raise CheckpointError(f"{dir_url}: no state for component(s) {missing} in the checkpoint "
+                                  f"(it has {sorted(state.get('stateful') or {})}); pass strict=False to skip them")
     except CheckpointDamagedError as e:
         code, error = _DAMAGED, e
     except CheckpointError as e:
@@ -72,8 +84,8 @@ def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.o
         raise cls(f"{dir_url}: rank(s) {bad} could not load this checkpoint (see their log)")
     set_states(model, optimizers, model_sd, optim_sd, strict)
     load_stateful(stateful or {}, state.get("stateful") or {}, strict, dir_url)
-    if restore_rng:
-        _restore_rng(state, manifest, group, dir_url)
+    if rng_state is not None:
+        rng.restore(rng_state, dir_url)
     log.info("loaded %s (step %d, saved by %d rank(s) with %s; %.1f MiB read on this rank)", dir_url,
              manifest.step, manifest.world_size, manifest.strategy, reader.bytes_read / 2**20)
     extra = state.get("extra") or {}
@@ -92,14 +104,16 @@ def _fill_all(reader: ChunkReader, tensors: dict[str, torch.Tensor], keys: list[
             pass
 
 
-def _restore_rng(state: dict[str, Any], manifest: Manifest, group: comm.ProcessGroup, where: str) -> None:
+def _read_rng(dir_url: str, manifest: Manifest, group: comm.ProcessGroup,
+              storage_options: storage.StorageOptions) -> dict[str, Any] | None:
+    """This rank's saved RNG states when the world size matches; else warn (once) and None."""
     global _warned_rng
-    states = state.get("rng")
     world, rank = comm.world(group), comm.rank(group)
-    if isinstance(states, list) and manifest.world_size == world and len(states) == world:
-        rng.restore(states[rank], where)
-        return
+    name = rng_file(rank, world)
+    if manifest.world_size == world and any(f.path == name for f in manifest.files):
+        return read_json_file(dir_url, manifest, name, storage_options)
     if not _warned_rng:
         _warned_rng = True
         log.warning("%s was saved by %d rank(s), this job has %d: RNG states are not restored, so random "
-                    "streams differ from an uninterrupted run", where, manifest.world_size, world)
+                    "streams differ from an uninterrupted run", dir_url, manifest.world_size, world)
+    return None

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dtrain.checkpoint import comm, rng, storage
-from dtrain.checkpoint.format import MANIFEST, Manifest
+from dtrain.checkpoint.format import MANIFEST, STATE, Manifest, rng_file
 from dtrain.checkpoint.jsoncodec import encode
 from dtrain.checkpoint.plan import Box, assign, local_boxes
 from dtrain.checkpoint.state import (
@@ -41,7 +41,7 @@ class PreparedSave:
     world: int
     items: list[tuple[Box, torch.Tensor]] = field(default_factory=list)
     meta: dict[str, Box] = field(default_factory=dict)
-    state_bytes: bytes | None = None
+    small_files: dict[str, bytes] = field(default_factory=dict)  # state.json (rank 0), rng file
     manifest_fields: dict[str, Any] = field(default_factory=dict)
     skip: bool = False
 
@@ -64,13 +64,14 @@ def prepare(dir_url: str, step: int, *, model: nn.Module, optimizers: tuple[torc
     """Collective: decide this rank's share and build the JSON state. Raises on every rank if any
     rank cannot save; returns `skip=True` everywhere if this step is already committed."""
     rank, world = comm.rank(group), comm.world(group)
-    payload: dict[str, Any] = {"boxes": [], "rng": None, "error": None, "skip": False, "json": None}
+    payload: dict[str, Any] = {"boxes": [], "error": None, "skip": False, "json": None}
     data: dict[str, torch.Tensor] = {}
+    rng_bytes = b""
     try:
         model_sd, optim_sd = get_states(model, optimizers)
         tensors, leaves = flatten(model_sd, optim_sd)
         payload["boxes"], data = local_boxes(tensors)
-        payload["rng"] = rng.capture()
+        rng_bytes = json.dumps(rng.capture(), allow_nan=False, separators=(",", ":")).encode("utf-8")
         if rank == 0:
             payload["skip"] = _prepare_directory(dir_url, storage_options)
             payload["json"] = {
@@ -86,7 +87,7 @@ def prepare(dir_url: str, step: int, *, model: nn.Module, optimizers: tuple[torc
     errors = [g["error"] for g in gathered if g["error"]]
     if errors:
         raise CheckpointError(f"cannot save checkpoint {dir_url}: " + "; ".join(errors))
-    prep = PreparedSave(dir_url, step, rank, world)
+    prep = PreparedSave(dir_url, step, rank, world, small_files={rng_file(rank, world): rng_bytes})
     if gathered[0]["skip"]:
         prep.skip = True
         return prep
@@ -97,8 +98,8 @@ def prepare(dir_url: str, step: int, *, model: nn.Module, optimizers: tuple[torc
                             "reason": reason, "versions": versions()}
     if rank == 0:
         body = {"format": "dtrain-state", "step": step, "world_size": world, "strategy": head["strategy"],
-                "versions": versions(), "rng": [g["rng"] for g in gathered], **head}
-        prep.state_bytes = json.dumps(body, allow_nan=False, separators=(",", ":")).encode("utf-8")
+                "versions": versions(), **head}
+        prep.small_files[STATE] = json.dumps(body, allow_nan=False, separators=(",", ":")).encode("utf-8")
     return prep
 
 
@@ -145,5 +146,5 @@ def execute(prep: PreparedSave, group: comm.ProcessGroup, storage_options: stora
     """Collective: write this rank's files, then commit. Manifest on rank 0, None elsewhere."""
     if prep.rank != 0:
         storage.makedirs(prep.dir_url, storage_options)
-    report = write_rank(prep.dir_url, prep.rank, prep.world, prep.items, prep.state_bytes, storage_options)
+    report = write_rank(prep.dir_url, prep.rank, prep.world, prep.items, prep.small_files, storage_options)
     return commit(prep.dir_url, report, prep.meta, group, storage_options, **prep.manifest_fields)

@@ -20,7 +20,7 @@ import torch
 
 from dtrain.checkpoint import comm, storage
 from dtrain.checkpoint.checksum import BackgroundCrc, crc32_combine, format_crc
-from dtrain.checkpoint.format import MANIFEST, STATE, Chunk, FileEntry, Manifest, TensorEntry, parse_manifest
+from dtrain.checkpoint.format import MANIFEST, Chunk, FileEntry, Manifest, TensorEntry, parse_manifest
 from dtrain.checkpoint.plan import MODEL, Box
 from dtrain.checkpoint.stfile import encode_header
 from dtrain.errors import CheckpointError
@@ -90,7 +90,7 @@ def file_names(rank: int, world: int) -> tuple[str, str]:
 
 
 def write_rank(dir_url: str, rank: int, world: int, items: list[tuple[Box, torch.Tensor]],
-               state_bytes: bytes | None, storage_options: storage.StorageOptions = None) -> RankReport:
+               small_files: dict[str, bytes], storage_options: storage.StorageOptions = None) -> RankReport:
     """Write this rank's files; any error is captured in the report so every rank learns of it."""
     report = RankReport(rank)
     try:
@@ -99,8 +99,8 @@ def write_rank(dir_url: str, rank: int, world: int, items: list[tuple[Box, torch
                 entry, chunks = write_tensor_file(storage.join(dir_url, name), name, part, storage_options)
                 report.files.append(entry)
                 report.chunks.extend(chunks)
-        if state_bytes is not None:
-            report.files.append(write_small_file(storage.join(dir_url, STATE), STATE, state_bytes, storage_options))
+        for name, data in small_files.items():
+            report.files.append(write_small_file(storage.join(dir_url, name), name, data, storage_options))
     except Exception as e:  # reported to every rank and re-raised there
         log.exception("rank %d failed to write its checkpoint files under %s", rank, dir_url)
         report.error = f"rank {rank}: {type(e).__name__}: {e}"

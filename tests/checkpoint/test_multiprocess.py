@@ -58,7 +58,8 @@ def test_fsdp_ranks_write_their_own_shards(scenarios: dict) -> None:
     ckpt = os.path.join(scenarios["roots"]["fsdp"], "step-000000002")
     assert sorted(os.listdir(ckpt)) == [
         "manifest.json", "model-00000-of-00002.safetensors", "model-00001-of-00002.safetensors",
-        "optim-00000-of-00002.safetensors", "optim-00001-of-00002.safetensors", "state.json"]
+        "optim-00000-of-00002.safetensors", "optim-00001-of-00002.safetensors",
+        "rng-00000-of-00002.json", "rng-00001-of-00002.json", "state.json"]
     man = json.load(open(os.path.join(ckpt, "manifest.json")))
     assert man["strategy"] == "fsdp"
     assert len(man["tensors"]["model/0.weight"]["chunks"]) == 2
@@ -66,8 +67,10 @@ def test_fsdp_ranks_write_their_own_shards(scenarios: dict) -> None:
 
 def test_fsdp_to_ddp_is_bitwise_and_training_continues(scenarios: dict) -> None:
     saved = scenarios["ranks"][0]["fsdp_save"]
-    for r in scenarios["ranks"]:
+    for rank, r in enumerate(scenarios["ranks"]):
         got = r["fsdp_to_ddp"]
+        assert (got["rng"] == r["fsdp_save"]["rng"]).all()  # each rank gets its own RNG stream back
+        assert (got["rng"] != scenarios["ranks"][1 - rank]["fsdp_save"]["rng"]).any()
         assert_equal_states(got["loaded"], saved["saved"])
         for k, v in got["after"]["model"].items():  # one more step lands where the FSDP run went
             torch.testing.assert_close(torch.from_numpy(v), torch.from_numpy(saved["after"]["model"][k]),
@@ -99,4 +102,4 @@ def test_a_failing_rank_fails_every_rank_and_commits_nothing(tmp_path) -> None:
             assert "not committed" in m and "rank 1" in m and "no space left on device" in m
     for root in roots:
         assert not os.path.exists(os.path.join(root, "step-000000001", "manifest.json"))
-        assert CheckpointManager(root, process_group=None).latest_committed() is None
+        assert CheckpointManager(root).latest_committed() is None

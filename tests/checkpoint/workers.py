@@ -64,20 +64,23 @@ def train_and_save(model: nn.Module, rank: int, world: int, root: str, tag: str)
     for s in (1, 2):
         step(model, opt, rank, world, seed=s)
     mgr = CheckpointManager(root)
+    torch.manual_seed(1000 + rank)  # a different RNG stream on each rank
+    rng = torch.get_rng_state().numpy().copy()
     mgr.save(2, model=model, optimizer=opt, extra={"tag": tag})
     saved = full_state(model, opt)
     step(model, opt, rank, world, seed=3)
     after = full_state(model, opt)
     mgr.close()
-    return {"saved": saved, "after": after}
+    return {"saved": saved, "after": after, "rng": rng}
 
 
 def load_and_continue(model: nn.Module, rank: int, world: int, root: str) -> dict[str, Any]:
     opt = make_optim(model)
     info, extra = CheckpointManager(root).restore_latest(model=model, optimizer=opt)
+    rng = torch.get_rng_state().numpy().copy()
     loaded = full_state(model, opt)
     step(model, opt, rank, world, seed=3)
-    return {"step": info.step, "extra": extra, "loaded": loaded, "after": full_state(model, opt)}
+    return {"step": info.step, "extra": extra, "loaded": loaded, "after": full_state(model, opt), "rng": rng}
 
 
 def reshard_scenarios(rank: int, world: int, roots: dict[str, str]) -> dict[str, Any]:
