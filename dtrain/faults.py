@@ -22,6 +22,7 @@ import os
 import random
 import signal
 import threading
+import time
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -91,13 +92,16 @@ class FaultInjector:
             log.warning("chaos: SIGKILL rank %d before step %d (attempt %d)", self.rank, step, self.attempt)
             os.kill(os.getpid(), signal.SIGKILL)
         if self._me(self.kill_rank) and step == self.kill_step:
-            log.warning("fault: SIGKILL rank %d before step %d", self.rank, step)
+            log.warning("fault: SIGKILL rank %d before step %d at %.3f", self.rank, step, time.time())
             os.kill(os.getpid(), signal.SIGKILL)
         if self._me(self.signal_rank) and step == self.signal_step:
-            log.warning("fault: SIGTERM to rank %d before step %d", self.rank, step)
+            log.warning("fault: SIGTERM rank %d before step %d at %.3f", self.rank, step, time.time())
             os.kill(os.getpid(), signal.SIGTERM)
         if self._me(self.hang_rank) and step == self.hang_step:
             log.warning("fault: rank %d hangs before step %d", self.rank, step)
+            # A process hung in C code never runs Python signal handlers; model that by letting
+            # torchrun's SIGTERM end it, instead of our flag-only handler keeping it alive 30 s more.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             threading.Event().wait()
 
     def before_save(self, step: int) -> None:

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -102,6 +103,7 @@ class Trainer:
         # (sum, count) of this rank's losses since the last log line; saved (averaged over ranks) so
         # the first line after a resume reports the same window as an uninterrupted run
         self.loss_window: tuple[float, int] = (0.0, 0)
+        self.startup: dict[str, float] = {}  # wall-clock phases up to the first step (recovery figures)
 
     # ---- components the checkpoint carries ------------------------------------------------------
     def _stateful(self) -> dict[str, Any]:
@@ -202,6 +204,7 @@ class Trainer:
         cfg, tcfg = self.cfg, self.cfg.train
         outcome = Outcome()
         outcome.resumed_from = self.resume()
+        self.startup["resumed"] = time.time()
         metrics_log = MetricsLogger(self.run_dir, enabled=self.env.is_main, progress=cfg.logging.progress,
                                     tensorboard=cfg.logging.tensorboard, max_steps=tcfg.max_steps,
                                     start_step=self.step)
@@ -227,6 +230,9 @@ class Trainer:
                 loss = self.train_step(batches)
                 self.step += 1
                 self.sampler.advance(samples_per_step)
+                if "first_step" not in self.startup:
+                    self.startup["first_step"] = time.time()
+                    metrics_log.log(self.step, {"event": "startup", **self.startup})
                 self.loss_window = (self.loss_window[0] + loss, self.loss_window[1] + 1)
                 steps_in_window += 1
 
@@ -340,6 +346,17 @@ class Trainer:
                                                                    "best_metric")}))
 
 
+def process_start_time() -> float:
+    """Wall-clock time this process started (from /proc; now where there is no /proc)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines()
+                    if ln.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
 def check_task_options(cfg: JobConfig) -> None:
     """Task name and its model/data options are checked before any process group starts."""
     task = get_task(cfg.task)
@@ -349,9 +366,11 @@ def check_task_options(cfg: JobConfig) -> None:
 
 def run(cfg: JobConfig) -> int:
     """Train under whatever launcher started us; the process group is torn down on every path."""
+    startup = {"process_start": process_start_time()}
     check_task_options(cfg)
     check_world_size(cfg, dist.detect_launcher()[2])
     env = dist.init(cfg.dist.timeout_s, cfg.dist.backend)
+    startup["init_done"] = time.time()
     try:
         run_dir = Path(cfg.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -360,7 +379,9 @@ def run(cfg: JobConfig) -> int:
             (run_dir / "config.yaml").write_text(to_yaml(cfg))
         log.info("dtrain %s: %d rank(s), %s, strategy=%s, device=%s", __version__, env.world_size,
                  env.launcher, cfg.parallel.strategy, env.device)
-        code = Trainer(cfg, env).fit()
+        trainer = Trainer(cfg, env)
+        trainer.startup = {**startup, "built": time.time()}
+        code = trainer.fit()
         # Nobody leaves before rank 0 has written the summary: torchrun tears down the other
         # workers as soon as one exits with a non-zero code (75 included).
         dist.barrier()
