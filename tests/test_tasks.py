@@ -221,7 +221,7 @@ def test_to_device_walks_nested_batches() -> None:
     assert isinstance(moved["pair"], tuple) and moved["pair"][1][1] == 5 and moved["tag"] == "t"
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)
 def test_digits_defaults_learn_fast_then_overfit(digits_data: tuple) -> None:
     """The demo relies on this: >90% val accuracy within 300 steps, then val/loss rising again."""
     train, val = digits_data
