@@ -62,6 +62,7 @@ BAD = {
     "other bucket": (mutate(["files", 0, "path"], "s3://other-bucket/x.safetensors"), "files[0].path"),
     "chunk absolute": (mutate(CHUNK0 + ["file"], "/tmp/x"), "chunks[0].file"),
     "chunk file unlisted": (mutate(CHUNK0 + ["file"], "nope.safetensors"), "not listed in files"),
+    "chunk file not a string": (mutate(CHUNK0 + ["file"], ["x"]), "chunks[0].file"),
     "size is a string": (mutate(["files", 0, "size"], "200"), "files[0].size"),
     "bad checksum": (mutate(["files", 0, "checksum"], "md5:zz"), "files[0].checksum"),
     "unknown dtype": (mutate(["tensors", "model/w", "dtype"], "F128"), "dtype"),
