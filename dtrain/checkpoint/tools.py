@@ -16,7 +16,7 @@ import torch
 
 from dtrain.checkpoint import retention, storage
 from dtrain.checkpoint.checksum import crc32_combine, format_crc, parse_crc
-from dtrain.checkpoint.format import MANIFEST, STATE, Chunk, Manifest
+from dtrain.checkpoint.format import MANIFEST, Chunk, Manifest
 from dtrain.checkpoint.jsoncodec import loads
 from dtrain.checkpoint.plan import MODEL, Box
 from dtrain.checkpoint.reader import ChunkReader, fill_tensor, read_manifest
@@ -84,20 +84,21 @@ def verify(url: str, storage_options: storage.StorageOptions = None) -> list[str
         if size != entry.size:
             problems.append(f"{furl}: size {size} bytes, manifest says {entry.size}")
             continue
-        if entry.path == STATE:
-            problems += _verify_state(furl, entry.checksum, storage_options)
-        elif entry.path.endswith(".safetensors"):
+        if entry.path.endswith(".safetensors"):
             problems += _verify_tensor_file(furl, entry.size, entry.checksum, by_file.get(entry.path, []),
                                             storage_options)
+        else:  # state.json, rng-*.json
+            problems += _verify_small_file(furl, entry.checksum, storage_options)
     return problems
 
 
-def _verify_state(furl: str, checksum: str, so: storage.StorageOptions) -> list[str]:
+def _verify_small_file(furl: str, checksum: str, so: storage.StorageOptions) -> list[str]:
     data = storage.read_bytes(furl, storage_options=so)
     if zlib.crc32(data) != parse_crc(checksum):
         return [f"{furl}: checksum {format_crc(zlib.crc32(data))}, manifest says {checksum}"]
     try:
-        loads(data, furl)
+        if furl.endswith(".json"):
+            loads(data, furl)
     except CheckpointError as e:
         return [str(e)]
     return []

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import torch
 from safetensors.torch import load_file
@@ -28,7 +29,11 @@ def test_verify_reports_each_problem_by_file(tmp_path) -> None:
     data[-1] ^= 1
     open(model_file, "wb").write(bytes(data))
     os.unlink(os.path.join(ckpt, "optim-00000-of-00001.safetensors"))
+    rng_file = os.path.join(ckpt, "rng-00000-of-00001.json")
+    text = open(rng_file).read()
+    open(rng_file, "w").write(re.sub(r"\d", lambda m: str((int(m.group()) + 1) % 10), text, count=1))
     problems = verify(ckpt)
+    assert any(rng_file in p and "checksum" in p for p in problems)
     assert any(model_file in p and "checksum mismatch in tensor 'model/4.weight'" in p for p in problems)
     assert any("optim-00000-of-00001.safetensors: listed in the manifest but missing" in p for p in problems)
     open(model_file, "wb").write(bytes(data[:-10]))
