@@ -19,7 +19,7 @@ from torch import nn
 from dtrain.checkpoint import comm, retention, storage
 from dtrain.checkpoint.format import MANIFEST, CheckpointDamagedError
 from dtrain.checkpoint.restore import load_checkpoint
-from dtrain.checkpoint.retention import CheckpointInfo, best_of, scan, step_dir
+from dtrain.checkpoint.retention import NO_MANIFEST, CheckpointInfo, best_of, scan, step_dir
 from dtrain.checkpoint.snapshot import PreparedSave, execute, prepare, stage
 from dtrain.checkpoint.state import Optimizers, Stateful, as_tuple
 from dtrain.errors import CheckpointError, ConfigError
@@ -145,7 +145,13 @@ class CheckpointManager:
         """Load the newest committed checkpoint; if it is damaged, warn why and try the one before.
         None if there is no committed checkpoint at all."""
         self.wait()
-        committed = [i for i in self.list() if i.committed]
+        infos = self.list()
+        committed = [i for i in infos if i.committed]
+        newest = committed[-1].step if committed else -1
+        for i in infos:
+            if not i.committed and i.step > newest:
+                level = logging.INFO if i.problem == NO_MANIFEST else logging.WARNING
+                log.log(level, "ignoring %s, newer than the newest committed checkpoint: %s", i.url, i.problem)
         damaged: list[str] = []
         for info in reversed(committed):
             try:

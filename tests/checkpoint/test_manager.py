@@ -137,6 +137,16 @@ def test_manifest_pointing_outside_is_refused(tmp_path) -> None:
     assert "files[0].path" in mgr.list()[0].problem
 
 
+def test_resume_says_why_a_newer_checkpoint_is_ignored(tmp_path, caplog) -> None:
+    mgr, *_ = saved_run(str(tmp_path), steps=(2, 4))
+    mpath = tmp_path / "step-000000004" / "manifest.json"
+    mpath.write_text(mpath.read_text().replace('"version": 1', '"version": 7'))
+    with caplog.at_level(logging.WARNING):
+        info, _ = mgr.restore_latest(model=make_model())
+    assert info.step == 2
+    assert any("step-000000004" in r.message and "schema version 7" in r.message for r in caplog.records)
+
+
 def test_same_step_twice_is_skipped(tmp_path) -> None:
     mgr, m, o, *_ = saved_run(str(tmp_path))
     before = (tmp_path / "step-000000002" / "manifest.json").read_bytes()
