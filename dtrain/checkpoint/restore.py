@@ -16,7 +16,7 @@ from torch import nn
 
 from dtrain.checkpoint import comm, rng, storage
 from dtrain.checkpoint.format import CheckpointDamagedError, Manifest, rng_file
-from dtrain.checkpoint.plan import MODEL
+from dtrain.checkpoint.plan import MODEL, OPTIM
 from dtrain.checkpoint.reader import (
     ChunkReader,
     check_keys,
@@ -28,6 +28,7 @@ from dtrain.checkpoint.reader import (
 from dtrain.checkpoint.state import (
     Stateful,
     apply_json_state,
+    clear_optimizer_state,
     flatten,
     get_states,
     load_stateful,
@@ -53,6 +54,10 @@ def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.o
         state = read_state(dir_url, manifest, storage_options)
         model_sd, optim_sd = get_states(model, optimizers)
         tensors, leaves = flatten(model_sd, optim_sd)
+        never_stepped = bool(optimizers) and _saved_before_first_step(manifest, state)
+        if never_stepped:  # the saved optimizer had no state: only its param_groups are loaded
+            tensors = {k: v for k, v in tensors.items() if k.startswith(MODEL)}
+            leaves = {k: v for k, v in leaves.items() if k.startswith(MODEL)}
         wanted = {k for k in tensors if optimizers or k.startswith(MODEL)}
         stored = {k for k in manifest.tensors if optimizers or k.startswith(MODEL)}
         if strict:
@@ -83,6 +88,8 @@ def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.o
         cls = CheckpointError if _FAILED in codes else CheckpointDamagedError
         raise cls(f"{dir_url}: rank(s) {bad} could not load this checkpoint (see their log)")
     set_states(model, optimizers, model_sd, optim_sd, strict)
+    if never_stepped:
+        clear_optimizer_state(optimizers)
     load_stateful(stateful or {}, state.get("stateful") or {}, strict, dir_url)
     if rng_state is not None:
         rng.restore(rng_state, dir_url)
@@ -90,6 +97,13 @@ def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.o
              manifest.step, manifest.world_size, manifest.strategy, reader.bytes_read / 2**20)
     extra = state.get("extra") or {}
     return manifest, extra if isinstance(extra, dict) else {}
+
+
+def _saved_before_first_step(manifest: Manifest, state: dict[str, Any]) -> bool:
+    """The checkpoint has optimizer param_groups but no optimizer state at all."""
+    saved = state.get("model_optim") or {}
+    return (saved.get("param_groups") is not None and not any(k.startswith(OPTIM) for k in manifest.tensors)
+            and not any(k.startswith(OPTIM) for k in saved.get("leaves") or {}))
 
 
 def _fill_all(reader: ChunkReader, tensors: dict[str, torch.Tensor], keys: list[str], local: bool) -> None:

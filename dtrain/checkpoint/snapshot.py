@@ -68,7 +68,7 @@ def prepare(dir_url: str, step: int, *, model: nn.Module, optimizers: tuple[torc
     data: dict[str, torch.Tensor] = {}
     rng_bytes = b""
     try:
-        model_sd, optim_sd = get_states(model, optimizers)
+        model_sd, optim_sd = get_states(model, optimizers, for_save=True)
         tensors, leaves = flatten(model_sd, optim_sd)
         payload["boxes"], data = local_boxes(tensors)
         rng_bytes = json.dumps(rng.capture(), allow_nan=False, separators=(",", ":")).encode("utf-8")

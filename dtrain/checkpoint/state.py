@@ -44,12 +44,27 @@ def as_tuple(optimizer: Optimizers) -> tuple[torch.optim.Optimizer, ...]:
     return tuple(optimizer)
 
 
-def get_states(model: nn.Module, optimizers: tuple[torch.optim.Optimizer, ...]
+def get_states(model: nn.Module, optimizers: tuple[torch.optim.Optimizer, ...], *, for_save: bool = False
                ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Model and optimizer state dicts whose tensors are this rank's shards (no copies)."""
+    """Model and optimizer state dicts whose tensors are this rank's shards (no copies).
+
+    `get_state_dict` initialises an empty optimizer's state with a zero-lr step. Loading needs that
+    (the state tensors are what gets filled), but a save must not change the run: an optimizer
+    that has not stepped yet is saved without state and left exactly as it was."""
+    fresh = bool(optimizers) and all(not o.state for o in optimizers)
     opts = StateDictOptions(full_state_dict=False, cpu_offload=False)
     model_sd, optim_sd = get_state_dict(model, optimizers, options=opts)
+    if for_save and fresh:
+        for o in optimizers:
+            o.state.clear()
+        optim_sd["state"] = {}
     return model_sd, (optim_sd if optimizers else None)
+
+
+def clear_optimizer_state(optimizers: tuple[torch.optim.Optimizer, ...]) -> None:
+    """Back to "never stepped" (loading a checkpoint saved before the first step)."""
+    for o in optimizers:
+        o.state.clear()
 
 
 def strategy_of(model: nn.Module, world_size: int) -> str:
@@ -131,5 +146,5 @@ def load_stateful(stateful: dict[str, Stateful], saved: dict[str, Any], strict: 
         obj.load_state_dict(saved[name])
 
 
-__all__ = ["Stateful", "as_tuple", "get_states", "flatten", "strategy_of", "versions", "json_state",
+__all__ = ["Stateful", "as_tuple", "get_states", "clear_optimizer_state", "flatten", "strategy_of", "versions", "json_state",
            "apply_json_state", "set_states", "stateful_states", "load_stateful"]

@@ -211,3 +211,19 @@ def test_async_background_error_is_raised_on_the_next_call(tmp_path, monkeypatch
     mgr2.save(4, model=m, optimizer=o)
     with pytest.raises(CheckpointError, match="disk full"):
         mgr2.close()
+
+
+def test_saving_before_the_first_step_does_not_change_the_run(tmp_path) -> None:
+    m0, o0, s0, c0 = make_all()
+    train(m0, o0, s0, c0, 2, data_seed=5)  # never saved
+    m, o, s, c = make_all()
+    mgr = CheckpointManager(str(tmp_path))
+    mgr.save(0, model=m, optimizer=o, stateful={"sched": s, "counter": c})
+    assert not o.state  # the save did not initialise the optimizer
+    m2, o2, s2, c2 = make_all(seed=8)
+    train(m2, o2, s2, c2, 1, data_seed=9)  # a stepped optimizer, to be reset by the load
+    mgr.restore_latest(model=m2, optimizer=o2, stateful={"sched": s2, "counter": c2})
+    assert not o2.state
+    train(m2, o2, s2, c2, 2, data_seed=5)
+    assert_same(m2.state_dict(), m0.state_dict())
+    assert_same(o2.state_dict(), o0.state_dict())
