@@ -117,7 +117,7 @@ def _plot(report: dict) -> None:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     phases = ["restart_s", "init_s", "build_s", "load_s", "first_step_s"]
-    for i, (name, data) in enumerate(report["scenarios"].items()):
+    for i, data in enumerate(report["scenarios"].values()):
         left = 0.0
         for phase in phases:
             width = max(0.0, data["median"][phase])

@@ -133,15 +133,15 @@ class Trainer:
         mode = self.cfg.resume
         if mode == "never":
             return None
-        kwargs = {"model": self.model, "optimizer": self.optimizer, "stateful": self._stateful()}
         if mode == "auto":
-            found = self.checkpoints.restore_latest(**kwargs)
+            found = self.checkpoints.restore_latest(model=self.model, optimizer=self.optimizer,
+                                                    stateful=self._stateful())
             if found is None:
                 return None
             info, extra = found
             url = info.url
         else:
-            extra = self.checkpoints.load(mode, **kwargs)
+            extra = self.checkpoints.load(mode, model=self.model, optimizer=self.optimizer, stateful=self._stateful())
             url = mode
         self.step = self.last_saved_step = int(extra["step"])
         window = extra.get("loss_window", [0.0, 0])
@@ -195,7 +195,7 @@ class Trainer:
     def _log_train(self, metrics_log: MetricsLogger, seconds: float, steps: int) -> None:
         mean_loss = dist.all_reduce_mean(self.loss_window[0]) / max(1, self.loss_window[1])
         rate = self.cfg.data.batch_size * steps / max(1e-9, seconds)
-        lr = self.scheduler.get_last_lr()[0]
+        lr = float(self.scheduler.get_last_lr()[0])
         metrics_log.log(self.step, {"epoch": round(self.sampler.epoch_float, 4), "train/loss": mean_loss,
                                     "lr": lr, "samples_per_s": round(rate, 1)})
         metrics_log.progress(self.step, {"loss": mean_loss, "lr": lr, "samples/s": rate, **self.last_eval})
