@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -68,7 +69,12 @@ class CheckpointManager:
         if self._pool is None:
             self._finish(prep)
             return
-        staged = stage(prep, self._staging)
+        try:
+            staged = stage(prep, self._staging)
+        except Exception as e:  # e.g. out of host memory: the other ranks must still be told
+            log.exception("rank %d could not stage checkpoint %s", prep.rank, prep.dir_url)
+            self._staging.clear()
+            staged = replace(prep, items=[], small_files={}, error=f"rank {prep.rank}: staging: {type(e).__name__}: {e}")
         with self._lock:
             self._pending = self._pool.submit(self._finish, staged)
             self._pending.add_done_callback(_log_failure)

@@ -27,7 +27,7 @@ from dtrain.checkpoint.state import (
     strategy_of,
     versions,
 )
-from dtrain.checkpoint.writer import commit, write_rank
+from dtrain.checkpoint.writer import RankReport, commit, write_rank
 from dtrain.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,8 @@ class PreparedSave:
     small_files: dict[str, bytes] = field(default_factory=dict)  # state.json (rank 0), rng file
     manifest_fields: dict[str, Any] = field(default_factory=dict)
     skip: bool = False
+    error: str | None = None  # a failure after `prepare` (staging): reported, not raised, so every
+    # rank still takes part in the commit's collectives and learns of it
 
     @property
     def nbytes(self) -> int:
@@ -146,5 +148,8 @@ def execute(prep: PreparedSave, group: comm.ProcessGroup, storage_options: stora
     """Collective: write this rank's files, then commit. Manifest on rank 0, None elsewhere."""
     if prep.rank != 0:
         storage.makedirs(prep.dir_url, storage_options)
-    report = write_rank(prep.dir_url, prep.rank, prep.world, prep.items, prep.small_files, storage_options)
+    if prep.error is not None:
+        report = RankReport(prep.rank, error=prep.error)
+    else:
+        report = write_rank(prep.dir_url, prep.rank, prep.world, prep.items, prep.small_files, storage_options)
     return commit(prep.dir_url, report, prep.meta, group, storage_options, **prep.manifest_fields)

@@ -227,3 +227,17 @@ def test_saving_before_the_first_step_does_not_change_the_run(tmp_path) -> None:
     train(m2, o2, s2, c2, 2, data_seed=5)
     assert_same(m2.state_dict(), m0.state_dict())
     assert_same(o2.state_dict(), o0.state_dict())
+
+
+def test_async_staging_failure_is_reported_through_the_commit(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dtrain.checkpoint import manager
+
+    def no_memory(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise MemoryError("cannot allocate host buffer")
+
+    monkeypatch.setattr(manager, "stage", no_memory)
+    mgr = CheckpointManager(str(tmp_path), async_save=True)
+    mgr.save(1, model=make_model())
+    with pytest.raises(CheckpointError, match="staging: MemoryError: cannot allocate host buffer"):
+        mgr.close()
+    assert mgr.latest_committed() is None
