@@ -95,10 +95,3 @@ class BackgroundCrc:
             self._last.result()
         return self._crc
 
-
-def crc32_stream(chunks: object) -> int:
-    """CRC-32 of an iterable of byte buffers (used by verification)."""
-    crc = 0
-    for c in chunks:  # type: ignore[attr-defined]
-        crc = zlib.crc32(c, crc)
-    return crc

@@ -9,7 +9,6 @@ next piece is written. The file is a standard safetensors file (`safetensors.tor
 from __future__ import annotations
 
 import logging
-import math
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -154,6 +153,3 @@ def commit(dir_url: str, report: RankReport, meta: dict[str, Box], group: comm.P
         raise CheckpointError(f"checkpoint {dir_url} was not committed: {outcome}")
     return manifest
 
-
-def total_bytes(items: list[tuple[Box, torch.Tensor]]) -> int:
-    return sum(math.prod(b.lengths) * t.element_size() for b, t in items)
