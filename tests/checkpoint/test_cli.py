@@ -270,3 +270,14 @@ def test_s3_through_storage_options(s3_root: tuple[str, dict[str, Any]], tmp_pat
     assert digest(load_file(out_file)) == digest(weights[2])
     code, _, err = cli(capsys, "ls", root)  # no endpoint: a one-line error, not a traceback
     assert code == 1 and err.startswith("dtrain ckpt: error: ")
+
+
+def test_help_through_the_top_level_command(capsys) -> None:
+    """`dtrain ckpt --help` reaches this parser (a leading option must not stop at `dtrain`'s)."""
+    from dtrain.cli import main as dtrain_main
+
+    try:
+        code = dtrain_main(["ckpt", "--help"])
+    except SystemExit as e:
+        code = e.code
+    assert code == 0 and "usage: dtrain ckpt" in capsys.readouterr().out
