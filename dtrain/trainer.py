@@ -71,6 +71,9 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         self.train_ds, self.val_ds = self.task.build_datasets(data_cfg, cfg.seed)
         self.model = wrap_model(self.task.build_model(model_cfg), cfg.parallel, env, self.task.fsdp_blocks)
+        # From here on each rank draws its own random stream (dropout masks must differ between
+        # ranks); the data order does not depend on it (the sampler has its own generator).
+        seed_everything(cfg.seed + 1 + env.rank)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.train.max_steps)
         self.sampler = ResumableDistributedSampler(
