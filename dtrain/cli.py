@@ -53,6 +53,9 @@ def _ckpt(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["ckpt"]:  # its own parser, so `dtrain ckpt --help` and sub-command help work
+        return _ckpt(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
