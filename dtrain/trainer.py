@@ -27,6 +27,7 @@ from dtrain.checkpoint import CheckpointManager
 from dtrain.config import JobConfig, check_world_size, to_dict, to_yaml
 from dtrain.data import ResumableDistributedSampler
 from dtrain.early_stopping import EarlyStopping
+from dtrain.errors import CheckpointError
 from dtrain.evaluation import evaluate
 from dtrain.faults import FaultInjector
 from dtrain.metrics import MetricsLogger, setup_logging
@@ -136,16 +137,23 @@ class Trainer:
         mode = self.cfg.resume
         if mode == "never":
             return None
-        if mode == "auto":
-            found = self.checkpoints.restore_latest(model=self.model, optimizer=self.optimizer,
-                                                    stateful=self._stateful())
-            if found is None:
-                return None
-            info, extra = found
-            url = info.url
-        else:
-            extra = self.checkpoints.load(mode, model=self.model, optimizer=self.optimizer, stateful=self._stateful())
-            url = mode
+        try:
+            if mode == "auto":
+                found = self.checkpoints.restore_latest(model=self.model, optimizer=self.optimizer,
+                                                        stateful=self._stateful())
+                if found is None:
+                    return None
+                info, extra = found
+                url = info.url
+            else:
+                extra = self.checkpoints.load(mode, model=self.model, optimizer=self.optimizer,
+                                              stateful=self._stateful())
+                url = mode
+        except CheckpointError as e:
+            raise CheckpointError(
+                f"cannot resume: {e}. To start fresh instead, pass resume=never or another run_dir "
+                f"(the checkpoints under {self.cfg.checkpoint_root} are left untouched)"
+            ) from e
         self.step = self.last_saved_step = int(extra["step"])
         window = extra.get("loss_window", [0.0, 0])
         self.loss_window = (float(window[0]), int(window[1]))

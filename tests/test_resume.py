@@ -182,3 +182,15 @@ def test_chaos_random_kills_end_on_the_uninterrupted_weights(tmp_path: Path, ref
     assert [i.step for i in committed] == list(range(5, MAX_STEPS + 1, 5)), "a committed checkpoint was lost"
     for info in committed:
         assert verify(info.url) == [], info.url
+
+
+@pytest.mark.timeout(120)
+def test_changed_model_shapes_are_a_clear_error_and_lose_nothing(tmp_path: Path) -> None:
+    run_dir = tmp_path / "shapes"
+    _ok(dtrain([*JOB, f"run_dir={run_dir}", "train.max_steps=5"]))
+    proc = dtrain([*JOB, f"run_dir={run_dir}", "train.max_steps=10", "model.hidden=64"])
+    assert proc.returncode == 1
+    assert "model/fc1.bias" in proc.stderr and "resume=never" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    committed = [i for i in list_checkpoints(str(run_dir / "checkpoints")) if i.committed]
+    assert [i.step for i in committed] == [5] and verify(committed[0].url) == []

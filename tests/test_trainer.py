@@ -83,10 +83,12 @@ def test_ranks_fed_different_metrics_still_stop_together(tmp_path: Path) -> None
     run_dir = tmp_path / "skew"
     proc = dtrain(["train", *FAST, f"run_dir={run_dir}", "train.max_steps=300", "train.eval_every=10",
                    "early_stopping.enabled=true", "early_stopping.patience=2", "early_stopping.min_delta=0.05",
-                   "faults.metric_rank=1", "faults.metric_offset=0.5"], nproc=2)
+                   "faults.metric_rank=1", "faults.metric_offset=0.5", "logging.tensorboard=true"], nproc=2)
     _ok(proc)
     ranks = rank_summaries(run_dir)
     assert len(ranks) == 2 and ranks[0]["last_step"] == ranks[1]["last_step"] < 300
+    # rank 0 also wrote TensorBoard events (optional output, switched on here)
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
 @pytest.mark.timeout(60)
