@@ -100,7 +100,8 @@ class Trainer:
         )
         self.preemption = PreemptionHandler()
         self.faults = FaultInjector.from_config(cfg.faults, env.rank, env.world_size)
-        self.agreement = StepAgreement(device=env.device if env.backend == "nccl" else None)
+        ddp = self.model if isinstance(self.model, torch.nn.parallel.DistributedDataParallel) else None
+        self.agreement = StepAgreement(device=env.device if env.backend == "nccl" else None, ddp=ddp)
         self.step = 0
         self.last_saved_step = -1
         self.last_eval: dict[str, float] = {}

@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from dtrain import dist
 from dtrain.agreement import Flag, StepAgreement
@@ -76,3 +77,43 @@ def test_collectives_agree_on_every_rank() -> None:
     assert r["mean"] == 1.5 and r["any"] is True and r["none"] is False and r["word"] == 0b11
     assert r["seen"] == [0, 0, int(Flag.PREEMPT), 0, 0]
     assert r["now"] == int(Flag.EARLY_STOP)
+
+
+def _carried(rank: int, world: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init(timeout_s=30)
+    results = {}
+    for carried in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        ddp = DistributedDataParallel(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        agreement = StepAgreement(ddp=ddp) if carried else None
+        seen = []
+        gen = torch.Generator().manual_seed(rank)
+        for step in range(1, 7):
+            x = torch.randn(4, 8, generator=gen)
+            ddp(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            if agreement is not None:
+                local = Flag.PREEMPT if (rank == 1 and step == 2) else Flag.NONE
+                seen.append(int(agreement.step(local, sync=(step == 6))))
+        results[carried] = {"seen": seen, "own": agreement.exchanges if agreement else 0,
+                            "weights": [p.detach().clone() for p in model.parameters()]}
+    dist.shutdown()
+    same = all(torch.equal(a, b) for a, b in zip(results[False]["weights"], results[True]["weights"], strict=True))
+    return {"seen": results[True]["seen"], "own": results[True]["own"], "same_weights": same}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(90)
+def test_flags_carried_in_ddp_gradients_agree_without_collectives_of_their_own() -> None:
+    results = run_ranks(_carried, 2)
+    assert results[0] == results[1]
+    # raised by rank 1 at step 2, carried in step 3's backward, acted on at step 3 by both ranks;
+    # then step 4 exchanges synchronously (a flag was just raised), step 6 is a sync step.
+    assert results[0]["seen"] == [0, 0, int(Flag.PREEMPT), 0, 0, 0]
+    assert results[0]["own"] == 2
+    assert results[0]["same_weights"], "the carrier must reduce gradients exactly like DDP's default"
