@@ -67,6 +67,7 @@ def measure(scenario: str, workdir: Path) -> dict[str, float]:
     if scenario == "preempt":
         first = _torchrun(run_dir, faults={"signal_rank": 1, "signal_step": FAULT_STEP}, max_restarts=0)
         t_fault = _fault_time(first.stderr)
+        last_trained = json.loads((run_dir / "summary.json").read_text())["last_step"]
         second = _torchrun(run_dir, faults=None, max_restarts=0)
         if second.returncode:
             raise RuntimeError(second.stderr[-3000:])
@@ -76,6 +77,7 @@ def measure(scenario: str, workdir: Path) -> dict[str, float]:
         if proc.returncode:
             raise RuntimeError(proc.stderr[-3000:])
         t_fault = _fault_time(proc.stderr)
+        last_trained = FAULT_STEP - 1  # killed before step FAULT_STEP
     startup = _events(run_dir, "startup")[-1]
     resumed_step = _events(run_dir, "resume")[-1]["step"]
     return {
@@ -85,7 +87,7 @@ def measure(scenario: str, workdir: Path) -> dict[str, float]:
         "load_s": startup["resumed"] - startup["built"],
         "first_step_s": startup["first_step"] - startup["resumed"],
         "total_s": startup["first_step"] - t_fault,
-        "steps_lost": (FAULT_STEP - 1) - resumed_step,
+        "steps_lost": last_trained - resumed_step,
     }
 
 
