@@ -3,14 +3,18 @@
 For each destination tensor (a DTensor shard or a full tensor) the reader finds the stored chunks
 whose boxes overlap the destination's box, reads exactly those chunks' byte ranges, checks their
 CRC-32, and copies the overlap in place. That is all N -> M resharding and FSDP <-> DDP <-> single
-process loading needs. Nothing is unpickled: bytes become tensors through `torch.frombuffer`.
+process loading needs. Nothing is unpickled: bytes are read into tensor memory as they are, and
+no tensor is read twice or copied whole: memory beyond the destinations stays at one bounded window.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import threading
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -27,6 +31,8 @@ from dtrain.errors import CheckpointError
 log = logging.getLogger(__name__)
 PIECE = 8 << 20  # local disk
 REMOTE_PIECE = 64 << 20  # object stores: each ranged GET has a fixed cost (moto: 8 MiB ran at 80 MiB/s, 64 at 240)
+REMOTE_BYTES_IN_FLIGHT = 4 * REMOTE_PIECE  # GET bodies held at once, over every thread
+BUFFER = 64 << 20  # a chunk that is not one contiguous run of its destination passes through this
 
 
 def read_manifest(dir_url: str, storage_options: storage.StorageOptions = None) -> Manifest:
@@ -64,13 +70,37 @@ def read_json_file(dir_url: str, manifest: Manifest, name: str,
     return state
 
 
+class _ByteBudget:
+    """Caps the bytes of remote reads held at once (each ranged GET returns its bytes before they
+    are copied into place); a request larger than the cap waits for the budget to be empty."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self._cv = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, n: int) -> Iterator[None]:
+        n = min(n, self.limit)
+        with self._cv:
+            self._cv.wait_for(lambda: self.used + n <= self.limit)
+            self.used += n
+        try:
+            yield
+        finally:
+            with self._cv:
+                self.used -= n
+                self._cv.notify_all()
+
+
 @dataclass
 class ChunkReader:
     """Reads and verifies chunks of one checkpoint; checks each file's size once.
 
-    A big chunk is read as `PIECE`-sized pieces on a few threads, each piece hashed right after it
-    lands (file reads, S3 GETs and zlib all release the GIL), and the piece CRCs are combined: on
-    2 cores this reads at about disk speed instead of read time plus hash time.
+    A big read is split into `PIECE`-sized pieces on a few threads, each piece hashed right after
+    it lands (file reads, S3 GETs and zlib all release the GIL), and the piece CRCs are combined:
+    on 2 cores this reads at about disk speed instead of read time plus hash time. Bytes go
+    straight into the destination when a chunk is one contiguous run of it; otherwise they pass
+    through a window of at most `BUFFER` bytes (or one row along dim 0, if a row is bigger).
     """
 
     dir_url: str
@@ -80,6 +110,7 @@ class ChunkReader:
     bytes_read: int = 0
     _sizes_ok: set[str] = field(default_factory=set)
     _pool: ThreadPoolExecutor | None = None
+    _remote: _ByteBudget = field(default_factory=lambda: _ByteBudget(REMOTE_BYTES_IN_FLIGHT))
 
     def _check_size(self, name: str) -> str:
         url = storage.join(self.dir_url, name)
@@ -96,30 +127,64 @@ class ChunkReader:
         self._sizes_ok.add(name)
         return url
 
-    def read(self, key: str, chunk: Chunk, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The chunk as a tensor of shape `chunk.lengths`; read into `out` when given (CPU, contiguous)."""
+    def read(self, key: str, chunk: Chunk, out: torch.Tensor) -> None:
+        """Read the whole chunk straight into `out` (CPU, contiguous, exactly the chunk's bytes)."""
         url = self._check_size(chunk.file)
         begin, end = chunk.data_offsets
-        if out is None:
-            out = torch.empty(chunk.lengths, dtype=dtype)
-        raw = out.reshape(-1).view(torch.uint8) if out.numel() else torch.empty(0, dtype=torch.uint8)
-        mv = raw.numpy().data if raw.numel() else memoryview(bytearray())
+        mv = _byte_view(out)
         if len(mv) != end - begin:
             raise CheckpointError(f"{url}: chunk of {key!r} has {end - begin} bytes, destination {len(mv)}")
-        crc = self._read_hashed(url, begin, mv)
+        self._verify(url, key, chunk, self._read_hashed(url, begin, mv))
+
+    def stream(self, key: str, chunk: Chunk, dtype: torch.dtype, overlap: tuple[tuple[int, int], ...],
+               dest: torch.Tensor) -> None:
+        """Read the whole chunk (its CRC covers all of it) through a bounded window of rows along
+        dim 0, copying the part inside the global box `overlap` into `dest` (shaped like it)."""
+        url = self._check_size(chunk.file)
+        begin, end = chunk.data_offsets
+        rows, row_shape = (chunk.lengths[0], chunk.lengths[1:]) if chunk.lengths else (1, ())
+        row_bytes = math.prod(row_shape) * dtype.itemsize
+        if rows * row_bytes != end - begin:
+            raise CheckpointError(f"{url}: chunk of {key!r} has {end - begin} bytes, its shape "
+                                  f"{list(chunk.lengths)} needs {rows * row_bytes}")
+        per = max(1, min(rows, BUFFER // max(row_bytes, 1)))
+        buf = torch.empty((per, *row_shape), dtype=dtype)
+        rest = tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(overlap[1:], chunk.offsets[1:], strict=True))
+        crc = 0
+        for r0 in range(0, rows, per):
+            r1 = min(rows, r0 + per)
+            window = buf[:r1 - r0]
+            mv = _byte_view(window)
+            crc = crc32_combine(crc, self._read_hashed(url, begin + r0 * row_bytes, mv), len(mv))
+            if not chunk.lengths:
+                dest.copy_(window.reshape(()))
+                continue
+            g0 = chunk.offsets[0] + r0  # global row of the window's first row
+            lo, hi = max(g0, overlap[0][0]), min(chunk.offsets[0] + r1, overlap[0][1])
+            if lo < hi:
+                d0 = overlap[0][0]
+                dest[lo - d0:hi - d0].copy_(window[(slice(lo - g0, hi - g0), *rest)])
+        self._verify(url, key, chunk, crc)
+
+    def _verify(self, url: str, key: str, chunk: Chunk, crc: int) -> None:
+        begin, end = chunk.data_offsets
         if crc != parse_crc(chunk.checksum):
             raise CheckpointDamagedError(f"{url}: checksum mismatch in tensor {key!r} (bytes {begin}-{end}: "
                                          f"{format_crc(crc)}, manifest says {chunk.checksum}); the file is damaged")
         self.bytes_read += end - begin
-        return out
 
     def _read_hashed(self, url: str, begin: int, mv: memoryview) -> int:
         n = len(mv)
-        step = PIECE if storage.is_local(url) else REMOTE_PIECE
+        local = storage.is_local(url)
+        step = PIECE if local else REMOTE_PIECE
 
         def piece(off: int) -> int:
             part = mv[off:min(off + step, n)]
-            storage.read_into(url, begin + off, part, self.storage_options)
+            if local:
+                storage.read_into(url, begin + off, part, self.storage_options)
+            else:
+                with self._remote.hold(len(part)):
+                    storage.read_into(url, begin + off, part, self.storage_options)
             return zlib.crc32(part)
 
         if n <= step:
@@ -137,6 +202,12 @@ class ChunkReader:
             self._pool = None
 
 
+def _byte_view(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, writable in place."""
+    raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+    return raw.numpy().data if raw.numel() else memoryview(bytearray())
+
+
 def _overlap(a_off: tuple[int, ...], a_len: tuple[int, ...], b_off: tuple[int, ...],
              b_len: tuple[int, ...]) -> tuple[tuple[int, int], ...] | None:
     """The intersection of two boxes as (lo, hi) per dimension, or None if they do not meet."""
@@ -150,7 +221,9 @@ def _overlap(a_off: tuple[int, ...], a_len: tuple[int, ...], b_off: tuple[int, .
 
 
 def fill_tensor(reader: ChunkReader, key: str, dest: torch.Tensor) -> None:
-    """Fill `dest` (a full tensor or a DTensor) in place from the stored chunks of `key`."""
+    """Fill `dest` (a full tensor or a DTensor) in place from the stored chunks of `key`, with no
+    copy of the tensor: each overlapping chunk goes straight into its slice of the destination
+    when that slice is contiguous host memory, else through the reader's bounded window."""
     entry = reader.manifest.tensors[key]
     box, local = local_box(key, dest)
     if entry.dtype != box.dtype or entry.shape != box.shape:
@@ -159,21 +232,16 @@ def fill_tensor(reader: ChunkReader, key: str, dest: torch.Tensor) -> None:
     if math.prod(box.lengths) == 0:
         return  # an empty shard (uneven sharding) or an empty tensor: nothing to read
     dtype = DTYPES[entry.dtype]
-    direct = local.device.type == "cpu" and local.is_contiguous()
-    staging = local if direct else torch.empty(box.lengths, dtype=dtype)
     for chunk in entry.chunks:
         ov = _overlap(box.offsets, box.lengths, chunk.offsets, chunk.lengths)
         if ov is None:
             continue
-        if chunk.offsets == box.offsets and chunk.lengths == box.lengths:
-            reader.read(key, chunk, dtype, out=staging)  # same layout: straight into the destination
-            continue
-        src = reader.read(key, chunk, dtype)
-        src_idx = tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(ov, chunk.offsets, strict=True))
-        dst_idx = tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(ov, box.offsets, strict=True))
-        staging[dst_idx].copy_(src[src_idx])
-    if not direct:
-        local.copy_(staging)
+        part = local[tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(ov, box.offsets, strict=True))]
+        whole = all(lo == o and hi == o + n for (lo, hi), o, n in zip(ov, chunk.offsets, chunk.lengths, strict=True))
+        if whole and part.device.type == "cpu" and part.is_contiguous():
+            reader.read(key, chunk, part)
+        else:
+            reader.stream(key, chunk, dtype, ov, part)
 
 
 def check_keys(wanted: set[str], stored: set[str], what: str, where: str) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from dtrain.checkpoint import comm, rng, storage
 from dtrain.checkpoint.format import CheckpointDamagedError, Manifest, rng_file
@@ -39,6 +40,7 @@ from dtrain.errors import CheckpointError
 log = logging.getLogger(__name__)
 _OK, _DAMAGED, _FAILED = 0, 1, 2
 _REMOTE_TENSORS_IN_FLIGHT = 8
+_INIT_BUCKET_BYTES = 64 << 20
 _warned_rng = False
 
 
@@ -52,6 +54,7 @@ def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.o
     try:
         manifest = read_manifest(dir_url, storage_options)
         state = read_state(dir_url, manifest, storage_options)
+        init_optimizer_state(optimizers)
         model_sd, optim_sd = get_states(model, optimizers)
         tensors, leaves = flatten(model_sd, optim_sd)
         never_stepped = bool(optimizers) and _saved_before_first_step(manifest, state)
@@ -97,6 +100,82 @@ def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.o
              manifest.step, manifest.world_size, manifest.strategy, reader.bytes_read / 2**20)
     extra = state.get("extra") or {}
     return manifest, extra if isinstance(extra, dict) else {}
+
+
+def init_optimizer_state(optimizers: tuple[torch.optim.Optimizer, ...],
+                         bucket_bytes: int = _INIT_BUCKET_BYTES) -> None:
+    """Give never-stepped optimizers their state tensors (which the load then fills), one bucket
+    of parameters at a time: a zero-lr step in which only that bucket has (zero) gradients.
+
+    `get_state_dict` does the same in one step over every parameter at once: a zero gradient for
+    the whole model plus the step's temporaries over all of it (measured: 450 MiB on top of a
+    1 GiB model+AdamW state). Here gradients are zero-stride views (no memory) and the step runs
+    the foreach path, whose temporaries are one bucket (CPU's default single-tensor AdamW holds
+    two temporaries of a parameter's size). Optimizers with state, or any gradient, are left alone,
+    as `get_state_dict` leaves them."""
+    for optim in optimizers:
+        params = [p for g in optim.param_groups for p in g["params"]]
+        if optim.state or any(p.grad is not None for p in params):
+            continue
+        lrs = [g.get("lr") for g in optim.param_groups]
+        for g in optim.param_groups:  # some optimizers move parameters even without a gradient
+            if "lr" in g:
+                g["lr"] = torch.tensor(0.0) if isinstance(g["lr"], torch.Tensor) else 0.0
+        try:
+            for bucket in _buckets([p for p in params if p.requires_grad], bucket_bytes):
+                _step_with_zero_grads(optim, bucket)
+        except BaseException:
+            optim.state.clear()  # never leave it half initialised
+            raise
+        finally:
+            for g, lr in zip(optim.param_groups, lrs, strict=True):
+                if "lr" in g:
+                    g["lr"] = lr
+
+
+def _step_with_zero_grads(optim: torch.optim.Optimizer, bucket: list[torch.Tensor]) -> None:
+    """One step in which only `bucket` has zero gradients. First the lean way (zero-stride views,
+    foreach); an optimizer that writes into its gradients or has no foreach path refuses, and
+    then gets what `get_state_dict` would give it: real zeros and its own settings."""
+    foreach = [g.get("foreach") for g in optim.param_groups]
+    try:
+        for g in optim.param_groups:
+            if "foreach" in g and not g.get("fused") and not g.get("differentiable"):
+                g["foreach"] = True
+        for p in bucket:
+            p.grad = torch.zeros_like(p) if isinstance(p, DTensor) else \
+                torch.zeros((), dtype=p.dtype, device=p.device).expand_as(p)
+        try:
+            optim.step()
+        except RuntimeError as e:
+            log.debug("lean optimizer-state initialisation refused (%s); using real zero gradients", e)
+            for g, f in zip(optim.param_groups, foreach, strict=True):
+                if "foreach" in g:
+                    g["foreach"] = f
+            for p in bucket:
+                p.grad = torch.zeros_like(p)
+            optim.step()
+    finally:
+        for g, f in zip(optim.param_groups, foreach, strict=True):
+            if "foreach" in g:
+                g["foreach"] = f
+        for p in bucket:
+            p.grad = None
+
+
+def _buckets(params: list[torch.Tensor], bucket_bytes: int) -> list[list[torch.Tensor]]:
+    """Consecutive groups of at most `bucket_bytes` of (local) parameter data; a bigger parameter
+    is a bucket of its own."""
+    out: list[list[torch.Tensor]] = [[]]
+    size = 0
+    for p in params:
+        n = (p.to_local() if isinstance(p, DTensor) else p).nbytes
+        if out[-1] and size + n > bucket_bytes:
+            out.append([])
+            size = 0
+        out[-1].append(p)
+        size += n
+    return [b for b in out if b]
 
 
 def _saved_before_first_step(manifest: Manifest, state: dict[str, Any]) -> bool:

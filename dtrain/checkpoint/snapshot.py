@@ -123,12 +123,16 @@ def stage(prep: PreparedSave, cache: dict[tuple[Any, ...], torch.Tensor] | None 
 
     With a `cache` (the manager's; safe because at most one save is in flight) the buffers of the
     previous save are reused: fresh memory costs page faults (pinned memory: a slow allocation),
-    which here doubled the time of the copy itself. Buffers no longer needed are dropped."""
+    which here doubled the time of the copy itself. Buffers this save cannot reuse are freed
+    before any new one is allocated, so host memory never holds more than one staged copy."""
     pin = torch.cuda.is_available()
     staged = []
     fresh: dict[tuple[Any, ...], torch.Tensor] = {}
-    for box, t in prep.items:
-        slot = (box.id, t.dtype, tuple(t.shape), pin and t.is_cuda)
+    slots = [(box.id, t.dtype, tuple(t.shape), pin and t.is_cuda) for box, t in prep.items]
+    if cache is not None:  # free what this save cannot reuse before allocating: never two copies
+        for stale in set(cache) - set(slots):
+            del cache[stale]
+    for (box, t), slot in zip(prep.items, slots, strict=True):
         host = cache.get(slot) if cache is not None else None
         if host is None:
             host = torch.empty(tuple(t.shape), dtype=t.dtype, device="cpu", pin_memory=pin and t.is_cuda)

@@ -1,9 +1,9 @@
 """Write one rank's share of a checkpoint, streaming, and commit the whole checkpoint.
 
 A tensor file is written header first, then each tensor's bytes straight from the tensor's memory
-in pieces of at most `PIECE` bytes: no whole-file buffer, so extra memory stays at one piece (plus
-one tensor's host copy for a device tensor). A helper thread computes each chunk's CRC-32 while the
-next piece is written. The file is a standard safetensors file (`safetensors.torch.load_file` reads it).
+in pieces of at most `PIECE` bytes: no whole-file buffer, so extra memory stays at one piece (a
+device tensor is copied to the host a piece at a time). A helper thread computes each piece's
+CRC-32 while it is written. The file is a standard safetensors file (`safetensors.torch.load_file` reads it).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -46,6 +46,19 @@ def _bytes_view(t: torch.Tensor) -> memoryview:
     return flat.view(torch.uint8).numpy().data if flat.numel() else memoryview(b"")
 
 
+def _pieces(t: torch.Tensor) -> Iterator[memoryview]:
+    """The tensor's bytes in pieces of at most `PIECE`: views of host memory, or, for a device
+    tensor, host copies made one piece at a time (never a host copy of the whole tensor)."""
+    if t.device.type == "cpu":
+        view = _bytes_view(t)
+        for i in range(0, len(view), PIECE):
+            yield view[i:i + PIECE]
+        return
+    flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    for i in range(0, flat.numel(), PIECE):
+        yield _bytes_view(flat[i:i + PIECE])
+
+
 def write_tensor_file(url: str, name: str, items: Sequence[tuple[Box, torch.Tensor | Callable[[], torch.Tensor]]],
                       storage_options: storage.StorageOptions = None, metadata: dict[str, str] | None = None,
                       ) -> tuple[FileEntry, list[tuple[str, Chunk]]]:
@@ -59,16 +72,17 @@ def write_tensor_file(url: str, name: str, items: Sequence[tuple[Box, torch.Tens
             storage.open_write(url, storage_options) as f:
         f.write(header)
         for (box, t), entry in zip(items, entries, strict=True):
-            view = _bytes_view(t() if callable(t) else t)
-            if len(view) != entry.end - entry.begin:
-                raise CheckpointError(f"{name}: tensor {box.key!r} has {len(view)} bytes, expected "
+            tensor = t() if callable(t) else t
+            if tensor.nbytes != entry.end - entry.begin:
+                raise CheckpointError(f"{name}: tensor {box.key!r} has {tensor.nbytes} bytes, expected "
                                       f"{entry.end - entry.begin}")
             crc = BackgroundCrc(pool)
-            for i in range(0, len(view), PIECE):
-                piece = view[i:i + PIECE]
+            for piece in _pieces(tensor):
                 crc.update(piece)
                 f.write(piece)
+                crc.value()  # hashing is faster than writing: this costs nothing and keeps one piece alive
             crcs.append(crc)
+            del tensor  # a lazily built tensor (export) is freed before the next one is built
         for (box, _), entry, crc in zip(items, entries, crcs, strict=True):
             c = crc.value()
             file_crc = crc32_combine(file_crc, c, entry.end - entry.begin)
