@@ -185,6 +185,9 @@ def cmd_verify(args: argparse.Namespace, so: dict[str, Any]) -> int:
                 print(f"SKIP {i.url}: {i.problem}")
         if not infos:
             targets = [args.url]  # verify() says why this is not a checkpoint
+        elif not targets:
+            print(f"no committed checkpoint under {args.url}: nothing verified")
+            return 1
     bad = 0
     for url in targets:
         problems = tools.verify(url, so)

@@ -114,6 +114,10 @@ def test_verify_exit_codes_and_names_the_file(run: tuple[str, Weights], capsys) 
     code, out, _ = cli(capsys, "verify", root)  # a root: every committed checkpoint, incomplete skipped
     assert code == 1 and f"FAILED {ckpt}" in out and "2 of 3 checkpoint(s) sound" in out
     assert f"SKIP {os.path.join(root, 'step-000000004')}" in out
+    for step in (1, 2, 3):
+        os.unlink(os.path.join(root, f"step-00000000{step}", "manifest.json"))
+    code, out, _ = cli(capsys, "verify", root)  # only incomplete ones: nothing is sound
+    assert code == 1 and "nothing verified" in out
 
 
 def test_inspect_shows_tensors_and_layout(run: tuple[str, Weights], capsys) -> None:
