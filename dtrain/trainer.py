@@ -97,6 +97,7 @@ class Trainer:
             cfg.checkpoint_root, storage_options=dict(ck.storage_options), async_save=ck.async_save,
             keep_last_n=ck.keep_last_n or None, keep_best_k=ck.keep_best_k or None,
             keep_every_n_steps=ck.keep_every_n_steps or None, monitor=es.monitor, mode=es.mode,
+            overlap_staging=True,  # only optimizer.step() changes parameters in this loop
         )
         self.preemption = PreemptionHandler()
         self.faults = FaultInjector.from_config(cfg.faults, env.rank, env.world_size)

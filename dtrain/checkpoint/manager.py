@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -34,7 +35,7 @@ class CheckpointManager:
     def __init__(self, root: str, *, storage_options: dict[str, Any] | None = None, async_save: bool = False,
                  keep_last_n: int | None = None, keep_best_k: int | None = None,
                  keep_every_n_steps: int | None = None, monitor: str | None = None, mode: str = "min",
-                 process_group: Any = None) -> None:
+                 process_group: Any = None, overlap_staging: bool = False) -> None:
         if mode not in ("min", "max"):
             raise ConfigError(f"checkpoint mode={mode!r} must be 'min' or 'max'")
         for name, v in (("keep_last_n", keep_last_n), ("keep_best_k", keep_best_k),
@@ -53,6 +54,12 @@ class CheckpointManager:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="dtrain-ckpt") if async_save else None
         self._pending: Future[None] | None = None
         self._staging: dict[tuple[Any, ...], torch.Tensor] = {}  # async host buffers, reused
+        # overlap_staging: parameters and optimizer state are copied to the host in the background
+        # while the next forward/backward run; an optimizer step pre-hook holds the optimizer until
+        # the copy is done. Only for loops where nothing but optimizer.step() changes them (ours).
+        self.overlap_staging = overlap_staging
+        self._staging_now: dict[tuple[Any, ...], torch.Tensor] = {}  # buffers staged in the foreground
+        self._hooks: list[Any] = []
         self._lock = threading.Lock()
 
     # ---- saving ---------------------------------------------------------------------------------
@@ -69,15 +76,55 @@ class CheckpointManager:
         if self._pool is None:
             self._finish(prep)
             return
+        optimizers = as_tuple(optimizer)
+        if self.overlap_staging and optimizers:
+            job = self._overlapped(prep, model, optimizers)
+        else:
+            staged = self._stage(prep, self._staging)
+            job = lambda: self._finish(staged)  # noqa: E731
+        with self._lock:
+            self._pending = self._pool.submit(job)
+            self._pending.add_done_callback(_log_failure)
+
+    def _stage(self, prep: PreparedSave, cache: dict[tuple[Any, ...], torch.Tensor]) -> PreparedSave:
         try:
-            staged = stage(prep, self._staging)
+            return stage(prep, cache)
         except Exception as e:  # e.g. out of host memory: the other ranks must still be told
             log.exception("rank %d could not stage checkpoint %s", prep.rank, prep.dir_url)
-            self._staging.clear()
-            staged = replace(prep, items=[], small_files={}, error=f"rank {prep.rank}: staging: {type(e).__name__}: {e}")
-        with self._lock:
-            self._pending = self._pool.submit(self._finish, staged)
-            self._pending.add_done_callback(_log_failure)
+            cache.clear()
+            return replace(prep, items=[], small_files={}, error=f"rank {prep.rank}: staging: {type(e).__name__}: {e}")
+
+    def _overlapped(self, prep: PreparedSave, model: nn.Module,
+                    optimizers: tuple[torch.optim.Optimizer, ...]) -> Callable[[], None]:
+        """Stage buffers now (forward may change them), the rest in the background; the next
+        optimizer.step() waits until the background copy is done."""
+        buffers = {b.data_ptr() for b in model.buffers()}
+        now = [i for i, (_, t) in enumerate(prep.items) if t.data_ptr() in buffers]
+        later = [i for i in range(len(prep.items)) if i not in set(now)]
+        staged_now = self._stage(replace(prep, items=[prep.items[i] for i in now]), self._staging_now)
+        copied = threading.Event()
+
+        def hold(*_: Any) -> None:  # returning anything but None would replace step()'s arguments
+            copied.wait()
+
+        self._hooks = [opt.register_step_pre_hook(hold) for opt in optimizers]
+
+        def job() -> None:
+            try:
+                rest = self._stage(replace(prep, items=[prep.items[i] for i in later]), self._staging)
+            finally:
+                copied.set()
+            error = staged_now.error or rest.error
+            items = dict(zip(now, staged_now.items, strict=True)) | dict(zip(later, rest.items, strict=True))
+            self._finish(replace(prep, items=[items[i] for i in sorted(items)], error=error,
+                                 small_files={} if error else prep.small_files))
+
+        return job
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     def _finish(self, prep: PreparedSave) -> None:
         manifest = execute(prep, self.group, self.storage_options)
@@ -103,6 +150,7 @@ class CheckpointManager:
         if pending is not None:
             try:
                 pending.result()
+                self._remove_hooks()
             except CheckpointError:
                 raise
             except Exception as e:
@@ -117,6 +165,8 @@ class CheckpointManager:
                 self._pool.shutdown(wait=True)
                 self._pool = None
             self._staging.clear()
+            self._staging_now.clear()
+            self._remove_hooks()
 
     def __enter__(self) -> CheckpointManager:
         return self

@@ -241,3 +241,39 @@ def test_async_staging_failure_is_reported_through_the_commit(tmp_path, monkeypa
     with pytest.raises(CheckpointError, match="staging: MemoryError: cannot allocate host buffer"):
         mgr.close()
     assert mgr.latest_committed() is None
+
+
+def test_overlapped_staging_returns_at_once_and_holds_the_next_optimizer_step(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With overlap_staging the copy to host memory runs in the background; save() returns before it
+    is done, and the next optimizer.step() waits for it, so the checkpoint is the state at the call."""
+    from dtrain.checkpoint import manager as manager_mod
+
+    gate = threading.Event()
+    real_stage = manager_mod.stage
+
+    def slow_stage(prep, cache):  # noqa: ANN001, ANN202
+        if threading.current_thread().name.startswith("dtrain-ckpt"):
+            gate.wait(30)
+        return real_stage(prep, cache)
+
+    monkeypatch.setattr(manager_mod, "stage", slow_stage)
+    m, o, s, c = make_all()
+    train(m, o, s, c, 1, data_seed=1)
+    expected = {k: v.clone() for k, v in m.state_dict().items()}
+    mgr = CheckpointManager(str(tmp_path), async_save=True, overlap_staging=True)
+    mgr.save(1, model=m, optimizer=o)  # returns although the background copy is blocked
+    stepper = threading.Thread(target=lambda: train(m, o, s, c, 1, data_seed=2))
+    stepper.start()
+    stepper.join(0.5)
+    assert stepper.is_alive(), "optimizer.step() must wait for the background copy"
+    gate.set()
+    stepper.join(30)
+    mgr.wait()
+    after = m.state_dict()
+    assert any(not torch.equal(after[k], expected[k]) for k in expected), "the step did run after the save"
+    fresh = make_model(seed=5)
+    mgr.load(mgr.latest_committed(), model=fresh)
+    assert_same(fresh.state_dict(), expected)
+    mgr.close()
+    assert not o._optimizer_step_pre_hooks, "hooks are removed once the save is done"
