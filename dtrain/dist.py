@@ -11,6 +11,7 @@ import datetime
 import logging
 import os
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -94,6 +95,29 @@ def _make_store(rank: int, world_size: int, timeout: datetime.timedelta) -> torc
     return torch_dist.PrefixStore(f"dtrain/attempt-{attempt}", store)
 
 
+def _store_within(rank: int, world_size: int, timeout: datetime.timedelta) -> torch_dist.Store:
+    """`_make_store`, given up after `timeout` even where TCPStore itself would wait on: a client
+    whose MASTER_PORT is held by another program (it accepts, never answers) waited for minutes.
+    The blocked setup thread is a daemon and releases the GIL, so the process can still exit."""
+    box: dict[str, object] = {}
+
+    def make() -> None:
+        try:
+            box["store"] = _make_store(rank, world_size, timeout)
+        except BaseException as e:  # handed to the caller below
+            box["error"] = e
+
+    thread = threading.Thread(target=make, name="dtrain-store-setup", daemon=True)
+    thread.start()
+    thread.join(timeout.total_seconds())
+    if thread.is_alive():
+        raise RuntimeError("no rendezvous store answered (is rank 0 running, and is MASTER_PORT free for "
+                           "it, not held by another program?)")
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["store"]  # type: ignore[return-value]
+
+
 def init(timeout_s: float = 300.0, backend: str = "auto") -> DistEnv:
     """Initialise the default process group once from the launcher's environment."""
     global _ENV
@@ -112,7 +136,7 @@ def init(timeout_s: float = 300.0, backend: str = "auto") -> DistEnv:
     if world_size > 1 and not torch_dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
         try:
-            store = _make_store(rank, world_size, timeout)
+            store = _store_within(rank, world_size, timeout)
             torch_dist.init_process_group(
                 chosen, store=store, rank=rank, world_size=world_size, timeout=timeout,
                 device_id=device if use_cuda else None,
@@ -120,7 +144,8 @@ def init(timeout_s: float = 300.0, backend: str = "auto") -> DistEnv:
         except (RuntimeError, ValueError) as e:
             raise DistributedError(
                 f"rank {rank}/{world_size}: could not join the process group at "
-                f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within {timeout_s:.0f} s: {e}"
+                f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within {timeout_s:.0f} s: {e} "
+                f"(every one of the {world_size} ranks must start and reach that address; dist.timeout_s sets the wait)"
             ) from e
     _ENV = DistEnv(rank, world_size, local_rank, device, chosen if world_size > 1 else "none", launcher)
     log.debug("initialised %s", _ENV)
