@@ -102,6 +102,8 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
         body = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{where}: not valid JSON ({e}); the checkpoint is damaged") from None
+    except RecursionError:
+        raise CheckpointError(f"{where}: JSON nested too deeply to be a manifest; the file is damaged or hostile") from None
     if not isinstance(body, dict):
         raise CheckpointError(f"{where}: must be a JSON object, got {type(body).__name__}")
     v = _get(body, "version", int, where)
@@ -121,7 +123,7 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
     versions = _get(body, "versions", dict, where)
     return Manifest(
         step=_uint(_get(body, "step", int, where), where, "step"),
-        created=float(_get(body, "created", (int, float), where)),
+        created=_float(_get(body, "created", (int, float), where), where, "created"),
         world_size=_get(body, "world_size", int, where),
         strategy=_get(body, "strategy", str, where),
         files=files, tensors=tensors, metrics=dict(metrics),
@@ -138,6 +140,13 @@ def _get(body: dict[str, Any], key: str, typ: type | tuple[type, ...], where: st
     if not isinstance(val, typ) or isinstance(val, bool):
         raise CheckpointError(f"{where}: field {key!r} has the wrong type ({type(val).__name__})")
     return val
+
+
+def _float(v: int | float, where: str, name: str) -> float:
+    try:
+        return float(v)
+    except OverflowError:
+        raise CheckpointError(f"{where}: field {name} = {v} is too large for a number of seconds") from None
 
 
 def _uint(v: object, where: str, name: str) -> int:
@@ -169,7 +178,7 @@ def _tensor(key: str, t: object, sizes: dict[str, int], where: str) -> TensorEnt
     if not isinstance(t, dict):
         raise CheckpointError(f"{where}: field {name} must be an object")
     dt = t.get("dtype")
-    if dt not in DTYPES:
+    if not isinstance(dt, str) or dt not in DTYPES:
         raise CheckpointError(f"{where}: field {name}.dtype {dt!r} is not a known dtype")
     shape = _ints(t.get("shape"), where, f"{name}.shape")
     raw_chunks = t.get("chunks")
@@ -235,3 +244,7 @@ def _check_tiling(chunks: tuple[Chunk, ...], shape: tuple[int, ...], where: str,
 class CheckpointDamagedError(CheckpointError):
     """The stored bytes are wrong: a file is missing or truncated, or a checksum does not match.
     Resume falls back to the previous committed checkpoint on this error (and only on this one)."""
+
+
+class NonFiniteTensorError(CheckpointDamagedError):
+    """A float tensor holds NaN or inf and the load asked for finite values only (check_finite)."""

@@ -3,13 +3,18 @@
 Every method that moves tensors is a collective over the checkpoint process group (a gloo group of
 its own, so a background save never interleaves with training collectives). With async_save the
 save call returns after staging a host copy; the write runs on one background thread, at most one
-save is in flight, and its error is raised by the next save(), wait() or close().
+save is in flight, and its error is raised by the next save(), wait() or close(): a failed
+background save loses that checkpoint only (the previous committed one stays the newest).
+
+A writer holds a lease on its root (lease.py) from its first save (or `acquire_lease()`) until
+close(), so a second job pointed at the same root fails with a message naming the holder.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
@@ -20,10 +25,12 @@ from torch import nn
 
 from dtrain.checkpoint import comm, retention, storage
 from dtrain.checkpoint.format import MANIFEST, CheckpointDamagedError
+from dtrain.checkpoint.lease import DEFAULT_TTL_S, Lease
 from dtrain.checkpoint.restore import load_checkpoint
 from dtrain.checkpoint.retention import NO_MANIFEST, CheckpointInfo, best_of, scan, step_dir
 from dtrain.checkpoint.snapshot import PreparedSave, execute, prepare, stage
 from dtrain.checkpoint.state import Optimizers, Stateful, as_tuple
+from dtrain.checkpoint.tools import refuse_non_finite
 from dtrain.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -35,7 +42,11 @@ class CheckpointManager:
     def __init__(self, root: str, *, storage_options: dict[str, Any] | None = None, async_save: bool = False,
                  keep_last_n: int | None = None, keep_best_k: int | None = None,
                  keep_every_n_steps: int | None = None, monitor: str | None = None, mode: str = "min",
-                 process_group: Any = None, overlap_staging: bool = False) -> None:
+                 process_group: Any = None, overlap_staging: bool = False, job_id: str | None = None,
+                 lease: bool = True, lease_ttl_s: float = DEFAULT_TTL_S, check_finite: bool = False) -> None:
+        """`job_id` names this job for the root's lease (default: DTRAIN_JOB_ID, torchrun's run id,
+        SLURM_JOB_ID); lease=False skips it. check_finite: loads refuse NaN/inf in float tensors
+        (restore_latest then falls back to the previous checkpoint); it reads the checkpoint twice."""
         if mode not in ("min", "max"):
             raise ConfigError(f"checkpoint mode={mode!r} must be 'min' or 'max'")
         for name, v in (("keep_last_n", keep_last_n), ("keep_best_k", keep_best_k),
@@ -61,6 +72,10 @@ class CheckpointManager:
         self._staging_now: dict[tuple[Any, ...], torch.Tensor] = {}  # buffers staged in the foreground
         self._hooks: list[Any] = []
         self._lock = threading.Lock()
+        self.check_finite = check_finite
+        self.lease = Lease(self.root, self.storage_options, job_id, lease_ttl_s) if lease else None
+        if self.lease is not None:  # a manager dropped without close() still gives the lease back
+            weakref.finalize(self, self.lease.release)
 
     # ---- saving ---------------------------------------------------------------------------------
     def save(self, step: int, *, model: nn.Module, optimizer: Optimizers = None,
@@ -68,11 +83,14 @@ class CheckpointManager:
              metrics: dict[str, float] | None = None, reason: str = "periodic") -> None:
         """Collective: checkpoint everything at `step` into `<root>/step-{step:09d}/`."""
         self.wait()
+        self.acquire_lease()
+        storage.fault_point("save_begin")
         prep = prepare(step_dir(self.root, step), step, model=model, optimizers=as_tuple(optimizer),
                        stateful=stateful or {}, extra=extra or {}, metrics=metrics, reason=reason,
                        group=self.group, storage_options=self.storage_options)
         if prep.skip:
             return
+        storage.fault_point("prepared")
         if self._pool is None:
             self._finish(prep)
             return
@@ -81,6 +99,7 @@ class CheckpointManager:
             job = self._overlapped(prep, model, optimizers)
         else:
             staged = self._stage(prep, self._staging)
+            storage.fault_point("staged")
             job = lambda: self._finish(staged)  # noqa: E731
         with self._lock:
             self._pending = self._pool.submit(job)
@@ -128,10 +147,12 @@ class CheckpointManager:
 
     def _finish(self, prep: PreparedSave) -> None:
         manifest = execute(prep, self.group, self.storage_options)
+        storage.fault_point("committed")
         if manifest is not None:  # rank 0, after the commit
             log.info("checkpoint %s committed (%d files, %.1f MiB, reason %s)", prep.dir_url,
                      len(manifest.files), manifest.total_bytes / 2**20, manifest.reason)
             self._apply_retention()
+        storage.fault_point("saved")
 
     def _apply_retention(self) -> None:
         try:
@@ -156,11 +177,31 @@ class CheckpointManager:
             except Exception as e:
                 raise CheckpointError(f"background checkpoint save failed: {type(e).__name__}: {e}") from e
 
+    def acquire_lease(self) -> None:
+        """Collective: rank 0 takes (or renews) the lease on the root and keeps it alive; every rank
+        raises the same CheckpointError, naming the holder, if another job holds it. Every save
+        calls it; call it at start-up to refuse before any work is done."""
+        if self.lease is None:
+            return
+        error = None
+        if comm.rank(self.group) == 0:
+            try:
+                self.lease.acquire()
+                self.lease.start_heartbeat()
+            except Exception as e:
+                error = str(e) if isinstance(e, CheckpointError) else (
+                    f"checkpoint root {self.root} cannot be used: {type(e).__name__}: {e}")
+        error = comm.broadcast_object(error, self.group)
+        if error:
+            raise CheckpointError(error)
+
     def close(self) -> None:
-        """Wait for the save in flight, then stop the background thread."""
+        """Wait for the save in flight, stop the background thread, give the lease back."""
         try:
             self.wait()
         finally:
+            if self.lease is not None:
+                self.lease.release()
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
@@ -192,8 +233,12 @@ class CheckpointManager:
         """Collective: load a checkpoint into the given components; returns its `extra` dict."""
         self.wait()  # never let a load's collectives interleave with a background save's
         url = self._resolve(ckpt)
+        storage.fault_point("load_begin")
+        if self.check_finite:
+            refuse_non_finite(url, self.storage_options)
         _, extra = load_checkpoint(url, model=model, optimizers=as_tuple(optimizer), stateful=stateful,
                                    strict=strict, group=self.group, storage_options=self.storage_options)
+        storage.fault_point("loaded")
         return extra
 
     def restore_latest(self, *, model: nn.Module, optimizer: Optimizers = None,

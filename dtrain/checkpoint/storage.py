@@ -3,7 +3,9 @@
 Local paths (and file://) go straight to the OS so we control fsync and rename; everything else
 (s3://, memory://, ...) goes through fsspec. A URL is always a plain string; `join` builds children.
 S3 endpoint and credentials come from the standard AWS_* environment (AWS_ENDPOINT_URL[_S3],
-AWS_ACCESS_KEY_ID, ...) unless `storage_options` says otherwise.
+AWS_ACCESS_KEY_ID, ...) unless `storage_options` says otherwise. Remote calls are retried with
+bounded backoff on transient errors (s3upload.with_retries); local errors (disk full, permission
+denied, read-only) are never retried. Buckets are never created: a missing one is an error.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import functools
 import os
 import posixpath
 import shutil
+import signal
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, TypeVar
@@ -20,25 +23,56 @@ from typing import Any, BinaryIO, TypeVar
 import fsspec
 from fsspec.core import url_to_fs
 
-from dtrain.checkpoint.s3upload import ConcurrentS3Writer
+from dtrain.checkpoint.s3upload import ConcurrentS3Writer, with_retries
 from dtrain.errors import CheckpointError
 
 StorageOptions = dict[str, Any] | None
 T = TypeVar("T")
+_FAULTS: dict[str, tuple[int, int]] | None = None  # phase -> (rank, nth), from DTRAIN_CKPT_FAULT
+_fault_counts: dict[str, int] = {}
+
+
+def fault_point(phase: str, url: str = "") -> None:
+    """Tests only (off unless DTRAIN_CKPT_FAULT="phase:rank:nth[,...]" is set): SIGKILL this
+    process (RANK from the environment) the nth time it reaches `phase`. Phases: save_begin,
+    prepared, staged, committed, saved, load_begin, loaded (manager.py); file_open, file_write,
+    file_closed, manifest (before its rename), manifest_done, read, remove (here)."""
+    global _FAULTS
+    if _FAULTS is None:
+        _FAULTS = {}
+        for item in filter(None, os.environ.get("DTRAIN_CKPT_FAULT", "").split(",")):
+            name, who, count = (item.strip().split(":") + ["", ""])[:3]
+            if not (who.isdigit() and count.isdigit()):
+                raise CheckpointError(f"DTRAIN_CKPT_FAULT item {item!r} is not phase:rank:nth")
+            _FAULTS[name] = (int(who), int(count))
+    if not _FAULTS:
+        return
+    if phase.startswith("atomic"):  # the manifest's atomic write (not the lease's, an export index's)
+        if not url.endswith("manifest.json"):
+            return
+        phase = "manifest" if phase == "atomic_before_rename" else "manifest_done"
+    if phase not in _FAULTS:
+        return
+    rank, nth = _FAULTS[phase]
+    _fault_counts[phase] = _fault_counts.get(phase, 0) + 1
+    if rank == int(os.environ.get("RANK", "0")) and _fault_counts[phase] == nth:
+        os.write(2, f"dtrain fault: SIGKILL rank {rank} at {phase} #{nth}\n".encode())
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _named_errors(fn: Callable[..., T]) -> Callable[..., T]:
-    """Remote failures (no credentials, unreachable endpoint, denied) become a CheckpointError that
-    names the URL; FileNotFoundError stays as is because callers use it to mean "absent"."""
+    """Remote calls are retried while they fail transiently; then failures (no credentials,
+    unreachable endpoint, denied) become a CheckpointError that names the URL. FileNotFoundError
+    stays as is because callers use it to mean "absent"; local OSErrors name their path already."""
     @functools.wraps(fn)
     def wrapper(url: str, *args: Any, **kwargs: Any) -> T:
-        try:
+        if is_local(url):
             return fn(url, *args, **kwargs)
+        try:
+            return with_retries(lambda: fn(url, *args, **kwargs), url, fn.__name__)
         except (FileNotFoundError, CheckpointError):
             raise
         except Exception as e:
-            if is_local(url):
-                raise
             raise CheckpointError(f"{url}: {type(e).__name__}: {e} (check the endpoint, credentials and "
                                   f"storage_options)") from e
     return wrapper
@@ -62,19 +96,26 @@ def join(url: str, *parts: str) -> str:
 
 def _options(url: str, storage_options: StorageOptions) -> dict[str, Any]:
     opts = dict(storage_options or {})
-    if url.startswith(("s3://", "s3a://")) and "endpoint_url" not in opts:
+    if url.startswith(("s3://", "s3a://")):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
+        if endpoint and "endpoint_url" not in opts:
             opts["endpoint_url"] = endpoint
+        config = dict(opts.get("config_kwargs") or {})
+        # one retry policy (ours, bounded); botocore's would multiply it (50 tries, 35 s when down)
+        config.setdefault("retries", {"mode": "standard", "total_max_attempts": 1})
+        opts["config_kwargs"] = config
     return opts
 
 
 def filesystem(url: str, storage_options: StorageOptions = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and the scheme-less path for a remote URL."""
     try:
-        return url_to_fs(url, **_options(url, storage_options))
+        fs, path = url_to_fs(url, **_options(url, storage_options))
     except (ImportError, ValueError) as e:
         raise CheckpointError(f"cannot open storage for {url!r}: {e}") from e
+    if _is_s3(fs):
+        fs.retries = 1  # s3fs's own retry loop would multiply ours (this instance is dtrain's: see _options)
+    return fs, path
 
 
 @_named_errors
@@ -86,6 +127,12 @@ def makedirs(url: str, storage_options: StorageOptions = None) -> None:
         _fsync_dir(os.path.dirname(os.path.abspath(path)))
         return
     fs, path = filesystem(url, storage_options)
+    if _is_s3(fs):  # s3fs would create a missing bucket: a typo in the URL must not make a new one
+        bucket = path.split("/", 1)[0]
+        if not _bucket_exists(fs, bucket):
+            raise CheckpointError(f"{url}: bucket {bucket!r} does not exist (or these credentials cannot see "
+                                  f"it); dtrain does not create buckets: create it, or fix the URL/endpoint")
+        return
     fs.makedirs(path, exist_ok=True)
 
 
@@ -95,11 +142,12 @@ def open_write(url: str, storage_options: StorageOptions = None) -> Iterator[Bin
     on an exception nothing is left behind: the local file is removed, the S3 upload aborted
     (an s3fs file would commit the partial object if closed, as a `with fs.open()` block does).
     S3 objects upload several multipart parts at once (s3upload.py)."""
+    fault_point("file_open", url)
     if is_local(url):
         path = local_path(url)
         f = open(path, "wb")
         try:
-            yield f  # type: ignore[misc]
+            yield _Hooked(f, url) if _FAULTS else f  # type: ignore[misc]
             f.flush()
             os.fsync(f.fileno())
         except BaseException:
@@ -108,11 +156,12 @@ def open_write(url: str, storage_options: StorageOptions = None) -> Iterator[Bin
                 os.unlink(path)
             raise
         f.close()
+        fault_point("file_closed", url)
         return
     fs, path = filesystem(url, storage_options)
     rf = ConcurrentS3Writer(fs, path) if _is_s3(fs) else fs.open(path, "wb")
     try:
-        yield rf  # type: ignore[misc]
+        yield _Hooked(rf, url) if _FAULTS else rf  # type: ignore[misc]
     except BaseException:
         with contextlib.suppress(Exception):
             rf.discard()  # s3fs: abort the multipart upload; nothing becomes visible
@@ -121,7 +170,36 @@ def open_write(url: str, storage_options: StorageOptions = None) -> Iterator[Bin
             with contextlib.suppress(Exception):
                 fs.rm(path)
         raise
-    rf.close()
+    try:
+        rf.close()
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{url}: committing the upload failed: {type(e).__name__}: {e}") from e
+    fault_point("file_closed", url)
+
+
+class _Hooked:
+    """A file whose writes pass a fault point (only while a test installed a hook)."""
+
+    def __init__(self, f: Any, url: str) -> None:
+        self.f, self.url = f, url
+
+    def write(self, data: Any) -> int:
+        n = self.f.write(data)
+        fault_point("file_write", self.url)
+        return int(n or 0)
+
+
+def _bucket_exists(fs: fsspec.AbstractFileSystem, bucket: str) -> bool:
+    """HEAD the bucket: 404 means absent; other errors (denied, endpoint down) are raised."""
+    try:
+        fs.call_s3("head_bucket", Bucket=bucket)
+    except Exception as e:
+        if isinstance(e, FileNotFoundError) or "404" in str(e) or "NoSuchBucket" in str(e):
+            return False
+        raise
+    return True
 
 
 def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
@@ -142,21 +220,26 @@ def write_atomic(url: str, data: bytes, storage_options: StorageOptions = None) 
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            fault_point("atomic_before_rename", url)
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
         _fsync_dir(directory)
+        fault_point("atomic_done", url)
         return
     fs, path = filesystem(url, storage_options)
+    fault_point("atomic_before_rename", url)
     fs.pipe_file(path, data)
+    fault_point("atomic_done", url)
 
 
 @_named_errors
 def read_bytes(url: str, start: int | None = None, end: int | None = None,
                storage_options: StorageOptions = None) -> bytes:
     """Bytes [start, end) of a file (the whole file by default). Raises FileNotFoundError."""
+    fault_point("read", url)
     if is_local(url):
         with open(local_path(url), "rb") as f:
             if start:
@@ -171,6 +254,7 @@ def read_into(url: str, offset: int, out: memoryview, storage_options: StorageOp
     """Fill `out` with the file's bytes from `offset`; a short file is a CheckpointError."""
     n = len(out)
     if is_local(url):
+        fault_point("read", url)
         with open(local_path(url), "rb", buffering=0) as f:
             f.seek(offset)
             got = 0
@@ -245,6 +329,7 @@ def list_dir(url: str, storage_options: StorageOptions = None) -> list[tuple[str
 @_named_errors
 def remove(url: str, storage_options: StorageOptions = None) -> None:
     """Delete a file or a whole directory tree; absent is fine."""
+    fault_point("remove", url)
     if is_local(url):
         path = local_path(url)
         if os.path.isdir(path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import zlib
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import torch
 
 from dtrain.checkpoint import retention, storage
 from dtrain.checkpoint.checksum import crc32_combine, format_crc, parse_crc
-from dtrain.checkpoint.format import MANIFEST, Chunk, Manifest
+from dtrain.checkpoint.format import MANIFEST, Chunk, Manifest, NonFiniteTensorError
 from dtrain.checkpoint.jsoncodec import loads
 from dtrain.checkpoint.plan import MODEL, Box
 from dtrain.checkpoint.reader import ChunkReader, fill_tensor, read_manifest
@@ -62,14 +63,19 @@ def inspect(url: str, storage_options: storage.StorageOptions = None) -> tuple[M
     return man, infos
 
 
-def verify(url: str, storage_options: storage.StorageOptions = None) -> list[str]:
+def verify(url: str, storage_options: storage.StorageOptions = None, check_finite: bool = False) -> list[str]:
     """Every problem found in a checkpoint directory (empty list = sound): manifest validity, each
-    file's presence, size and CRC, each safetensors header, each chunk's CRC, state.json."""
+    file's presence, size and CRC, each safetensors header, each chunk's CRC, state.json; with
+    `check_finite`, also every NaN/inf in a floating-point tensor."""
     try:
         man = read_manifest(url, storage_options)
     except CheckpointError as e:
         return [str(e)]
     problems: list[str] = []
+    named = re.fullmatch(r"step-(\d+)", url.rstrip("/").rsplit("/", 1)[-1])
+    if named and int(named.group(1)) != man.step:  # resume would ignore it: it is not that step's
+        problems.append(f"{storage.join(url, MANIFEST)}: manifest says step {man.step}, the directory is step "
+                        f"{int(named.group(1))}")
     by_file: dict[str, list[tuple[str, Chunk]]] = {}
     for key, t in man.tensors.items():
         for c in t.chunks:
@@ -89,7 +95,41 @@ def verify(url: str, storage_options: storage.StorageOptions = None) -> list[str
                                             storage_options)
         else:  # state.json, rng-*.json
             problems += _verify_small_file(furl, entry.checksum, storage_options)
+    if check_finite and not problems:
+        problems += non_finite_tensors(url, storage_options)
     return problems
+
+
+def non_finite_tensors(url: str, storage_options: storage.StorageOptions = None) -> list[str]:
+    """One line per stored chunk of a floating-point tensor that holds NaN or inf, naming the
+    tensor, its file and the box; reads (and checksums) every such chunk, one at a time."""
+    man = read_manifest(url, storage_options)
+    reader = ChunkReader(url, man, storage_options)
+    found = []
+    try:
+        for key, t in sorted(man.tensors.items()):
+            dt = DTYPES[t.dtype]
+            if not (dt.is_floating_point or dt.is_complex):
+                continue
+            for c in t.chunks:
+                data = torch.empty(c.lengths, dtype=dt)
+                reader.read(key, c, data)
+                bad = int((~torch.isfinite(data if data.element_size() > 1 else data.float())).sum())
+                if bad:
+                    found.append(f"{storage.join(url, c.file)}: tensor {key!r} has {bad} non-finite value(s) "
+                                 f"(NaN/inf) in its box at {list(c.offsets)} of shape {list(c.lengths)}")
+    finally:
+        reader.close()
+    return found
+
+
+def refuse_non_finite(url: str, storage_options: storage.StorageOptions = None) -> None:
+    """NonFiniteTensorError naming the tensors and files if any float tensor holds NaN/inf."""
+    bad = non_finite_tensors(url, storage_options)
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise NonFiniteTensorError(f"{url}: refusing to load non-finite values (check_finite is on): "
+                                   + "; ".join(bad[:3]) + more)
 
 
 def _verify_small_file(furl: str, checksum: str, so: storage.StorageOptions) -> list[str]:
