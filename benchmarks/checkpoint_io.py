@@ -19,14 +19,11 @@ import os
 import platform
 import random
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +35,10 @@ import torch.multiprocessing as mp
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.moto import start_moto as start_moto_server  # noqa: E402
+from tests.moto import stop_process  # noqa: E402
+from tests.multiproc import free_port as _free_port  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LOCAL = ["raw", "torch", "safetensors", "dcp", "dtrain", "dtrain-async", "dcp-2r", "dtrain-2r", "dtrain-async-2r"]
@@ -321,29 +322,8 @@ def run_one(method: str, nbytes: int, workdir: str, endpoint: str | None) -> dic
 
 
 # ---- S3 server ----------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_moto() -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
-    server = os.path.join(os.path.dirname(sys.executable), "moto_server")
-    cmd = [server] if os.path.exists(server) else [sys.executable, "-m", "moto.server"]
-    proc = subprocess.Popen([*cmd, "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                stop(proc)
-                raise RuntimeError(f"moto_server did not answer on {endpoint}") from None
-            time.sleep(0.1)  # polling a server that is starting up
+    proc, endpoint = start_moto_server()
     import s3fs
 
     s3fs.S3FileSystem(endpoint_url=endpoint, **S3_OPTIONS).mkdir("bench")
@@ -351,13 +331,7 @@ def start_moto() -> tuple[subprocess.Popen[bytes], str]:
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
+    stop_process(proc)
 
 
 def _clear_bucket(endpoint: str) -> None:
