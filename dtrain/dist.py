@@ -98,18 +98,25 @@ def _make_store(rank: int, world_size: int, timeout: datetime.timedelta) -> torc
 def _store_within(rank: int, world_size: int, timeout: datetime.timedelta) -> torch_dist.Store:
     """`_make_store`, given up after `timeout` even where TCPStore itself would wait on: a client
     whose MASTER_PORT is held by another program (it accepts, never answers) waited for minutes.
-    The blocked setup thread is a daemon and releases the GIL, so the process can still exit."""
+
+    A client's connect loop gives up after about twice its timeout, so it gets half of ours and
+    fails by itself in time (a thread still inside TCPStore when Python exits can abort the
+    process); the full timeout is set back for the store's later waits. Only a client facing a
+    silent stranger stays blocked: its daemon thread never returns, and the process still exits."""
     box: dict[str, object] = {}
+    client = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true" or rank != 0
 
     def make() -> None:
         try:
-            box["store"] = _make_store(rank, world_size, timeout)
+            store = _make_store(rank, world_size, timeout / 2 if client else timeout)
+            store.underlying_store.set_timeout(timeout)  # type: ignore[attr-defined]
+            box["store"] = store
         except BaseException as e:  # handed to the caller below
             box["error"] = e
 
     thread = threading.Thread(target=make, name="dtrain-store-setup", daemon=True)
     thread.start()
-    thread.join(timeout.total_seconds())
+    thread.join(timeout.total_seconds() + 2.0)  # a little longer than its own failure takes
     if thread.is_alive():
         raise RuntimeError("no rendezvous store answered (is rank 0 running, and is MASTER_PORT free for "
                            "it, not held by another program?)")
