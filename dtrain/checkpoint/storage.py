@@ -129,7 +129,12 @@ def makedirs(url: str, storage_options: StorageOptions = None) -> None:
     fs, path = filesystem(url, storage_options)
     if _is_s3(fs):  # s3fs would create a missing bucket: a typo in the URL must not make a new one
         bucket = path.split("/", 1)[0]
-        if not _bucket_exists(fs, bucket):
+        try:
+            found = _bucket_exists(fs, bucket)
+        except PermissionError as e:
+            raise CheckpointError(f"{url}: access to bucket {bucket!r} denied ({e}): the credentials are wrong, "
+                                  f"expired, or not allowed to use it") from e
+        if not found:
             raise CheckpointError(f"{url}: bucket {bucket!r} does not exist (or these credentials cannot see "
                                   f"it); dtrain does not create buckets: create it, or fix the URL/endpoint")
         return

@@ -128,16 +128,17 @@ def _committed(root: Path) -> list[int]:
     return [i.step for i in list_checkpoints(str(root)) if i.committed]
 
 
-def draw_fault(rng: random.Random, step: int, async_save: bool) -> str:
-    """One seeded fault: a phase this attempt reaches (loads only once something is committed,
-    staging only for async saves), a rank that reaches it, and an occurrence soon after resume."""
-    phases = {**SAVE_PHASES, **LOAD_PHASES} if step else dict(SAVE_PHASES)
+def draw_fault(rng: random.Random, step: int, steps: int, async_save: bool) -> str:
+    """One seeded fault that this attempt reaches: load phases once something is committed (only
+    those once the job is done), staging only for async saves; a rank that gets there; an early
+    occurrence, so each attempt dies soon after its resume."""
+    phases = dict(LOAD_PHASES) if step >= steps else {**SAVE_PHASES, **(LOAD_PHASES if step else {})}
     if not async_save:
-        phases.pop("staged")
+        phases.pop("staged", None)
     phase = rng.choice(sorted(phases))
     rank = 0 if phases[phase] == "0" else rng.randrange(2)
-    nth = rng.randint(1, 12 if phase in ("file_write", "read") else 3)
-    return f"{phase}:{rank}:{nth}"
+    top = {"file_write": 12, "read": 8, "load_begin": 1, "loaded": 1}.get(phase, 3)
+    return f"{phase}:{rank}:{rng.randint(1, top)}"
 
 
 def run_chaos(workdir: Path, *, seed: int, attempts: int, steps: int = 40, save_every: int = 2) -> ChaosResult:
@@ -157,7 +158,7 @@ def run_chaos(workdir: Path, *, seed: int, attempts: int, steps: int = 40, save_
     for attempt in range(attempts + 1):
         before = _committed(root)
         async_save = rng.random() < 0.5
-        fault = draw_fault(rng, before[-1] if before else 0, async_save) if attempt < attempts else None
+        fault = draw_fault(rng, before[-1] if before else 0, steps, async_save) if attempt < attempts else None
         t = time.monotonic()
         codes, text = _launch(root, steps, save_every, async_save, workdir / "final.safetensors", fault, logs,
                               f"attempt{attempt:02d}")
