@@ -104,6 +104,8 @@ def loads(data: bytes, where: str) -> Any:
         raise ValueError(f"bare {name} is not allowed")
     try:
         raw = json.loads(data.decode("utf-8"), parse_constant=_no_constants)
+        return decode(raw)
     except (UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{where}: not valid JSON ({e}); the checkpoint is damaged") from None
-    return decode(raw)
+    except RecursionError:  # a hostile file nested thousands deep
+        raise CheckpointError(f"{where}: JSON nested too deeply; the checkpoint is damaged") from None

@@ -126,7 +126,7 @@ def _entry(name: str, spec: object, data_start: int, where: str) -> StEntry:
     if not isinstance(spec, dict):
         raise CheckpointError(f"{where}: header entry {name!r} is not an object")
     dt, shape, offs = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-    if dt not in DTYPES:
+    if not isinstance(dt, str) or dt not in DTYPES:
         raise CheckpointError(f"{where}: tensor {name!r} has unknown dtype {dt!r}")
     if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
         raise CheckpointError(f"{where}: tensor {name!r} has an invalid shape {shape!r}")
