@@ -82,16 +82,7 @@ class Trainer:
             env.rank, env.world_size, cfg.seed,
         )
         es = cfg.early_stopping
-        self.early_stopping: EarlyStopping | None = (
-            EarlyStopping(
-                monitor=es.monitor, mode=es.mode, min_delta=es.min_delta, patience=es.patience,
-                baseline=es.baseline, start_from_step=es.start_from_step, check_finite=es.check_finite,
-                stopping_threshold=es.stopping_threshold, divergence_threshold=es.divergence_threshold,
-                max_time=es.max_time, restore_best=es.restore_best,
-            )
-            if es.enabled
-            else None
-        )
+        self.early_stopping = EarlyStopping.from_config(es) if es.enabled else None
         ck = cfg.checkpoint
         self.checkpoints = CheckpointManager(
             cfg.checkpoint_root, storage_options=dict(ck.storage_options), async_save=ck.async_save,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-import torch
 from torch import nn
 
 from dtrain.config import ParallelConfig
@@ -44,8 +43,3 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The user's module under a DDP wrapper (FSDP2 modifies the module in place)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
-
-def uses_bf16_params(cfg: ParallelConfig, device: torch.device) -> bool:
-    if cfg.mixed_precision == "off":
-        return False
-    return cfg.mixed_precision == "bf16" or device.type == "cuda"
