@@ -15,9 +15,9 @@ pytestmark = pytest.mark.multiprocess
 
 @pytest.mark.timeout(240)
 def test_random_kills_across_save_and_load_lose_nothing(tmp_path: Path) -> None:
-    result = run_chaos(tmp_path, seed=2, attempts=12, steps=60, save_every=2)
+    result = run_chaos(tmp_path, seed=2, attempts=10, steps=60, save_every=2)
     report = "\n".join(result.log)
-    assert result.faults_fired >= 9, report  # the seed's faults really land
+    assert result.faults_fired >= 8, report  # the seed's faults really land
     assert len(result.faults_by_phase) >= 6, result.faults_by_phase  # across many phases
     assert result.committed_lost == 0, report
     assert result.corrupt_accepted == 0, report
