@@ -127,6 +127,8 @@ class Trainer:
 
     def resume(self) -> str | None:
         """Load the checkpoint `resume` asks for; returns its URL, or None for a fresh start."""
+        # Refuse before any work if another job holds this checkpoint root (its lease names it).
+        self.checkpoints.acquire_lease()
         mode = self.cfg.resume
         if mode == "never":
             return None
