@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow test-gpu lint bench clean
+.PHONY: install demo test test-slow test-gpu lint bench chaos clean
 
 # torch goes in first, pinned: an unpinned torch pulled in by another package downloads GBs of CUDA wheels.
 $(STAMP): pyproject.toml
@@ -42,6 +42,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/checkpoint_io.py
 	$(PY) benchmarks/agreement_overhead.py
+
+# the reliability fault matrix; writes benchmarks/results/reliability.json
+chaos: $(STAMP)
+	$(PY) -m tests.reliability.report
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -190,7 +190,7 @@ def cmd_verify(args: argparse.Namespace, so: dict[str, Any]) -> int:
             return 1
     bad = 0
     for url in targets:
-        problems = tools.verify(url, so)
+        problems = tools.verify(url, so, check_finite=args.check_finite)
         bad += bool(problems)
         print(f"{'FAILED' if problems else 'OK'} {url}" + (f": {len(problems)} problem(s)" if problems else ""))
         for p in problems:
@@ -270,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", parents=[common], help="check every file's size and checksum (exit 1 on any problem)")
     p.add_argument("url", metavar="URL", help="a checkpoint directory, or a root (every checkpoint in it)")
+    p.add_argument("--check-finite", action="store_true", help="also fail on NaN or inf in any tensor")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("export", parents=[common, pick], help="consolidated model weights as plain safetensors")
