@@ -8,8 +8,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
-import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -18,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.moto import start_moto
 from tests.multiproc import free_port
 from tests.reliability.proxy import FaultProxy
 
@@ -40,19 +39,8 @@ class MotoServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, replay: bool = False) -> MotoServer:
-        server = os.path.join(os.path.dirname(sys.executable), "moto_server")
-        env = {**os.environ, "MOTO_ENABLE_RECORDING": "True", "MOTO_RECORDER_FILEPATH": str(self.record), **self.env}
-        self.proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(self.port)], env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1).close()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not answer on {self.endpoint}") from None
-                time.sleep(0.05)  # polling a server that is starting
+        env = {"MOTO_ENABLE_RECORDING": "True", "MOTO_RECORDER_FILEPATH": str(self.record), **self.env}
+        self.proc, _ = start_moto(self.port, env)
         if replay:
             req = urllib.request.Request(self.endpoint + "/moto-api/recorder/replay-recording", method="POST")
             urllib.request.urlopen(req, timeout=60).close()
