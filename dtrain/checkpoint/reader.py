@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import threading
 import zlib
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from dtrain.checkpoint.stfile import DTYPES
 from dtrain.errors import CheckpointError
 
 log = logging.getLogger(__name__)
-PIECE = 8 << 20  # local disk
+PIECE = 16 << 20  # local disk: one pread; two or three in flight beat one sequential read (virtio: 1.1 vs 0.7 GB/s)
 REMOTE_PIECE = 64 << 20  # object stores: each ranged GET has a fixed cost (moto: 8 MiB ran at 80 MiB/s, 64 at 240)
 REMOTE_BYTES_IN_FLIGHT = 4 * REMOTE_PIECE  # GET bodies held at once, over every thread
 BUFFER = 64 << 20  # a chunk that is not one contiguous run of its destination passes through this
@@ -98,7 +99,9 @@ class ChunkReader:
 
     A big read is split into `PIECE`-sized pieces on a few threads, each piece hashed right after
     it lands (file reads, S3 GETs and zlib all release the GIL), and the piece CRCs are combined:
-    on 2 cores this reads at about disk speed instead of read time plus hash time. Bytes go
+    on 2 cores this reads at about disk speed instead of read time plus hash time. Local files are
+    read with pread on one descriptor per file (kept until `close`), so callers may also read
+    several tensors at once. Bytes go
     straight into the destination when a chunk is one contiguous run of it; otherwise they pass
     through a window of at most `BUFFER` bytes (or one row along dim 0, if a row is bigger).
     """
@@ -111,6 +114,8 @@ class ChunkReader:
     _sizes_ok: set[str] = field(default_factory=set)
     _pool: ThreadPoolExecutor | None = None
     _remote: _ByteBudget = field(default_factory=lambda: _ByteBudget(REMOTE_BYTES_IN_FLIGHT))
+    _fds: dict[str, int] = field(default_factory=dict)  # local file url -> descriptor, one per file
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _check_size(self, name: str) -> str:
         url = storage.join(self.dir_url, name)
@@ -124,7 +129,10 @@ class ChunkReader:
         if got != want:
             raise CheckpointDamagedError(f"{url}: size is {got} bytes, the manifest says {want}; the file "
                                          f"is truncated or was overwritten")
-        self._sizes_ok.add(name)
+        with self._lock:  # the descriptor is there before the name is marked checked (others skip the lock)
+            if storage.is_local(url) and url not in self._fds:
+                self._fds[url] = storage.open_local(url)
+            self._sizes_ok.add(name)
         return url
 
     def read(self, key: str, chunk: Chunk, out: torch.Tensor) -> None:
@@ -171,7 +179,8 @@ class ChunkReader:
         if crc != parse_crc(chunk.checksum):
             raise CheckpointDamagedError(f"{url}: checksum mismatch in tensor {key!r} (bytes {begin}-{end}: "
                                          f"{format_crc(crc)}, manifest says {chunk.checksum}); the file is damaged")
-        self.bytes_read += end - begin
+        with self._lock:
+            self.bytes_read += end - begin
 
     def _read_hashed(self, url: str, begin: int, mv: memoryview) -> int:
         n = len(mv)
@@ -181,7 +190,7 @@ class ChunkReader:
         def piece(off: int) -> int:
             part = mv[off:min(off + step, n)]
             if local:
-                storage.read_into(url, begin + off, part, self.storage_options)
+                storage.pread_into(self._fds[url], url, begin + off, part)
             else:
                 with self._remote.hold(len(part)):
                     storage.read_into(url, begin + off, part, self.storage_options)
@@ -200,6 +209,10 @@ class ChunkReader:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+        with self._lock:
+            fds, self._fds = list(self._fds.values()), {}
+        for fd in fds:
+            os.close(fd)
 
 
 def _byte_view(t: torch.Tensor) -> memoryview:

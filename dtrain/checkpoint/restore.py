@@ -40,6 +40,7 @@ from dtrain.errors import CheckpointError
 log = logging.getLogger(__name__)
 _OK, _DAMAGED, _FAILED = 0, 1, 2
 _REMOTE_TENSORS_IN_FLIGHT = 8
+_LOCAL_TENSORS_IN_FLIGHT = 3
 _INIT_BUCKET_BYTES = 64 << 20
 _warned_rng = False
 
@@ -186,13 +187,13 @@ def _saved_before_first_step(manifest: Manifest, state: dict[str, Any]) -> bool:
 
 
 def _fill_all(reader: ChunkReader, tensors: dict[str, torch.Tensor], keys: list[str], local: bool) -> None:
-    """Local disks read one tensor at a time (big pieces already run in parallel); object stores
-    get several tensors in flight, since each small GET costs a round trip."""
-    if local:
-        for key in keys:
-            fill_tensor(reader, key, tensors[key])
-        return
-    with ThreadPoolExecutor(_REMOTE_TENSORS_IN_FLIGHT, thread_name_prefix="dtrain-fetch") as pool:
+    """Several tensors in flight, in file order: a local disk reads faster with a few
+    requests queued than with one (and a tensor's CRC overlaps the next read); an object store
+    needs more, since each small GET costs a round trip."""
+    in_flight = _LOCAL_TENSORS_IN_FLIGHT if local else _REMOTE_TENSORS_IN_FLIGHT
+    chunks = reader.manifest.tensors
+    keys = sorted(keys, key=lambda k: min(((c.file, c.data_offsets[0]) for c in chunks[k].chunks), default=("", 0)))
+    with ThreadPoolExecutor(in_flight, thread_name_prefix="dtrain-fetch") as pool:
         for _ in pool.map(lambda k: fill_tensor(reader, k, tensors[k]), keys):
             pass
 

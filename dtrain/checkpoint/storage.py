@@ -257,24 +257,43 @@ def read_bytes(url: str, start: int | None = None, end: int | None = None,
 @_named_errors
 def read_into(url: str, offset: int, out: memoryview, storage_options: StorageOptions = None) -> None:
     """Fill `out` with the file's bytes from `offset`; a short file is a CheckpointError."""
-    n = len(out)
     if is_local(url):
-        fault_point("read", url)
-        with open(local_path(url), "rb", buffering=0) as f:
-            f.seek(offset)
-            got = 0
-            while got < n:
-                k = f.readinto(out[got:])
-                if not k:
-                    break
-                got += k
-    else:
-        data = read_bytes(url, offset, offset + n, storage_options)
-        got = len(data)
-        out[:got] = data
+        fd = open_local(url)
+        try:
+            pread_into(fd, url, offset, out)
+        finally:
+            os.close(fd)
+        return
+    n = len(out)
+    data = read_bytes(url, offset, offset + n, storage_options)
+    out[:len(data)] = data
+    if len(data) != n:
+        _truncated(url, offset, n, len(data))
+
+
+def open_local(url: str) -> int:
+    """An OS file descriptor for positional reads of a local file (pread_into), so a reader can
+    keep one per file and read pieces of it from several threads without reopening it."""
+    return os.open(local_path(url), os.O_RDONLY)
+
+
+def pread_into(fd: int, url: str, offset: int, out: memoryview) -> None:
+    """Fill `out` from `fd` at `offset` (os.preadv: no shared file position, so threads can read
+    different pieces of one file at once); a short file is a CheckpointError naming `url`."""
+    fault_point("read", url)
+    n, got = len(out), 0
+    while got < n:
+        k = os.preadv(fd, [out[got:]], offset + got)
+        if not k:
+            break
+        got += k
     if got != n:
-        raise CheckpointError(f"{url}: file is truncated: wanted bytes [{offset}, {offset + n}), "
-                              f"file ends at {offset + got}; the checkpoint is damaged")
+        _truncated(url, offset, n, got)
+
+
+def _truncated(url: str, offset: int, n: int, got: int) -> None:
+    raise CheckpointError(f"{url}: file is truncated: wanted bytes [{offset}, {offset + n}), "
+                          f"file ends at {offset + got}; the checkpoint is damaged")
 
 
 @contextlib.contextmanager
