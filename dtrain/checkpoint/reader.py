@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import threading
-import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dtrain.checkpoint import storage
-from dtrain.checkpoint.checksum import crc32_combine, format_crc, parse_crc
+from dtrain.checkpoint.checksum import crc32, crc32_combine, format_crc, parse_crc
 from dtrain.checkpoint.format import MANIFEST, STATE, CheckpointDamagedError, Chunk, Manifest, parse_manifest
 from dtrain.checkpoint.jsoncodec import loads
 from dtrain.checkpoint.plan import local_box
@@ -61,9 +60,9 @@ def read_json_file(dir_url: str, manifest: Manifest, name: str,
         data = storage.read_bytes(url, storage_options=storage_options)
     except FileNotFoundError:
         raise CheckpointDamagedError(f"{url} is listed in the manifest but missing") from None
-    if len(data) != entry.size or zlib.crc32(data) != parse_crc(entry.checksum):
+    if len(data) != entry.size or crc32(data) != parse_crc(entry.checksum):
         raise CheckpointDamagedError(f"{url}: size/checksum mismatch ({len(data)} bytes, "
-                                     f"{format_crc(zlib.crc32(data))}; manifest says {entry.size} bytes, "
+                                     f"{format_crc(crc32(data))}; manifest says {entry.size} bytes, "
                                      f"{entry.checksum}); the checkpoint is damaged")
     state = loads(data, url)
     if not isinstance(state, dict):
@@ -98,7 +97,7 @@ class ChunkReader:
     """Reads and verifies chunks of one checkpoint; checks each file's size once.
 
     A big read is split into `PIECE`-sized pieces on a few threads, each piece hashed right after
-    it lands (file reads, S3 GETs and zlib all release the GIL), and the piece CRCs are combined:
+    it lands (file reads, S3 GETs and the CRC all release the GIL), and the piece CRCs are combined:
     on 2 cores this reads at about disk speed instead of read time plus hash time. Local files are
     read with pread on one descriptor per file (kept until `close`), so callers may also read
     several tensors at once. Bytes go
@@ -194,7 +193,7 @@ class ChunkReader:
             else:
                 with self._remote.hold(len(part)):
                     storage.read_into(url, begin + off, part, self.storage_options)
-            return zlib.crc32(part)
+            return crc32(part)
 
         if n <= step:
             return piece(0) if n else 0

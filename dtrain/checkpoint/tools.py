@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import math
 import re
-import zlib
 from dataclasses import dataclass
 
 import torch
 
 from dtrain.checkpoint import retention, storage
-from dtrain.checkpoint.checksum import crc32_combine, format_crc, parse_crc
+from dtrain.checkpoint.checksum import crc32, crc32_combine, format_crc, parse_crc
 from dtrain.checkpoint.format import MANIFEST, Chunk, Manifest, NonFiniteTensorError
 from dtrain.checkpoint.jsoncodec import loads
 from dtrain.checkpoint.plan import MODEL, Box
@@ -134,8 +133,8 @@ def refuse_non_finite(url: str, storage_options: storage.StorageOptions = None) 
 
 def _verify_small_file(furl: str, checksum: str, so: storage.StorageOptions) -> list[str]:
     data = storage.read_bytes(furl, storage_options=so)
-    if zlib.crc32(data) != parse_crc(checksum):
-        return [f"{furl}: checksum {format_crc(zlib.crc32(data))}, manifest says {checksum}"]
+    if crc32(data) != parse_crc(checksum):
+        return [f"{furl}: checksum {format_crc(crc32(data))}, manifest says {checksum}"]
     try:
         if furl.endswith(".json"):
             loads(data, furl)
@@ -155,7 +154,7 @@ def _verify_tensor_file(furl: str, size: int, checksum: str, chunks: list[tuple[
             header = read_header(read_range, size, furl)
         except CheckpointError as e:
             return [str(e)]
-        crc = zlib.crc32(read_range(0, header.data_start))
+        crc = crc32(read_range(0, header.data_start))
         spans = {(e.begin, e.end): e for e in header.entries.values()}
         for key, c in sorted(chunks, key=lambda kc: kc[1].data_offsets):
             st = spans.get(c.data_offsets)
@@ -166,7 +165,7 @@ def _verify_tensor_file(furl: str, size: int, checksum: str, chunks: list[tuple[
             part = 0
             f.seek(begin)
             for off in range(begin, end, _PIECE):
-                part = zlib.crc32(f.read(min(_PIECE, end - off)), part)
+                part = crc32(f.read(min(_PIECE, end - off)), part)
             crc = crc32_combine(crc, part, end - begin)
             pos = end
             match = [(k, c) for k, c in chunks if c.data_offsets == (begin, end)]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dtrain.checkpoint import comm, storage
-from dtrain.checkpoint.checksum import BackgroundCrc, crc32_combine, format_crc
+from dtrain.checkpoint.checksum import BackgroundCrc, crc32, crc32_combine, format_crc
 from dtrain.checkpoint.format import MANIFEST, Chunk, FileEntry, Manifest, TensorEntry, parse_manifest
 from dtrain.checkpoint.plan import MODEL, Box
 from dtrain.checkpoint.stfile import encode_header
@@ -65,7 +64,7 @@ def write_tensor_file(url: str, name: str, items: Sequence[tuple[Box, torch.Tens
     """Stream `items` into a safetensors file at `url`; return its entry and each chunk's record.
     A callable item is called just before its bytes are written (export builds tensors lazily)."""
     header, entries = encode_header([(b.key, b.dtype, b.lengths) for b, _ in items], metadata)
-    file_crc = zlib.crc32(header)
+    file_crc = crc32(header)
     chunks: list[tuple[str, Chunk]] = []
     crcs: list[BackgroundCrc] = []
     with ThreadPoolExecutor(1, thread_name_prefix="dtrain-crc") as pool, \
@@ -95,7 +94,7 @@ def write_tensor_file(url: str, name: str, items: Sequence[tuple[Box, torch.Tens
 def write_small_file(url: str, name: str, data: bytes, storage_options: storage.StorageOptions = None) -> FileEntry:
     with storage.open_write(url, storage_options) as f:
         f.write(data)
-    return FileEntry(name, len(data), format_crc(zlib.crc32(data)))
+    return FileEntry(name, len(data), format_crc(crc32(data)))
 
 
 def file_names(rank: int, world: int) -> tuple[str, str]:
