@@ -241,6 +241,20 @@ def test_optimizer_state_is_initialised_in_buckets_like_get_state_dict_does(make
     assert_same(o2.state_dict(), o1.state_dict())
 
 
+def test_saving_a_never_stepped_optimizer_allocates_no_optimizer_state(tmp_path: Any) -> None:
+    """A save before the first step must not pay for the optimizer state torch would create
+    (AdamW: two moments + a gradient and the step's temporaries, ~3x the model) only to drop it."""
+    from dtrain.checkpoint import CheckpointManager
+
+    model = nn.Sequential(*[nn.Linear(1024, 1024, bias=False) for _ in range(16)])  # 64 MiB
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    mgr = CheckpointManager(str(tmp_path), lease=False)
+    with PeakExtra() as peak:
+        mgr.save(0, model=model, optimizer=opt)
+    assert not opt.state
+    assert peak.extra <= (16 << 20), f"save of a 64 MiB model took {peak.extra >> 20} MiB extra"
+
+
 # ---- the test -------------------------------------------------------------------------------------
 def _mem_available() -> int:
     with open("/proc/meminfo") as f:
