@@ -79,6 +79,11 @@ class CheckpointConfig:
     keep_best_k: int = 1
     keep_every_n_steps: int = 0
     storage_options: dict[str, Any] = field(default_factory=dict)
+    # one job per checkpoint root: a lease file names the job that writes there (checkpoint/lease.py)
+    lease: bool = True
+    lease_ttl_s: float = 60.0  # a crashed job's lease expires this long after its last renewal
+    job_id: str = ""  # "" = DTRAIN_JOB_ID, torchrun's run id or SLURM_JOB_ID from the environment
+    check_finite: bool = False  # loads refuse NaN/inf tensors and fall back to the previous checkpoint
 
 
 @dataclass
@@ -146,7 +151,7 @@ _NON_NEGATIVE = (
     "early_stopping.start_from_step",
 )
 _POSITIVE = ("data.batch_size", "data.grad_accum", "data.eval_batch_size", "train.max_steps",
-             "train.eval_every", "train.log_every", "dist.timeout_s")
+             "train.eval_every", "train.log_every", "dist.timeout_s", "checkpoint.lease_ttl_s")
 
 
 def _get(cfg: JobConfig, dotted: str) -> Any:

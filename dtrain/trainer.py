@@ -89,6 +89,7 @@ class Trainer:
             keep_last_n=ck.keep_last_n or None, keep_best_k=ck.keep_best_k or None,
             keep_every_n_steps=ck.keep_every_n_steps or None, monitor=es.monitor, mode=es.mode,
             overlap_staging=True,  # only optimizer.step() changes parameters in this loop
+            job_id=ck.job_id or None, lease=ck.lease, lease_ttl_s=ck.lease_ttl_s, check_finite=ck.check_finite,
         )
         self.preemption = PreemptionHandler()
         self.faults = FaultInjector.from_config(cfg.faults, env.rank, env.world_size)

@@ -134,3 +134,29 @@ def test_large_model_config_runs_small_on_cpu(tmp_path: Path) -> None:
     assert (run_dir / "checkpoints" / "step-000000006" / "manifest.json").exists()
     curve = losses(run_dir)
     assert curve[6] < curve[1]
+
+
+@pytest.mark.timeout(120)
+def test_checkpoint_lease_keys_decide_who_may_use_a_root(tmp_path: Path) -> None:
+    """checkpoint.job_id / lease / lease_ttl_s reach the trainer: another job's live lease makes a
+    run refuse at start, naming that job; the same job id (a restart) or lease=false goes on."""
+    from dtrain.checkpoint.lease import Lease
+
+    root = tmp_path / "ckpt"
+    held = Lease(str(root), job_id="other-job", ttl_s=300)
+    held.acquire()
+    base = ["train", *FAST, f"run_dir={tmp_path / 'run'}", f"checkpoint.root={root}", "train.max_steps=4",
+            "train.eval_every=4"]
+    try:
+        refused = dtrain([*base, "checkpoint.job_id=my-job", "checkpoint.lease_ttl_s=5"])
+        assert refused.returncode != 0 and "other-job" in refused.stderr, refused.stderr[-2000:]
+        assert not list(root.glob("step-*")), "a refused run must not write checkpoints"
+        same = dtrain([*base, "checkpoint.job_id=other-job"])
+        assert same.returncode == 0, same.stderr[-2000:]
+        off = dtrain([*base, "run_dir=" + str(tmp_path / "run2"), "checkpoint.job_id=my-job", "checkpoint.lease=false",
+                      "resume=never"])
+        assert off.returncode == 0, off.stderr[-2000:]
+    finally:
+        held.release()
+    bad = dtrain([*base, "checkpoint.lease_ttl_s=0"])
+    assert bad.returncode == 2 and "checkpoint.lease_ttl_s=0" in bad.stderr

@@ -121,6 +121,7 @@ def test_indexed_job_rendezvous_reaches_pod_zero_through_the_headless_service(ov
     assert int(port) in {p["containerPort"] for p in container["ports"]}
     assert int(port) in {p["port"] for p in service["spec"]["ports"]}
     assert env["RDZV_ID"] == "fieldRef:metadata.labels['batch.kubernetes.io/controller-uid']"
+    assert env["DTRAIN_JOB_ID"] == env["RDZV_ID"]  # the lease's job id: the same for every pod of the Job
     assert env["LOCAL_ADDR"] == "fieldRef:status.podIP"
 
 
@@ -177,7 +178,9 @@ def test_pytorchjob_is_elastic_and_restarts_on_exit_75(overlay: str) -> None:
     assert elastic["minReplicas"] <= worker["replicas"] <= elastic["maxReplicas"]
     # ExitCode would treat 75 (1-127) as permanent; OnFailure restarts the container.
     assert worker["restartPolicy"] == "OnFailure"
-    assert _container_env(container, resources)["MAX_RESTARTS"] == str(elastic["maxRestarts"])
+    env = _container_env(container, resources)
+    assert env["MAX_RESTARTS"] == str(elastic["maxRestarts"])
+    assert env["DTRAIN_JOB_ID"] == "fieldRef:metadata.labels['training.kubeflow.org/job-name']"
     assert "Master" not in job["spec"]["pytorchReplicaSpecs"]
 
 
