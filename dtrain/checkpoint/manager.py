@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from dtrain.checkpoint import comm, retention, storage
+from dtrain.checkpoint.faultpoints import fault_point
 from dtrain.checkpoint.format import MANIFEST, CheckpointDamagedError
 from dtrain.checkpoint.lease import DEFAULT_TTL_S, Lease
 from dtrain.checkpoint.restore import load_checkpoint
@@ -84,13 +85,13 @@ class CheckpointManager:
         """Collective: checkpoint everything at `step` into `<root>/step-{step:09d}/`."""
         self.wait()
         self.acquire_lease()
-        storage.fault_point("save_begin")
+        fault_point("save_begin")
         prep = prepare(step_dir(self.root, step), step, model=model, optimizers=as_tuple(optimizer),
                        stateful=stateful or {}, extra=extra or {}, metrics=metrics, reason=reason,
                        group=self.group, storage_options=self.storage_options)
         if prep.skip:
             return
-        storage.fault_point("prepared")
+        fault_point("prepared")
         if self._pool is None:
             self._finish(prep)
             return
@@ -99,7 +100,7 @@ class CheckpointManager:
             job = self._overlapped(prep, model, optimizers)
         else:
             staged = self._stage(prep, self._staging)
-            storage.fault_point("staged")
+            fault_point("staged")
             job = lambda: self._finish(staged)  # noqa: E731
         with self._lock:
             self._pending = self._pool.submit(job)
@@ -147,12 +148,12 @@ class CheckpointManager:
 
     def _finish(self, prep: PreparedSave) -> None:
         manifest = execute(prep, self.group, self.storage_options)
-        storage.fault_point("committed")
+        fault_point("committed")
         if manifest is not None:  # rank 0, after the commit
             log.info("checkpoint %s committed (%d files, %.1f MiB, reason %s)", prep.dir_url,
                      len(manifest.files), manifest.total_bytes / 2**20, manifest.reason)
             self._apply_retention()
-        storage.fault_point("saved")
+        fault_point("saved")
 
     def _apply_retention(self) -> None:
         try:
@@ -233,12 +234,12 @@ class CheckpointManager:
         """Collective: load a checkpoint into the given components; returns its `extra` dict."""
         self.wait()  # never let a load's collectives interleave with a background save's
         url = self._resolve(ckpt)
-        storage.fault_point("load_begin")
+        fault_point("load_begin")
         if self.check_finite:
             refuse_non_finite(url, self.storage_options)
         _, extra = load_checkpoint(url, model=model, optimizers=as_tuple(optimizer), stateful=stateful,
                                    strict=strict, group=self.group, storage_options=self.storage_options)
-        storage.fault_point("loaded")
+        fault_point("loaded")
         return extra
 
     def restore_latest(self, *, model: nn.Module, optimizer: Optimizers = None,

@@ -15,7 +15,6 @@ import functools
 import os
 import posixpath
 import shutil
-import signal
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, TypeVar
@@ -23,41 +22,13 @@ from typing import Any, BinaryIO, TypeVar
 import fsspec
 from fsspec.core import url_to_fs
 
+from dtrain.checkpoint import faultpoints
+from dtrain.checkpoint.faultpoints import Hooked, fault_point
 from dtrain.checkpoint.s3upload import ConcurrentS3Writer, with_retries
 from dtrain.errors import CheckpointError
 
 StorageOptions = dict[str, Any] | None
 T = TypeVar("T")
-_FAULTS: dict[str, tuple[int, int]] | None = None  # phase -> (rank, nth), from DTRAIN_CKPT_FAULT
-_fault_counts: dict[str, int] = {}
-
-
-def fault_point(phase: str, url: str = "") -> None:
-    """Tests only (off unless DTRAIN_CKPT_FAULT="phase:rank:nth[,...]" is set): SIGKILL this
-    process (RANK from the environment) the nth time it reaches `phase`. Phases: save_begin,
-    prepared, staged, committed, saved, load_begin, loaded (manager.py); file_open, file_write,
-    file_closed, manifest (before its rename), manifest_done, read, remove (here)."""
-    global _FAULTS
-    if _FAULTS is None:
-        _FAULTS = {}
-        for item in filter(None, os.environ.get("DTRAIN_CKPT_FAULT", "").split(",")):
-            name, who, count = (item.strip().split(":") + ["", ""])[:3]
-            if not (who.isdigit() and count.isdigit()):
-                raise CheckpointError(f"DTRAIN_CKPT_FAULT item {item!r} is not phase:rank:nth")
-            _FAULTS[name] = (int(who), int(count))
-    if not _FAULTS:
-        return
-    if phase.startswith("atomic"):  # the manifest's atomic write (not the lease's, an export index's)
-        if not url.endswith("manifest.json"):
-            return
-        phase = "manifest" if phase == "atomic_before_rename" else "manifest_done"
-    if phase not in _FAULTS:
-        return
-    rank, nth = _FAULTS[phase]
-    _fault_counts[phase] = _fault_counts.get(phase, 0) + 1
-    if rank == int(os.environ.get("RANK", "0")) and _fault_counts[phase] == nth:
-        os.write(2, f"dtrain fault: SIGKILL rank {rank} at {phase} #{nth}\n".encode())
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _named_errors(fn: Callable[..., T]) -> Callable[..., T]:
@@ -152,7 +123,7 @@ def open_write(url: str, storage_options: StorageOptions = None) -> Iterator[Bin
         path = local_path(url)
         f = open(path, "wb")
         try:
-            yield _Hooked(f, url) if _FAULTS else f  # type: ignore[misc]
+            yield Hooked(f, url) if faultpoints.active() else f  # type: ignore[misc]
             f.flush()
             os.fsync(f.fileno())
         except BaseException:
@@ -166,7 +137,7 @@ def open_write(url: str, storage_options: StorageOptions = None) -> Iterator[Bin
     fs, path = filesystem(url, storage_options)
     rf = ConcurrentS3Writer(fs, path) if _is_s3(fs) else fs.open(path, "wb")
     try:
-        yield _Hooked(rf, url) if _FAULTS else rf  # type: ignore[misc]
+        yield Hooked(rf, url) if faultpoints.active() else rf  # type: ignore[misc]
     except BaseException:
         with contextlib.suppress(Exception):
             rf.discard()  # s3fs: abort the multipart upload; nothing becomes visible
@@ -182,18 +153,6 @@ def open_write(url: str, storage_options: StorageOptions = None) -> Iterator[Bin
     except Exception as e:
         raise CheckpointError(f"{url}: committing the upload failed: {type(e).__name__}: {e}") from e
     fault_point("file_closed", url)
-
-
-class _Hooked:
-    """A file whose writes pass a fault point (only while a test installed a hook)."""
-
-    def __init__(self, f: Any, url: str) -> None:
-        self.f, self.url = f, url
-
-    def write(self, data: Any) -> int:
-        n = self.f.write(data)
-        fault_point("file_write", self.url)
-        return int(n or 0)
 
 
 def _bucket_exists(fs: fsspec.AbstractFileSystem, bucket: str) -> bool:

@@ -1,5 +1,5 @@
 """Process faults across the save/load lifecycle: a small 2-rank DDP job is SIGKILLed again and again
-at seeded points of its saves and loads (storage.fault_point phases), and resumed each time.
+at seeded points of its saves and loads (faultpoints.fault_point phases), and resumed each time.
 
     python -m tests.reliability.chaos worker ROOT STEPS SAVE_EVERY ASYNC OUT   (one rank; env:// vars)
 
