@@ -11,6 +11,7 @@ import pytest
 
 from tests.integration.slurm_cluster import SlurmCluster
 from tests.launch import FAST, read_jsonl, summary
+from tests.multiproc import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SBATCH = REPO / "launch" / "slurm.sbatch"
@@ -25,7 +26,9 @@ def _submit(slurm: SlurmCluster, run_dir: Path, log: Path, *overrides: str) -> i
         "sbatch", "--parsable", f"--chdir={REPO}", f"--output={log}", f"--cpus-per-task={slurm.cpus}",
         "--mem=4G", "--time=10:00", "--job-name=dtrain-test",
         f"--export=ALL,PATH={env_path},PYTHONPATH={REPO},CONFIG=configs/digits.yaml,RUN_DIR={run_dir},"
-        "NPROC_PER_NODE=2,SHUTDOWN_TIMEOUT=60,OMP_NUM_THREADS=1",
+        # a free rendezvous port: the script's default (29400 + job id % 1000) collides with
+        # another one-node cluster on this host, whose first job also has id 1
+        f"NPROC_PER_NODE=2,SHUTDOWN_TIMEOUT=60,OMP_NUM_THREADS=1,RDZV_PORT={free_port()}",
         str(SBATCH), *overrides)
     return int(out.strip().split(";")[0])
 
