@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow test-gpu lint bench chaos clean
+.PHONY: install demo test test-slow test-gpu lint bench bench-gpu chaos clean
 
 # torch goes in first, pinned: an unpinned torch pulled in by another package downloads GBs of CUDA wheels.
 $(STAMP): pyproject.toml
@@ -42,6 +42,11 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/checkpoint_io.py
 	$(PY) benchmarks/agreement_overhead.py
+
+# on a CUDA machine: checkpoints from GPU memory, dtrain against DCP (sync, async_save, load)
+bench-gpu: $(STAMP)
+	$(PY) benchmarks/checkpoint_gpu.py --sizes 1G,4G --repeats 3
+	$(PY) benchmarks/checkpoint_gpu.py --sizes '' --largest --repeats 1 --append
 
 # the reliability fault matrix; writes benchmarks/results/reliability.json
 chaos: $(STAMP)
