@@ -131,6 +131,13 @@ def save_fn(method: str, state: dict[str, torch.Tensor], d: str, ctx: dict[str, 
                     f.write(_bytes(t))
                 os.fsync(f.fileno())
         return raw
+    if method == "raw-2r":  # the floor for a replicated state: each rank writes every world-th tensor
+        def raw_share() -> None:
+            with open(os.path.join(d, f"raw-{ctx['rank']}.bin"), "wb", buffering=0) as f:
+                for t in list(state.values())[ctx["rank"]::ctx["world"]]:
+                    f.write(_bytes(t))
+                os.fsync(f.fileno())
+        return raw_share
     if method in ("torch", "safetensors"):
         def library() -> None:
             path = os.path.join(d, "state.pt" if method == "torch" else "state.safetensors")
@@ -172,6 +179,20 @@ def load_fn(method: str, dest: dict[str, torch.Tensor], d: str, ctx: dict[str, A
             with open(os.path.join(d, "raw.bin"), "rb", buffering=0) as f:
                 return readinto(f)
         return raw
+    if method == "raw-2r":  # ... and each rank reads all of it back (every rank needs the whole state)
+        def raw_all() -> dict[str, torch.Tensor]:
+            tensors = list(dest.values())
+            for r in range(ctx["world"]):
+                with open(os.path.join(d, f"raw-{r}.bin"), "rb", buffering=0) as f:
+                    for t in tensors[r::ctx["world"]]:
+                        mv, got = _bytes(t), 0
+                        while got < len(mv):
+                            n = f.readinto(mv[got:])
+                            if not n:
+                                raise EOFError("short read")
+                            got += n
+            return dest
+        return raw_all
     if method == "torch":
         return lambda: torch.load(os.path.join(d, "state.pt"), weights_only=True, map_location="cpu")
     if method == "safetensors":
@@ -202,7 +223,7 @@ def measure(method: str, nbytes: int, d: str, rank: int, world: int, endpoint: s
     from dtrain.checkpoint import CheckpointManager
 
     state = make_state(nbytes)
-    ctx: dict[str, Any] = {}
+    ctx: dict[str, Any] = {"rank": rank, "world": world}
     so = dict(S3_OPTIONS, endpoint_url=endpoint) if endpoint else None
     if method in ("s3fs", "dtrain-s3"):
         import s3fs
