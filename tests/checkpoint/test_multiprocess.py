@@ -37,7 +37,7 @@ def assert_equal_states(a: dict, b: dict) -> None:
 @pytest.fixture(scope="module")
 def scenarios(tmp_path_factory: pytest.TempPathFactory) -> dict:
     base = tmp_path_factory.mktemp("reshard")
-    roots = {k: str(base / k) for k in ("single", "fsdp", "ddp")}
+    roots = {k: str(base / k) for k in ("single", "fsdp", "ddp", "fresh")}
     model = make_mlp()
     opt = make_optim(model)
     for s in (1, 2):
@@ -93,6 +93,14 @@ def test_ddp_writes_replicas_once_spread_over_ranks_and_loads_in_one_process(sce
     info, extra = CheckpointManager(root).restore_latest(model=model, optimizer=opt)
     assert info.step == 2 and extra == {"tag": "ddp"}
     assert_equal_states(full_state(model, opt), scenarios["ranks"][0]["ddp_save"]["saved"])
+
+
+def test_fsdp_save_before_the_first_step_leaves_the_optimizer_alone_and_resumes_exactly(scenarios: dict) -> None:
+    for r in scenarios["ranks"]:
+        out = r["fresh_fsdp"]
+        assert out["untouched"], "the save initialised the optimizer state"
+        assert out["reset"], "loading a never-stepped checkpoint left the stepped optimizer state in place"
+        assert_equal_states(out["resumed"], out["reference"])
 
 
 def test_a_failing_rank_fails_every_rank_and_commits_nothing(tmp_path) -> None:

@@ -83,6 +83,24 @@ def load_and_continue(model: nn.Module, rank: int, world: int, root: str) -> dic
     return {"step": info.step, "extra": extra, "loaded": loaded, "after": full_state(model, opt), "rng": rng}
 
 
+def fresh_fsdp_save_and_resume(rank: int, world: int, root: str) -> dict[str, Any]:
+    """FSDP2 + AdamW saved before its first step: the save leaves the optimizer untouched, and a
+    stepped job loading it is reset to "never stepped" and then follows the reference exactly."""
+    model = wrap(make_mlp(seed=5), "fsdp", world)
+    opt = make_optim(model)
+    CheckpointManager(root).save(0, model=model, optimizer=opt)
+    untouched = not opt.state
+    step(model, opt, rank, world, seed=7)
+    other = wrap(make_mlp(seed=77), "fsdp", world)
+    other_opt = make_optim(other)
+    step(other, other_opt, rank, world, seed=8)
+    CheckpointManager(root).restore_latest(model=other, optimizer=other_opt)
+    reset = not other_opt.state
+    step(other, other_opt, rank, world, seed=7)
+    return {"untouched": untouched, "reset": reset, "reference": full_state(model, opt),
+            "resumed": full_state(other, other_opt)}
+
+
 def reshard_scenarios(rank: int, world: int, roots: dict[str, str]) -> dict[str, Any]:
     """In one 2-rank job (process start-up dominates the cost): load a 1-process checkpoint into
     FSDP2; save from FSDP2 and load that into DDP; save from DDP (the parent loads it in 1 process)."""
@@ -92,6 +110,7 @@ def reshard_scenarios(rank: int, world: int, roots: dict[str, str]) -> dict[str,
         "fsdp_save": train_and_save(wrap(make_mlp(), "fsdp", world), rank, world, roots["fsdp"], "fsdp"),
         "fsdp_to_ddp": load_and_continue(wrap(make_mlp(seed=98), "ddp", world), rank, world, roots["fsdp"]),
         "ddp_save": train_and_save(wrap(make_mlp(), "ddp", world), rank, world, roots["ddp"], "ddp"),
+        "fresh_fsdp": fresh_fsdp_save_and_resume(rank, world, roots["fresh"]),
     }
     dist.shutdown()
     return out
