@@ -164,8 +164,8 @@ def load_fn(method: str, dest: dict[str, torch.Tensor], d: str, ctx: dict[str, A
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file
 
-    def readinto(f: Any) -> dict[str, torch.Tensor]:
-        for t in dest.values():
+    def readinto(f: Any, tensors: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        for t in dest.values() if tensors is None else tensors:
             mv, got = _bytes(t), 0
             while got < len(mv):
                 n = f.readinto(mv[got:])
@@ -184,13 +184,7 @@ def load_fn(method: str, dest: dict[str, torch.Tensor], d: str, ctx: dict[str, A
             tensors = list(dest.values())
             for r in range(ctx["world"]):
                 with open(os.path.join(d, f"raw-{r}.bin"), "rb", buffering=0) as f:
-                    for t in tensors[r::ctx["world"]]:
-                        mv, got = _bytes(t), 0
-                        while got < len(mv):
-                            n = f.readinto(mv[got:])
-                            if not n:
-                                raise EOFError("short read")
-                            got += n
+                    readinto(f, tensors[r::ctx["world"]])
             return dest
         return raw_all
     if method == "torch":
