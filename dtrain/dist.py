@@ -80,10 +80,15 @@ def detect_launcher() -> tuple[str, int, int, int]:
 
 
 def _make_store(rank: int, world_size: int, timeout: datetime.timedelta) -> torch_dist.Store:
-    """A store whose key space is private to this restart attempt.
+    """The rendezvous store of this process group, with a key space private to this attempt.
 
-    Under torchrun the agent hosts the TCPStore; reusing its keys across restarts made restarted
-    workers fail to connect in 7 of 8 trials here (shared/notes); a prefix per restart fixed it.
+    Under torchrun the agent of node 0 hosts one TCPStore for the whole job (the default since
+    torch 2.4): its keys outlive a restart, and reusing them made restarted workers fail to
+    connect in 7 of 8 trials here (shared/notes), so each restart gets its own prefix. The prefix
+    is the restart count, which every worker of one node shares. Across nodes it is not shared:
+    a node restarted for another node's failure does not count a restart, so multi-node jobs must
+    run torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (launch/torchrun.sh sets it): then rank
+    0 hosts a fresh store each attempt and no prefix is needed.
     """
     addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
     port = int(os.environ.get("MASTER_PORT", "29500"))
@@ -91,7 +96,14 @@ def _make_store(rank: int, world_size: int, timeout: datetime.timedelta) -> torc
     store = torch_dist.TCPStore(
         addr, port, world_size, is_master=(not agent_store and rank == 0), timeout=timeout, wait_for_workers=False
     )
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", os.environ.get("SLURM_RESTART_COUNT", "0"))
+    if not agent_store:
+        return torch_dist.PrefixStore("dtrain", store)
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    if nodes > 1 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and rank == 0:
+        log.warning("torchrun runs %d nodes with in-place restarts over its shared store: after one node fails, "
+                    "the others restart under another attempt number and the group cannot form again; set "
+                    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun (launch/torchrun.sh does)", nodes)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return torch_dist.PrefixStore(f"dtrain/attempt-{attempt}", store)
 
 

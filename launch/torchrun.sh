@@ -48,13 +48,18 @@ fi
 
 log() { echo "[torchrun.sh ${HOSTNAME%%.*} $(date +%H:%M:%S)] $*" >&2; }
 
-# In-place restarts re-form reliably on one node; across nodes a replaced peer failed to rejoin a
-# restarted torchrun in our tests, so there the default is 0 and the scheduler restarts everything.
+# In-place restarts re-form reliably on one node, and across nodes after a worker crash; but a
+# replaced peer (a new torchrun next to restarted ones) failed to rejoin in our tests, so across
+# nodes the default is 0 and the scheduler restarts everything.
 MAX_RESTARTS=${MAX_RESTARTS:-${PET_MAX_RESTARTS:-}}
 [[ -n "$MAX_RESTARTS" ]] || { [[ -n "$RDZV_ENDPOINT" ]] && MAX_RESTARTS=0 || MAX_RESTARTS=3; }
 args=(--nproc-per-node "$NPROC_PER_NODE" --max-restarts "$MAX_RESTARTS")
 if [[ -n "$RDZV_ENDPOINT" ]]; then
     args+=(--nnodes "$NNODES" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "$RDZV_ID")
+    # A fresh store per rendezvous round, hosted by rank 0: torchrun's default store is shared by
+    # every round, and a node restarted for another node's failure does not count a restart, so
+    # the nodes' attempt numbers (dtrain's key prefix there) drift apart and the group never forms.
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
     if [[ -n "${NODE_RANK:-}" ]]; then args+=(--node-rank "$NODE_RANK"); fi
 elif [[ "$NNODES" == 1 || "$NNODES" == 1:1 ]]; then
     args+=(--standalone)
