@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from torch import nn
 
 from tests.moto import start_moto
 from tests.multiproc import free_port
@@ -91,6 +93,20 @@ def proxy(moto: MotoServer) -> Iterator[FaultProxy]:
         yield p
     finally:
         p.stop()
+
+
+def make_model(seed: int = 0, width: int = 32) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The small model + AdamW that the storage-fault tests and the report save and reload."""
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(16, width), nn.Tanh(), nn.Linear(width, 4))
+    return m, torch.optim.AdamW(m.parameters(), lr=0.01)
+
+
+def train_step(m: nn.Module, o: torch.optim.Optimizer, i: int) -> None:
+    """One step on batch `i` (seeded, so two runs see the same data)."""
+    m(torch.randn(8, 16, generator=torch.Generator().manual_seed(i))).pow(2).mean().backward()
+    o.step()
+    o.zero_grad()
 
 
 def s3_options(endpoint: str) -> dict[str, Any]:

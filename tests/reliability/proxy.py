@@ -73,14 +73,14 @@ class FaultProxy:
         if self._server is not None:
             self._server.close()
             self._server = None
-        with self._lock:
-            conns, self._conns = list(self._conns), set()
-        for c in conns:
-            _close(c)
+        self._cut_all()
 
     def down(self) -> None:
         """Refuse every request (reset) until `up()`; open connections are cut now."""
         self._down = True
+        self._cut_all()
+
+    def _cut_all(self) -> None:
         with self._lock:
             conns, self._conns = list(self._conns), set()
         for c in conns:

@@ -32,7 +32,6 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
 
 from dtrain.checkpoint import CheckpointManager, verify
 from dtrain.checkpoint.format import parse_manifest
@@ -40,7 +39,7 @@ from dtrain.checkpoint.jsoncodec import loads
 from dtrain.checkpoint.stfile import read_header
 from dtrain.errors import CheckpointError
 from tests.reliability import chaos, hostile
-from tests.reliability.conftest import REPO, MotoServer, remount, s3_options, tmpfs
+from tests.reliability.conftest import REPO, MotoServer, make_model, remount, s3_options, tmpfs, train_step
 from tests.reliability.proxy import FaultPlan, FaultProxy
 
 
@@ -55,18 +54,6 @@ class Row:
     notes: list[str] = field(default_factory=list)
 
 
-def _model(width: int = 32) -> tuple[nn.Module, torch.optim.Optimizer]:
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(16, width), nn.Tanh(), nn.Linear(width, 4))
-    return m, torch.optim.AdamW(m.parameters(), lr=0.01)
-
-
-def _step(m: nn.Module, o: torch.optim.Optimizer, i: int) -> None:
-    m(torch.randn(8, 16, generator=torch.Generator().manual_seed(i))).pow(2).mean().backward()
-    o.step()
-    o.zero_grad()
-
-
 def _check(root: str, so: dict | None, newest: int, weights: dict[str, torch.Tensor], row: Row, width: int = 32) -> bool:
     """The newest committed checkpoint is `newest`, it verifies and holds `weights`; counts a loss
     or an accepted corruption on `row` otherwise."""
@@ -77,7 +64,7 @@ def _check(root: str, so: dict | None, newest: int, weights: dict[str, torch.Ten
         row.notes.append(f"newest committed is {latest and latest.step}, expected {newest}")
         return False
     problems = verify(latest.url, so)
-    fresh, opt = _model(width)
+    fresh, opt = make_model(width=width)
     mgr.load(latest, model=fresh, optimizer=opt)
     if problems or any(not torch.equal(fresh.state_dict()[k], v) for k, v in weights.items()):
         row.corrupt_accepted += 1
@@ -104,11 +91,11 @@ def flaky_endpoint(work: Path, saves: int) -> Row:
     with _s3(work) as (moto, proxy):
         proxy.seed, proxy.plan = 11, FaultPlan(reset=0.06, drop_response=0.04, error_500=0.03, error_503=0.05)
         root = f"s3://{moto.bucket()}/run"
-        m, o = _model()
+        m, o = make_model()
         mgr = CheckpointManager(root, storage_options=s3_options(proxy.endpoint), keep_last_n=2)
         lost_faults = 0
         for i in range(1, saves + 1):
-            _step(m, o, i)
+            train_step(m, o, i)
             before = proxy.injected
             try:
                 mgr.save(i, model=m, optimizer=o)
@@ -128,14 +115,14 @@ def outage(work: Path, trials: int) -> Row:
     row = Row("S3 endpoint down for a whole save (default 5 attempts)")
     with _s3(work) as (moto, proxy):
         root = f"s3://{moto.bucket()}/run"
-        m, o = _model()
+        m, o = make_model()
         mgr = CheckpointManager(root, storage_options=s3_options(proxy.endpoint))
         step = 1
         mgr.save(step, model=m, optimizer=o)
         saved = {k: v.clone() for k, v in m.state_dict().items()}
         spent = []
         for _ in range(trials):
-            _step(m, o, step + 1)
+            train_step(m, o, step + 1)
             proxy.down()
             row.injected += 1
             t = time.monotonic()
@@ -147,7 +134,7 @@ def outage(work: Path, trials: int) -> Row:
             proxy.up()
             if _check(root, s3_options(moto.endpoint), step, saved, row):
                 step += 2
-                _step(m, o, step)
+                train_step(m, o, step)
                 mgr.save(step, model=m, optimizer=o)  # the job goes on once the endpoint is back
                 saved = {k: v.clone() for k, v in m.state_dict().items()}
                 row.recovered += _check(root, s3_options(moto.endpoint), step, saved, row)
@@ -162,13 +149,13 @@ def s3_killed(work: Path, trials: int) -> Row:
     try:
         with _s3(work) as (moto, proxy):
             root = f"s3://{moto.bucket()}/run"
-            m, o = _model(width=64)
+            m, o = make_model(width=64)
             mgr = CheckpointManager(root, storage_options=s3_options(proxy.endpoint))
             mgr.save(1, model=m, optimizer=o)
             rng = random.Random(5)
             for trial in range(trials):
                 step = 2 + trial
-                _step(m, o, step)
+                train_step(m, o, step)
                 at = rng.randint(1, 5)  # a save PUTs 5 objects: 2 shards, state, rng, manifest
                 puts: list[str] = []
                 threads: list[threading.Thread] = []
@@ -206,16 +193,16 @@ def disk_full(work: Path, trials: int) -> Row:
     for trial in range(trials):
         with tmpfs(work / f"disk{trial}", "4m") as disk:
             root = str(disk / "ckpts")
-            m, o = _model(width=256)
+            m, o = make_model(width=256)
             mgr = CheckpointManager(root, async_save=trial % 2 == 1)
-            _step(m, o, 1)
+            train_step(m, o, 1)
             mgr.save(1, model=m, optimizer=o)
             mgr.wait()
             saved = {k: v.clone() for k, v in m.state_dict().items()}
             st = os.statvfs(disk)
             room = random.Random(trial).randint(4, 56) * 1024  # a checkpoint is ~70 KiB: it runs out inside
             (disk / "ballast").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - room))
-            _step(m, o, 2)
+            train_step(m, o, 2)
             row.injected += 1
             try:
                 mgr.save(2, model=m, optimizer=o)
@@ -240,7 +227,7 @@ def read_only(work: Path) -> Row:
     row = Row("checkpoint root becomes read-only / not writable")
     with tmpfs(work / "ro", "4m") as disk:
         root = str(disk / "ckpts")
-        m, o = _model()
+        m, o = make_model()
         mgr = CheckpointManager(root)
         mgr.save(1, model=m, optimizer=o)
         saved = {k: v.clone() for k, v in m.state_dict().items()}
@@ -252,7 +239,7 @@ def read_only(work: Path) -> Row:
             pass
         ok = _check(root, None, 1, saved, row)
         remount(disk, "rw")
-        _step(m, o, 2)
+        train_step(m, o, 2)
         mgr.save(2, model=m, optimizer=o)
         mgr.close()
         row.recovered += ok and _check(root, None, 2, {k: v.clone() for k, v in m.state_dict().items()}, row)

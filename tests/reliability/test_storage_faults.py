@@ -22,20 +22,8 @@ from dtrain.checkpoint import CheckpointManager, storage, verify
 from dtrain.checkpoint.s3upload import is_transient
 from dtrain.errors import CheckpointError
 from tests.launch import FAST, dtrain
-from tests.reliability.conftest import REPO, MotoServer, remount, s3_options, tmpfs
+from tests.reliability.conftest import REPO, MotoServer, make_model, remount, s3_options, tmpfs, train_step
 from tests.reliability.proxy import FaultPlan, FaultProxy
-
-
-def make(seed: int = 0, width: int = 32) -> tuple[nn.Module, torch.optim.Optimizer]:
-    torch.manual_seed(seed)
-    m = nn.Sequential(nn.Linear(16, width), nn.Tanh(), nn.Linear(width, 4))
-    return m, torch.optim.AdamW(m.parameters(), lr=0.01)
-
-
-def step(m: nn.Module, o: torch.optim.Optimizer, i: int) -> None:
-    m(torch.randn(8, 16, generator=torch.Generator().manual_seed(i))).pow(2).mean().backward()
-    o.step()
-    o.zero_grad()
 
 
 def weights(m: nn.Module) -> dict[str, torch.Tensor]:
@@ -48,7 +36,7 @@ def assert_loads(root: str, so: dict | None, step_no: int, expected: dict[str, t
     latest = mgr.latest_committed()
     assert latest is not None and latest.step == step_no, mgr.list()
     assert verify(latest.url, so) == []
-    fresh, opt = make(seed=99, width=width)
+    fresh, opt = make_model(seed=99, width=width)
     mgr.load(latest, model=fresh, optimizer=opt)
     for k, v in expected.items():
         assert torch.equal(fresh.state_dict()[k], v), k
@@ -60,10 +48,10 @@ def assert_loads(root: str, so: dict | None, step_no: int, expected: dict[str, t
 def test_flaky_endpoint_every_save_commits_after_retries(moto: MotoServer, proxy: FaultProxy, caplog) -> None:  # type: ignore[no-untyped-def]
     proxy.seed, proxy.plan = 7, FaultPlan(reset=0.06, drop_response=0.04, error_500=0.03, error_503=0.05)
     root = f"s3://{moto.bucket()}/run"
-    m, o = make()
+    m, o = make_model()
     mgr = CheckpointManager(root, storage_options=s3_options(proxy.endpoint), keep_last_n=2)
     for i in range(1, 5):
-        step(m, o, i)
+        train_step(m, o, i)
         mgr.save(i, model=m, optimizer=o)
     mgr.close()
     assert proxy.injected >= 5, proxy.counts  # faults really happened
@@ -81,13 +69,13 @@ def test_endpoint_down_fails_the_save_clearly_and_keeps_the_previous(moto: MotoS
     monkeypatch.setenv("DTRAIN_STORAGE_ATTEMPTS", "3")  # the default 5 only takes longer (report.py times it)
     root = f"s3://{moto.bucket()}/run"
     so = s3_options(proxy.endpoint)
-    m, o = make()
-    step(m, o, 1)
+    m, o = make_model()
+    train_step(m, o, 1)
     mgr = CheckpointManager(root, storage_options=so, async_save=async_save)
     mgr.save(1, model=m, optimizer=o)
     mgr.wait()
     saved = weights(m)
-    step(m, o, 2)
+    train_step(m, o, 2)
     proxy.down()
     t = time.monotonic()
     with pytest.raises(CheckpointError) as e:
@@ -97,7 +85,7 @@ def test_endpoint_down_fails_the_save_clearly_and_keeps_the_previous(moto: MotoS
     assert root in str(e.value) and "after 3 attempts" in str(e.value), str(e.value)
     proxy.up()
     assert_loads(root, s3_options(moto.endpoint), 1, saved)  # nothing of step 2 is visible
-    step(m, o, 3)
+    train_step(m, o, 3)
     mgr.save(3, model=m, optimizer=o)  # training goes on: the next save commits
     mgr.close()
     assert_loads(root, s3_options(moto.endpoint), 3, weights(m))
@@ -113,8 +101,8 @@ def test_s3_server_killed_in_the_middle_of_a_save(moto: MotoServer, proxy: Fault
     # during: ~30 s of retries leave room for a restart; after: fail fast
     monkeypatch.setenv("DTRAIN_STORAGE_ATTEMPTS", "9" if back == "during the save" else "3")
     root = f"s3://{moto.bucket()}/run"
-    m, o = make(width=64)
-    step(m, o, 1)
+    m, o = make_model(width=64)
+    train_step(m, o, 1)
     mgr = CheckpointManager(root, storage_options=s3_options(proxy.endpoint))
     mgr.save(1, model=m, optimizer=o)
     saved = weights(m)
@@ -137,7 +125,7 @@ def test_s3_server_killed_in_the_middle_of_a_save(moto: MotoServer, proxy: Fault
         proxy.up()
 
     proxy.on_request = kill_at_third_put
-    step(m, o, 2)
+    train_step(m, o, 2)
     try:
         if back == "during the save":
             mgr.save(2, model=m, optimizer=o)
@@ -148,7 +136,7 @@ def test_s3_server_killed_in_the_middle_of_a_save(moto: MotoServer, proxy: Fault
                 mgr.save(2, model=m, optimizer=o)
             moto.start(replay=True)
             assert_loads(root, s3_options(moto.endpoint), 1, saved, width=64)  # step 2 is not committed
-            step(m, o, 3)
+            train_step(m, o, 3)
             mgr.save(3, model=m, optimizer=o)
             assert_loads(root, s3_options(moto.endpoint), 3, weights(m), width=64)
     finally:
@@ -184,8 +172,8 @@ def test_transient_or_not() -> None:
 def test_disk_full_during_a_save(tmp_path: Path, async_save: bool) -> None:
     with tmpfs(tmp_path / "disk", "4m") as disk:
         root = str(disk / "ckpts")
-        m, o = make(width=256)  # ~20k parameters: ~0.25 MB per checkpoint with AdamW state
-        step(m, o, 1)
+        m, o = make_model(width=256)  # ~20k parameters: ~0.25 MB per checkpoint with AdamW state
+        train_step(m, o, 1)
         mgr = CheckpointManager(root, async_save=async_save)
         mgr.save(1, model=m, optimizer=o)
         mgr.wait()
@@ -194,7 +182,7 @@ def test_disk_full_during_a_save(tmp_path: Path, async_save: bool) -> None:
         ballast = disk / "ballast"
         with open(ballast, "wb") as f:
             f.write(b"\0" * (free - 48 * 1024))  # room for the lease and a file or two, not a checkpoint
-        step(m, o, 2)
+        train_step(m, o, 2)
         with pytest.raises(CheckpointError) as e:
             mgr.save(2, model=m, optimizer=o)
             mgr.wait()
@@ -202,7 +190,7 @@ def test_disk_full_during_a_save(tmp_path: Path, async_save: bool) -> None:
         assert not os.path.exists(f"{root}/step-000000002/manifest.json")
         assert_loads(root, None, 1, saved, width=256)
         ballast.unlink()
-        step(m, o, 3)
+        train_step(m, o, 3)
         mgr.save(3, model=m, optimizer=o)  # space is back: training and saving go on
         mgr.close()
         assert_loads(root, None, 3, weights(m), width=256)
@@ -213,12 +201,12 @@ def test_disk_full_during_a_save(tmp_path: Path, async_save: bool) -> None:
 def test_read_only_root(tmp_path: Path) -> None:
     with tmpfs(tmp_path / "disk", "4m") as disk:
         root = str(disk / "ckpts")
-        m, o = make()
+        m, o = make_model()
         mgr = CheckpointManager(root)
         mgr.save(1, model=m, optimizer=o)
         saved = weights(m)
         remount(disk, "ro")
-        step(m, o, 2)
+        train_step(m, o, 2)
         with pytest.raises(CheckpointError, match="Read-only file system") as e:
             mgr.save(2, model=m, optimizer=o)
         assert root in str(e.value)
