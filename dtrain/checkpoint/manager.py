@@ -120,7 +120,7 @@ class CheckpointManager:
         optimizer.step() waits until the background copy is done."""
         buffers = {b.data_ptr() for b in model.buffers()}
         now = [i for i, (_, t) in enumerate(prep.items) if t.data_ptr() in buffers]
-        later = [i for i in range(len(prep.items)) if i not in set(now)]
+        later = [i for i, (_, t) in enumerate(prep.items) if t.data_ptr() not in buffers]
         staged_now = self._stage(replace(prep, items=[prep.items[i] for i in now]), self._staging_now)
         copied = threading.Event()
 
