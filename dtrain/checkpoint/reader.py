@@ -15,7 +15,7 @@ import math
 import os
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +29,7 @@ from dtrain.checkpoint.stfile import DTYPES
 from dtrain.errors import CheckpointError
 
 log = logging.getLogger(__name__)
-PIECE = 16 << 20  # local disk: one pread per piece, a few in flight (restore._fill_all); see below
+PIECE = 8 << 20  # local disk: sequential preads of this size, each hashed on another thread; see below
 REMOTE_PIECE = 64 << 20  # object stores: each ranged GET has a fixed cost (moto: 8 MiB ran at 80 MiB/s, 64 at 240)
 REMOTE_BYTES_IN_FLIGHT = 4 * REMOTE_PIECE  # GET bodies held at once, over every thread
 BUFFER = 64 << 20  # a chunk that is not one contiguous run of its destination passes through this
@@ -96,16 +96,17 @@ class _ByteBudget:
 class ChunkReader:
     """Reads and verifies chunks of one checkpoint; checks each file's size once.
 
-    A big read is split into `PIECE`-sized pieces on a few threads, each piece hashed right after
-    it lands (file reads, S3 GETs and the CRC all release the GIL), and the piece CRCs are combined:
-    on 2 cores this reads at about disk speed instead of read time plus hash time. Local files are
-    read with pread on one descriptor per file (kept until `close`), so callers may also read
-    several tensors at once: on this machine's virtio disk three 16 MiB reads in flight were
-    0.6-1.6x one sequential reader's speed from run to run (1.6x over one-at-a-time 8 MiB pieces on
-    average), and no other pattern we tried (1-64 MiB pieces, 1-4 in flight, fadvise WILLNEED) was
-    reliably better. Bytes go straight into the destination when a chunk is one contiguous run of
-    it; otherwise they pass through a window of at most `BUFFER` bytes (or one row along dim 0, if
-    a row is bigger).
+    Local files are read in order, one `PIECE` after the other with pread on one descriptor per
+    file (kept until `close`), and each piece is hashed on a second thread while the next is read;
+    the piece CRCs are combined. A sequential reader keeps the kernel's readahead streaming, which
+    on this machine's virtio disk beat every concurrent pattern we tried (three tensors in flight
+    in 16 MiB preads: 0.6-0.8x a plain sequential read; this: 0.9-1.1x, paired over 15 rounds at
+    64 and 256 MiB; 4-16 MiB pieces were within noise of 8). With `defer_checks` the hashes of a
+    read are checked in `finish`, so hashing also overlaps the next tensor's read; nothing read
+    may be used before `finish` returns. Object stores are read in `REMOTE_PIECE` ranged GETs on
+    a few threads (each GET has a fixed cost), hashed as they land. Bytes go straight into the
+    destination when a chunk is one contiguous run of it; otherwise they pass through a window of
+    at most `BUFFER` bytes (or one row along dim 0, if a row is bigger).
     """
 
     dir_url: str
@@ -116,7 +117,10 @@ class ChunkReader:
     _sizes_ok: set[str] = field(default_factory=set)
     _pool: ThreadPoolExecutor | None = None
     _remote: _ByteBudget = field(default_factory=lambda: _ByteBudget(REMOTE_BYTES_IN_FLIGHT))
+    defer_checks: bool = False
     _fds: dict[str, int] = field(default_factory=dict)  # local file url -> descriptor, one per file
+    _hasher: ThreadPoolExecutor | None = None
+    _pending: list[tuple[str, str, Chunk, list[tuple[Future[int], int]]]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _check_size(self, name: str) -> str:
@@ -144,7 +148,21 @@ class ChunkReader:
         mv = _byte_view(out)
         if len(mv) != end - begin:
             raise CheckpointError(f"{url}: chunk of {key!r} has {end - begin} bytes, destination {len(mv)}")
-        self._verify(url, key, chunk, self._read_hashed(url, begin, mv))
+        if not storage.is_local(url):
+            self._verify(url, key, chunk, self._read_remote(url, begin, mv))
+        elif self.defer_checks:
+            parts = self._read_local(url, begin, mv)
+            with self._lock:
+                self._pending.append((url, key, chunk, parts))
+        else:
+            self._verify(url, key, chunk, _combine(self._read_local(url, begin, mv)))
+
+    def finish(self) -> None:
+        """Check the hashes of the deferred reads (`defer_checks`); raises on the first mismatch."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for url, key, chunk, parts in pending:
+            self._verify(url, key, chunk, _combine(parts))
 
     def stream(self, key: str, chunk: Chunk, dtype: torch.dtype, overlap: tuple[tuple[int, int], ...],
                dest: torch.Tensor) -> None:
@@ -165,7 +183,9 @@ class ChunkReader:
             r1 = min(rows, r0 + per)
             window = buf[:r1 - r0]
             mv = _byte_view(window)
-            crc = crc32_combine(crc, self._read_hashed(url, begin + r0 * row_bytes, mv), len(mv))
+            at = begin + r0 * row_bytes  # the window is reused: its hash is needed before the next read
+            part_crc = _combine(self._read_local(url, at, mv)) if storage.is_local(url) else self._read_remote(url, at, mv)
+            crc = crc32_combine(crc, part_crc, len(mv))
             if not chunk.lengths:
                 dest.copy_(window.reshape(()))
                 continue
@@ -184,37 +204,61 @@ class ChunkReader:
         with self._lock:
             self.bytes_read += end - begin
 
-    def _read_hashed(self, url: str, begin: int, mv: memoryview) -> int:
+    def _read_local(self, url: str, begin: int, mv: memoryview) -> list[tuple[Future[int], int]]:
+        """Read `mv` from `url` at `begin` piece by piece in this thread; each piece is hashed on
+        the hashing thread. Returns the hashes to come, with their lengths, in order."""
+        if self._hasher is None:
+            with self._lock:
+                if self._hasher is None:
+                    self._hasher = ThreadPoolExecutor(1, thread_name_prefix="dtrain-crc")
+        parts = []
+        for off in range(0, len(mv), PIECE):
+            part = mv[off:off + PIECE]
+            storage.pread_into(self._fds[url], url, begin + off, part)
+            parts.append((self._hasher.submit(crc32, part), len(part)))
+        return parts
+
+    def _read_remote(self, url: str, begin: int, mv: memoryview) -> int:
+        """Read `mv` in ranged GETs of `REMOTE_PIECE` on the reader's threads; their combined CRC."""
         n = len(mv)
-        local = storage.is_local(url)
-        step = PIECE if local else REMOTE_PIECE
 
         def piece(off: int) -> int:
-            part = mv[off:min(off + step, n)]
-            if local:
-                storage.pread_into(self._fds[url], url, begin + off, part)
-            else:
-                with self._remote.hold(len(part)):
-                    storage.read_into(url, begin + off, part, self.storage_options)
+            part = mv[off:min(off + REMOTE_PIECE, n)]
+            with self._remote.hold(len(part)):
+                storage.read_into(url, begin + off, part, self.storage_options)
             return crc32(part)
 
-        if n <= step:
+        if n <= REMOTE_PIECE:
             return piece(0) if n else 0
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="dtrain-read")
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="dtrain-read")
         crc = 0
-        for off, part_crc in zip(range(0, n, step), self._pool.map(piece, range(0, n, step)), strict=True):
-            crc = crc32_combine(crc, part_crc, min(step, n - off))
+        for off, part_crc in zip(range(0, n, REMOTE_PIECE), self._pool.map(piece, range(0, n, REMOTE_PIECE)), strict=True):
+            crc = crc32_combine(crc, part_crc, min(REMOTE_PIECE, n - off))
         return crc
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+        """Stop the threads (after the hashes under way) and close the files; unchecked deferred
+        reads are dropped, so call `finish` first when the data is to be used."""
+        for pool in (self._pool, self._hasher):
+            if pool is not None:
+                pool.shutdown()
+        self._pool = self._hasher = None
+        self._pending = []
         with self._lock:
             fds, self._fds = list(self._fds.values()), {}
         for fd in fds:
             os.close(fd)
+
+
+def _combine(parts: list[tuple[Future[int], int]]) -> int:
+    """The CRC-32 of consecutive pieces from their own CRCs (waits for the hashes to come)."""
+    crc = 0
+    for fut, n in parts:
+        crc = crc32_combine(crc, fut.result(), n)
+    return crc
 
 
 def _byte_view(t: torch.Tensor) -> memoryview:

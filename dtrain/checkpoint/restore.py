@@ -40,7 +40,6 @@ from dtrain.errors import CheckpointError
 log = logging.getLogger(__name__)
 _OK, _DAMAGED, _FAILED = 0, 1, 2
 _REMOTE_TENSORS_IN_FLIGHT = 8
-_LOCAL_TENSORS_IN_FLIGHT = 3
 _INIT_BUCKET_BYTES = 64 << 20
 _warned_rng = False
 
@@ -66,9 +65,10 @@ def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.o
         stored = {k for k in manifest.tensors if optimizers or k.startswith(MODEL)}
         if strict:
             check_keys(wanted, stored, "tensor", dir_url)
-        reader = ChunkReader(dir_url, manifest, storage_options)
+        reader = ChunkReader(dir_url, manifest, storage_options, defer_checks=True)
         try:
             _fill_all(reader, tensors, sorted(wanted & stored), storage.is_local(dir_url))
+            reader.finish()
         finally:
             reader.close()
         apply_json_state(state.get("model_optim") or {}, leaves, optim_sd, strict, dir_url)
@@ -187,13 +187,15 @@ def _saved_before_first_step(manifest: Manifest, state: dict[str, Any]) -> bool:
 
 
 def _fill_all(reader: ChunkReader, tensors: dict[str, torch.Tensor], keys: list[str], local: bool) -> None:
-    """Several tensors in flight, in file order: a local disk reads faster with a few
-    requests queued than with one (and a tensor's CRC overlaps the next read); an object store
-    needs more, since each small GET costs a round trip."""
-    in_flight = _LOCAL_TENSORS_IN_FLIGHT if local else _REMOTE_TENSORS_IN_FLIGHT
+    """Fill the tensors in file order. A local disk is read by one thread, front to back (see
+    ChunkReader); an object store gets several tensors in flight, since each GET costs a round trip."""
     chunks = reader.manifest.tensors
     keys = sorted(keys, key=lambda k: min(((c.file, c.data_offsets[0]) for c in chunks[k].chunks), default=("", 0)))
-    with ThreadPoolExecutor(in_flight, thread_name_prefix="dtrain-fetch") as pool:
+    if local:
+        for k in keys:
+            fill_tensor(reader, k, tensors[k])
+        return
+    with ThreadPoolExecutor(_REMOTE_TENSORS_IN_FLIGHT, thread_name_prefix="dtrain-fetch") as pool:
         for _ in pool.map(lambda k: fill_tensor(reader, k, tensors[k]), keys):
             pass
 
