@@ -25,6 +25,7 @@ from fsspec.core import url_to_fs
 from dtrain.checkpoint import faultpoints
 from dtrain.checkpoint.faultpoints import Hooked, fault_point
 from dtrain.checkpoint.s3upload import ConcurrentS3Writer, with_retries
+from dtrain.checkpoint.writeback import WritebackFile
 from dtrain.errors import CheckpointError
 
 StorageOptions = dict[str, Any] | None
@@ -121,7 +122,7 @@ def open_write(url: str, storage_options: StorageOptions = None) -> Iterator[Bin
     fault_point("file_open", url)
     if is_local(url):
         path = local_path(url)
-        f = open(path, "wb")
+        f = WritebackFile(open(path, "wb"))  # the disk starts on the first pieces while later ones are written
         try:
             yield Hooked(f, url) if faultpoints.active() else f  # type: ignore[misc]
             f.flush()
