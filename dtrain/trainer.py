@@ -1,19 +1,18 @@
 """The training loop, and nothing else: it calls components (evaluation, checkpoint manager, early
-stopping, preemption) and they never call back into it.
+stopping, preemption) and they never call back into it. The process around it (dist init, logging,
+teardown) is dtrain.run; what it leaves behind (summary.json) is dtrain.summary.
 
-    run(cfg) -> exit code      init dist, build, resume, loop, finish, teardown on every path
+    Trainer(cfg, env).fit() -> exit code      resume, loop until an agreed stop, save, summarise
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import importlib
 import logging
 import math
-import os
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +23,18 @@ from torch.utils.data import DataLoader
 from dtrain import __version__, dist, exitcodes
 from dtrain.agreement import Flag, StepAgreement
 from dtrain.checkpoint import CheckpointManager
-from dtrain.config import JobConfig, check_world_size, to_dict, to_yaml
+from dtrain.config import JobConfig, check_world_size, to_dict
 from dtrain.data import ResumableDistributedSampler
 from dtrain.early_stopping import EarlyStopping
 from dtrain.errors import CheckpointError
 from dtrain.evaluation import evaluate
 from dtrain.faults import FaultInjector
-from dtrain.metrics import MetricsLogger, setup_logging
+from dtrain.metrics import MetricsLogger
 from dtrain.optim import build_optimizer, build_scheduler
 from dtrain.parallel import unwrap, wrap_model
 from dtrain.preemption import PreemptionHandler
+from dtrain.step_rules import StepRules
+from dtrain.summary import Outcome, write_summary
 from dtrain.tasks import Task, get_task, make_options, to_device
 
 log = logging.getLogger(__name__)
@@ -43,17 +44,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-@dataclass
-class Outcome:
-    """Why the loop ended; becomes summary.json."""
-
-    stopped_by: str = "max_steps"
-    exit_code: int = exitcodes.OK
-    last_step: int = 0
-    resumed_from: str | None = None
-    final_metrics: dict[str, float] = field(default_factory=dict)
 
 
 class Trainer:
@@ -191,14 +181,6 @@ class Trainer:
         self.scheduler.step()
         return total
 
-    def _evaluate(self) -> dict[str, float]:
-        eval_model = unwrap(self.model)
-        metrics = evaluate(eval_model, self.val_ds, self.task.eval_per_sample,  # type: ignore[arg-type]
-                           batch_size=self.cfg.data.eval_batch_size, device=self.env.device,
-                           autocast=self._autocast())
-        metrics.update(self.faults.metric_override(self.step, metrics))
-        return metrics
-
     def _log_train(self, metrics_log: MetricsLogger, seconds: float, steps: int) -> None:
         mean_loss = dist.all_reduce_mean(self.loss_window[0]) / max(1, self.loss_window[1])
         rate = self.cfg.data.batch_size * steps / max(1e-9, seconds)
@@ -208,96 +190,22 @@ class Trainer:
         metrics_log.progress(self.step, {"loss": mean_loss, "lr": lr, "samples/s": rate, **self.last_eval})
 
     def fit(self) -> int:
-        cfg, tcfg = self.cfg, self.cfg.train
+        """Resume, train until max_steps or an agreed stop, save, write summary.json; returns the exit code."""
         outcome = Outcome()
         outcome.resumed_from = self.resume()
         self.startup["resumed"] = time.time()
-        metrics_log = MetricsLogger(self.run_dir, enabled=self.env.is_main, progress=cfg.logging.progress,
-                                    tensorboard=cfg.logging.tensorboard, max_steps=tcfg.max_steps,
+        metrics_log = MetricsLogger(self.run_dir, enabled=self.env.is_main, progress=self.cfg.logging.progress,
+                                    tensorboard=self.cfg.logging.tensorboard, max_steps=self.cfg.train.max_steps,
                                     start_step=self.step)
         if outcome.resumed_from:
             metrics_log.log(self.step, {"event": "resume", "from": outcome.resumed_from})
-        loader = DataLoader(self.train_ds, batch_sampler=self.sampler, num_workers=cfg.data.num_workers)
+        loader = DataLoader(self.train_ds, batch_sampler=self.sampler, num_workers=self.cfg.data.num_workers)
         batches = iter(loader)
-        t_start = time.monotonic()
-        t_last_save = t_start
-        t_log, steps_in_window = time.monotonic(), 0
-        samples_per_step = cfg.data.batch_size
-        es = self.early_stopping
-        finished = es is not None and es.should_stop
-        if finished:
-            assert es is not None
-            outcome.stopped_by = f"early_stopping:{es.stop_reason}"
-            log.info("this run already stopped early at step %s (%s); nothing left to train", es.stopped_step,
-                     es.stop_message or es.stop_reason)
+        finished = self._already_stopped(outcome)
         self.preemption.install()
         try:
-            while not finished and self.step < tcfg.max_steps:
-                self.faults.at_step(self.step + 1)
-                loss = self.train_step(batches)
-                self.step += 1
-                self.sampler.advance(samples_per_step)
-                if "first_step" not in self.startup:
-                    self.startup["first_step"] = time.time()
-                    metrics_log.log(self.step, {"event": "startup", **self.startup})
-                self.loss_window = (self.loss_window[0] + loss, self.loss_window[1] + 1)
-                steps_in_window += 1
-
-                local = Flag.NONE
-                if not math.isfinite(loss):
-                    local |= Flag.NON_FINITE
-                if self.preemption.requested:
-                    local |= Flag.PREEMPT
-                elapsed = time.monotonic() - t_start
-                if tcfg.max_time and elapsed > tcfg.max_time:
-                    local |= Flag.TIME_BUDGET
-                if self.early_stopping is not None and self.early_stopping.time_exceeded(elapsed):
-                    local |= Flag.TIME_BUDGET
-                if cfg.checkpoint.every_minutes and time.monotonic() - t_last_save > 60 * cfg.checkpoint.every_minutes:
-                    local |= Flag.SAVE_NOW
-
-                do_eval = self.step % tcfg.eval_every == 0 or self.step == tcfg.max_steps
-                if do_eval and math.isfinite(loss):
-                    self.last_eval = self._evaluate()
-                    metrics_log.log(self.step, {"epoch": round(self.sampler.epoch_float, 4), **self.last_eval})
-                    if self.early_stopping is not None:
-                        if self.early_stopping.stopped_step is None:
-                            self.early_stopping.check_metrics(self.last_eval)
-                        if self.early_stopping.update(self.last_eval[self.early_stopping.monitor], self.step):
-                            local |= Flag.EARLY_STOP
-                save_due = bool(cfg.checkpoint.every_steps) and self.step % cfg.checkpoint.every_steps == 0
-                agreed = self.agreement.step(local, sync=do_eval or save_due or self.step == tcfg.max_steps)
-
-                if self.step % tcfg.log_every == 0 or agreed.stops:
-                    self._log_train(metrics_log, time.monotonic() - t_log, steps_in_window)
-                if self.step % tcfg.log_every == 0:
-                    # The window only restarts on log boundaries, so a stop mid-window saves the
-                    # partial window and a resumed run reports the same numbers as an uninterrupted one.
-                    t_log, steps_in_window, self.loss_window = time.monotonic(), 0, (0.0, 0)
-
-                if agreed & Flag.NON_FINITE:
-                    outcome.stopped_by, outcome.exit_code = "non_finite_loss", exitcodes.FAILURE
-                    log.error("training loss is not finite at step %d on some rank; stopping without a checkpoint "
-                              "(the last committed one is intact)", self.step)
-                    break
-                if agreed.stops or (do_eval and cfg.checkpoint.on_eval) or agreed & Flag.SAVE_NOW or save_due:
-                    reason = "preempted" if agreed & Flag.PREEMPT else ("stop" if agreed.stops else "periodic")
-                    if agreed & Flag.PREEMPT:
-                        self.checkpoints.wait()  # finish the in-flight async save before the emergency one
-                    self.save(reason)
-                    t_last_save = time.monotonic()
-                if agreed & Flag.PREEMPT:
-                    outcome.stopped_by, outcome.exit_code = "preempted", exitcodes.PREEMPTED
-                    metrics_log.write(f"preempted by {self.preemption.signal_name or 'a peer'} at step {self.step}: "
-                                      "emergency checkpoint committed, exiting for requeue")
-                    break
-                if agreed & Flag.EARLY_STOP:
-                    assert self.early_stopping is not None
-                    outcome.stopped_by = f"early_stopping:{self.early_stopping.stop_reason or 'another_rank'}"
-                    break
-                if agreed & Flag.TIME_BUDGET:
-                    outcome.stopped_by = "max_time"
-                    break
+            if not finished:
+                self._train_until_stop(batches, metrics_log, outcome)
             self.agreement.drain()
             if outcome.exit_code == exitcodes.OK:
                 self.save("end")
@@ -310,8 +218,80 @@ class Trainer:
             self.checkpoints.close()
         outcome.last_step = self.step
         outcome.final_metrics = self.last_eval
-        self._write_summary(outcome)
+        write_summary(outcome, run_dir=self.run_dir, env=self.env, cfg=self.cfg,
+                      early_stopping=self.early_stopping, checkpoints=self.checkpoints)
         return outcome.exit_code
+
+    def _already_stopped(self, outcome: Outcome) -> bool:
+        """A run resumed after its early stopping fired trains no further."""
+        es = self.early_stopping
+        if es is None or not es.should_stop:
+            return False
+        outcome.stopped_by = f"early_stopping:{es.stop_reason}"
+        log.info("this run already stopped early at step %s (%s); nothing left to train", es.stopped_step,
+                 es.stop_message or es.stop_reason)
+        return True
+
+    def _train_until_stop(self, batches: Any, metrics_log: MetricsLogger, outcome: Outcome) -> None:
+        """Step until max_steps or a stop every rank agreed on (recorded in `outcome`)."""
+        max_steps, log_every = self.cfg.train.max_steps, self.cfg.train.log_every
+        rules = StepRules(self.cfg, self.early_stopping, self.preemption)
+        t_log, steps_in_window = time.monotonic(), 0
+        while self.step < max_steps:
+            self.faults.at_step(self.step + 1)
+            loss = self.train_step(batches)
+            self.step += 1
+            self.sampler.advance(self.cfg.data.batch_size)
+            if "first_step" not in self.startup:
+                self.startup["first_step"] = time.time()
+                metrics_log.log(self.step, {"event": "startup", **self.startup})
+            self.loss_window = (self.loss_window[0] + loss, self.loss_window[1] + 1)
+            steps_in_window += 1
+
+            local = rules.local_flags(loss)
+            do_eval, save_due = rules.eval_due(self.step), rules.save_due(self.step)
+            if do_eval and math.isfinite(loss):
+                local |= self._evaluate(metrics_log)
+            agreed = self.agreement.step(local, sync=do_eval or save_due or self.step == max_steps)
+
+            if self.step % log_every == 0 or agreed.stops:
+                self._log_train(metrics_log, time.monotonic() - t_log, steps_in_window)
+            if self.step % log_every == 0:
+                # The window only restarts on log boundaries, so a stop mid-window saves the
+                # partial window and a resumed run reports the same numbers as an uninterrupted one.
+                t_log, steps_in_window, self.loss_window = time.monotonic(), 0, (0.0, 0)
+
+            reason = rules.save_reason(agreed, do_eval, save_due)
+            if reason is not None:
+                if reason == "preempted":
+                    self.checkpoints.wait()  # finish the in-flight async save before the emergency one
+                self.save(reason)
+                rules.saved()
+            if agreed.stops:
+                outcome.stopped_by, outcome.exit_code = rules.stop(agreed)
+                if outcome.exit_code == exitcodes.FAILURE:
+                    log.error("training loss is not finite at step %d on some rank; stopping without a "
+                              "checkpoint (the last committed one is intact)", self.step)
+                elif outcome.exit_code == exitcodes.PREEMPTED:
+                    metrics_log.write(f"preempted by {self.preemption.signal_name or 'a peer'} at step "
+                                      f"{self.step}: emergency checkpoint committed, exiting for requeue")
+                return
+
+    def _evaluate(self, metrics_log: MetricsLogger) -> Flag:
+        """Evaluate, log the metrics and feed early stopping; EARLY_STOP when it says stop."""
+        eval_model = unwrap(self.model)
+        metrics = evaluate(eval_model, self.val_ds, self.task.eval_per_sample,  # type: ignore[arg-type]
+                           batch_size=self.cfg.data.eval_batch_size, device=self.env.device,
+                           autocast=self._autocast())
+        metrics.update(self.faults.metric_override(self.step, metrics))
+        self.last_eval = metrics
+        metrics_log.log(self.step, {"epoch": round(self.sampler.epoch_float, 4), **self.last_eval})
+        es = self.early_stopping
+        if es is None:
+            return Flag.NONE
+        if es.stopped_step is None:
+            es.check_metrics(self.last_eval)
+        return Flag.EARLY_STOP if es.update(self.last_eval[es.monitor], self.step) else Flag.NONE
 
     def _restore_best(self) -> None:
         es = self.early_stopping
@@ -323,79 +303,10 @@ class Trainer:
         self.checkpoints.load(best, model=self.model)
         log.info("restored the best weights (%s=%.6g at step %d) from %s", es.monitor, es.best, best.step, best.url)
 
-    def _write_summary(self, outcome: Outcome) -> None:
-        # Every rank records where it stopped: the proof (and the debugging aid) that they agreed.
-        ranks_dir = self.run_dir / "ranks"
-        ranks_dir.mkdir(parents=True, exist_ok=True)
-        (ranks_dir / f"rank-{self.env.rank:05d}.json").write_text(json.dumps(
-            {"rank": self.env.rank, "last_step": outcome.last_step, "stopped_by": outcome.stopped_by,
-             "exit_code": outcome.exit_code, "final_metrics": outcome.final_metrics}) + "\n")
-        if not self.env.is_main:
-            return
-        es = self.early_stopping
-        best = self.checkpoints.best() if es is not None else None
-        summary = {
-            "stopped_by": outcome.stopped_by,
-            "exit_code": outcome.exit_code,
-            "last_step": outcome.last_step,
-            "max_steps": self.cfg.train.max_steps,
-            "monitor": es.monitor if es else None,
-            "best_step": es.best_step if es else None,
-            "best_metric": es.best if es and es.best is not None and math.isfinite(es.best) else None,
-            "best_checkpoint": best.url if best else None,
-            "resumed_from": outcome.resumed_from,
-            "final_metrics": outcome.final_metrics,
-            "world_size": self.env.world_size,
-            "strategy": self.cfg.parallel.strategy,
-        }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        log.info("summary: %s", json.dumps({k: summary[k] for k in ("stopped_by", "last_step", "best_step",
-                                                                   "best_metric")}))
 
-
-def process_start_time() -> float:
-    """Wall-clock time this process started (from /proc, to ~10 ms; now where there is no /proc)."""
-    try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return time.time()
-
-
-def check_task_options(cfg: JobConfig) -> None:
-    """Task name and its model/data options are checked before any process group starts."""
-    task = get_task(cfg.task)
-    make_options(task.model_config, cfg.model, "model")
-    make_options(task.data_config, cfg.data.options, "data.options")
-
-
-def run(cfg: JobConfig) -> int:
-    """Train under whatever launcher started us; the process group is torn down on every path."""
-    startup = {"process_start": process_start_time()}
-    check_task_options(cfg)
-    check_world_size(cfg, dist.detect_launcher()[2])
-    env = dist.init(cfg.dist.timeout_s, cfg.dist.backend)
-    startup["init_done"] = time.time()
-    try:
-        run_dir = Path(cfg.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        setup_logging(env.rank, cfg.logging.level, run_dir / "train.log")
-        if env.is_main:
-            (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        log.info("dtrain %s: %d rank(s), %s, strategy=%s, device=%s", __version__, env.world_size,
-                 env.launcher, cfg.parallel.strategy, env.device)
-        trainer = Trainer(cfg, env)
-        trainer.startup = {**startup, "built": time.time()}
-        code = trainer.fit()
-        # Nobody leaves before rank 0 has written the summary: torchrun tears down the other
-        # workers as soon as one exits with a non-zero code (75 included).
-        dist.barrier()
-        return code
-    finally:
-        dist.shutdown()
-
-
-def train(cfg: JobConfig) -> int:
-    """Python entry point: `dtrain.train(dtrain.load_config("configs/digits.yaml", ["optim.lr=3e-4"]))`."""
-    return run(cfg)
+def __getattr__(name: str) -> Any:
+    """`from dtrain.trainer import run` (train, process_start_time, check_task_options) keeps working:
+    they live in dtrain.run, which imports this module, so they are looked up lazily, not imported."""
+    if name in ("run", "train", "process_start_time", "check_task_options"):
+        return getattr(importlib.import_module("dtrain.run"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,12 +12,19 @@ import dataclasses
 import json
 import math
 import os
-import re
 import sys
-import time
 from typing import Any
 
 from dtrain.checkpoint import retention, storage, tools
+from dtrain.checkpoint.clifmt import (
+    format_metrics,
+    human_bytes,
+    parse_size,
+    parse_storage_option,
+    table,
+    tensor_layout,
+    utc,
+)
 from dtrain.checkpoint.format import MANIFEST
 from dtrain.checkpoint.plan import MODEL
 from dtrain.checkpoint.reader import read_manifest, read_state
@@ -27,58 +34,9 @@ from dtrain.errors import CheckpointError, DtrainError
 
 PROG = "dtrain ckpt"
 _ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
-          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
 
 
-# ---- argument types -----------------------------------------------------------------------------
-def parse_size(text: str) -> int:
-    """'2GB' -> 2_000_000_000, '512MiB' -> 536870912, '1000' -> 1000 (decimal and binary units)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    unit = m.group(2).lower() if m else None
-    if m is None or unit not in _UNITS or float(m.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 500MB, 2GB or 1GiB")
-    return int(float(m.group(1)) * _UNITS[unit])
-
-
-def parse_storage_option(text: str) -> tuple[str, Any]:
-    """'key=value'; the value is read as JSON when it is true/false/null, a number, {...} or [...]."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"{text!r} is not key=value (e.g. endpoint_url=http://127.0.0.1:9000)")
-    word = raw.lower() if raw.lower() in ("true", "false", "null") else None
-    if not (word or re.fullmatch(r"-?\d+", raw) or raw[:1] in ("{", "[")):
-        return key.strip(), raw
-    try:
-        return key.strip(), json.loads(word or raw)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"storage option {key}: {raw!r} is not valid JSON ({e})") from None
-
-
-# ---- formatting ---------------------------------------------------------------------------------
-def human_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
-
-
-def utc(t: float | None) -> str:
-    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
-
-
-def _metrics(m: dict[str, float | None]) -> str:
-    return " ".join(f"{k}={'nan' if v is None else f'{v:.6g}'}" for k, v in sorted(m.items())) or "-"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
-    return "\n".join(lines)
-
-
+# ---- messages -----------------------------------------------------------------------------------
 def _note(text: str) -> None:
     print(f"{PROG}: note: {text}", file=sys.stderr)
 
@@ -143,16 +101,9 @@ def cmd_ls(args: argparse.Namespace, so: dict[str, Any]) -> int:
                   if i.committed else f"incomplete: {(i.problem or '?').removesuffix(' (incomplete)')}")
         rows.append([str(i.step), utc(i.created), human_bytes(i.size_bytes),
                      f"{i.world_size} {i.strategy}" if i.committed else "-", i.reason or "-",
-                     _metrics(i.metrics) if i.committed else "-", status])
-    print(_table(["STEP", "TIME (UTC)", "SIZE", "RANKS", "REASON", "METRICS", "STATUS"], rows))
+                     format_metrics(i.metrics) if i.committed else "-", status])
+    print(table(["STEP", "TIME (UTC)", "SIZE", "RANKS", "REASON", "METRICS", "STATUS"], rows))
     return 0
-
-
-def _layout(t: tools.TensorInfo) -> str:
-    if len(t.chunks) == 1 and t.chunks[0].lengths == t.shape:
-        return t.chunks[0].file
-    return "; ".join(f"{c.file}[{', '.join(f'{o}:{o + n}' for o, n in zip(c.offsets, c.lengths, strict=True))}]"
-                     for c in t.chunks)
 
 
 def cmd_inspect(args: argparse.Namespace, so: dict[str, Any]) -> int:
@@ -163,14 +114,14 @@ def cmd_inspect(args: argparse.Namespace, so: dict[str, Any]) -> int:
         return 0
     for name, value in (("checkpoint", url), ("step", man.step), ("created", utc(man.created) + " UTC"),
                         ("world size", man.world_size), ("strategy", man.strategy), ("reason", man.reason),
-                        ("metrics", _metrics(man.metrics)),
+                        ("metrics", format_metrics(man.metrics)),
                         ("versions", ", ".join(f"{k} {v}" for k, v in sorted(man.versions.items())))):
         print(f"{name:<11} {value}")
     print(f"\nfiles ({len(man.files)}, {human_bytes(man.total_bytes)}):")
-    print(_table(["FILE", "SIZE", "CHECKSUM"], [[f.path, human_bytes(f.size), f.checksum] for f in man.files]))
+    print(table(["FILE", "SIZE", "CHECKSUM"], [[f.path, human_bytes(f.size), f.checksum] for f in man.files]))
     print(f"\ntensors ({len(tensors)}):")
-    print(_table(["TENSOR", "DTYPE", "SHAPE", "SIZE", "LAYOUT (file[box])"],
-                 [[t.key, t.dtype, str(list(t.shape)), human_bytes(t.nbytes), _layout(t)] for t in tensors]))
+    print(table(["TENSOR", "DTYPE", "SHAPE", "SIZE", "LAYOUT (file[box])"],
+                [[t.key, t.dtype, str(list(t.shape)), human_bytes(t.nbytes), tensor_layout(t)] for t in tensors]))
     return 0
 
 

@@ -1,0 +1,76 @@
+"""Argument types and text formatting for `dtrain ckpt` (dtrain.checkpoint.cli): sizes, storage
+options, byte counts, times, metrics, tables. Pure functions, no storage access.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from typing import Any
+
+from dtrain.checkpoint.tools import TensorInfo
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+# ---- argument types -----------------------------------------------------------------------------
+def parse_size(text: str) -> int:
+    """'2GB' -> 2_000_000_000, '512MiB' -> 536870912, '1000' -> 1000 (decimal and binary units)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 500MB, 2GB or 1GiB")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def parse_storage_option(text: str) -> tuple[str, Any]:
+    """'key=value'; the value is read as JSON when it is true/false/null, a number, {...} or [...]."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not key=value (e.g. endpoint_url=http://127.0.0.1:9000)")
+    word = raw.lower() if raw.lower() in ("true", "false", "null") else None
+    if not (word or re.fullmatch(r"-?\d+", raw) or raw[:1] in ("{", "[")):
+        return key.strip(), raw
+    try:
+        return key.strip(), json.loads(word or raw)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"storage option {key}: {raw!r} is not valid JSON ({e})") from None
+
+
+# ---- formatting ---------------------------------------------------------------------------------
+def human_bytes(n: int | None) -> str:
+    """1536 -> '1.5 KiB'; None (size unknown) -> '-'."""
+    if n is None:
+        return "-"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def utc(t: float | None) -> str:
+    """A Unix time as 'YYYY-MM-DD HH:MM:SS' in UTC; None -> '-'."""
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
+
+
+def format_metrics(m: dict[str, float | None]) -> str:
+    """'val/acc=0.91 val/loss=0.3' (sorted; None, a non-finite value in the manifest, prints nan)."""
+    return " ".join(f"{k}={'nan' if v is None else f'{v:.6g}'}" for k, v in sorted(m.items())) or "-"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """Left-aligned columns two spaces apart, trailing spaces trimmed."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+def tensor_layout(t: TensorInfo) -> str:
+    """Where a tensor lives: its file, or file[start:stop, ...] boxes when it is sharded."""
+    if len(t.chunks) == 1 and t.chunks[0].lengths == t.shape:
+        return t.chunks[0].file
+    return "; ".join(f"{c.file}[{', '.join(f'{o}:{o + n}' for o, n in zip(c.offsets, c.lengths, strict=True))}]"
+                     for c in t.chunks)

@@ -1,0 +1,64 @@
+"""What a finished run leaves behind: summary.json (rank 0) and ranks/rank-NNNNN.json (every rank).
+
+The trainer fills an `Outcome` while it runs and hands it here at the end; the per-rank files are
+the proof (and the debugging aid) that all ranks agreed on where and why they stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dtrain import exitcodes
+from dtrain.checkpoint import CheckpointManager
+from dtrain.config import JobConfig
+from dtrain.dist import DistEnv
+from dtrain.early_stopping import EarlyStopping
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    """Why the loop ended; becomes summary.json."""
+
+    stopped_by: str = "max_steps"
+    exit_code: int = exitcodes.OK
+    last_step: int = 0
+    resumed_from: str | None = None
+    final_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def write_summary(outcome: Outcome, *, run_dir: Path, env: DistEnv, cfg: JobConfig,
+                  early_stopping: EarlyStopping | None, checkpoints: CheckpointManager) -> None:
+    """Every rank writes its own record; rank 0 also writes summary.json (the best checkpoint is
+    looked up there only, so the other ranks do not scan the checkpoint root)."""
+    ranks_dir = run_dir / "ranks"
+    ranks_dir.mkdir(parents=True, exist_ok=True)
+    (ranks_dir / f"rank-{env.rank:05d}.json").write_text(json.dumps(
+        {"rank": env.rank, "last_step": outcome.last_step, "stopped_by": outcome.stopped_by,
+         "exit_code": outcome.exit_code, "final_metrics": outcome.final_metrics}) + "\n")
+    if not env.is_main:
+        return
+    es = early_stopping
+    best = checkpoints.best() if es is not None else None
+    summary = {
+        "stopped_by": outcome.stopped_by,
+        "exit_code": outcome.exit_code,
+        "last_step": outcome.last_step,
+        "max_steps": cfg.train.max_steps,
+        "monitor": es.monitor if es else None,
+        "best_step": es.best_step if es else None,
+        "best_metric": es.best if es and es.best is not None and math.isfinite(es.best) else None,
+        "best_checkpoint": best.url if best else None,
+        "resumed_from": outcome.resumed_from,
+        "final_metrics": outcome.final_metrics,
+        "world_size": env.world_size,
+        "strategy": cfg.parallel.strategy,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("summary: %s", json.dumps({k: summary[k] for k in ("stopped_by", "last_step", "best_step",
+                                                               "best_metric")}))
