@@ -37,7 +37,7 @@ _EXPORTS = {
     "register_task": "dtrain.tasks",
     "JobConfig": "dtrain.config",
     "load_config": "dtrain.config",
-    "train": "dtrain.trainer",
+    "train": "dtrain.run",
     "exitcodes": "dtrain.exitcodes",
     "DtrainError": "dtrain.errors",
     "ConfigError": "dtrain.errors",

@@ -11,7 +11,7 @@ from dtrain.errors import ConfigError, DtrainError
 
 def _train(args: argparse.Namespace) -> int:
     from dtrain.config import load_config
-    from dtrain.trainer import run
+    from dtrain.run import run
 
     cfg = load_config(args.config, args.overrides)
     return run(cfg)

@@ -8,7 +8,6 @@ teardown) is dtrain.run; what it leaves behind (summary.json) is dtrain.summary.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import math
 import random
@@ -303,10 +302,3 @@ class Trainer:
         self.checkpoints.load(best, model=self.model)
         log.info("restored the best weights (%s=%.6g at step %d) from %s", es.monitor, es.best, best.step, best.url)
 
-
-def __getattr__(name: str) -> Any:
-    """`from dtrain.trainer import run` (train, process_start_time, check_task_options) keeps working:
-    they live in dtrain.run, which imports this module, so they are looked up lazily, not imported."""
-    if name in ("run", "train", "process_start_time", "check_task_options"):
-        return getattr(importlib.import_module("dtrain.run"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -107,7 +107,7 @@ DEFAULTS = [
 
 def main(overrides: list[str]) -> int:
     from dtrain.config import load_config
-    from dtrain.trainer import run
+    from dtrain.run import run
 
     cfg = load_config(None, DEFAULTS + overrides)  # later overrides win
     return run(cfg)  # the exit code says why it stopped (0 done, 75 preempted: requeue)
