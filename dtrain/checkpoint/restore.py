@@ -33,6 +33,7 @@ from dtrain.checkpoint.state import (
     flatten,
     get_states,
     load_stateful,
+    optimizer_fqns,
     set_states,
 )
 from dtrain.errors import CheckpointError
@@ -57,10 +58,12 @@ def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.o
         init_optimizer_state(optimizers)
         model_sd, optim_sd = get_states(model, optimizers)
         tensors, leaves = flatten(model_sd, optim_sd)
-        never_stepped = bool(optimizers) and _saved_before_first_step(manifest, state)
-        if never_stepped:  # the saved optimizer had no state: only its param_groups are loaded
-            tensors = {k: v for k, v in tensors.items() if k.startswith(MODEL)}
-            leaves = {k: v for k, v in leaves.items() if k.startswith(MODEL)}
+        never_stepped = _saved_before_first_step(optimizers, optim_sd, manifest, state)
+        if never_stepped and optim_sd is not None:  # saved before their first step: only their param_groups load
+            fqns = optimizer_fqns(optimizers, optim_sd)
+            skip = tuple(f"{OPTIM}{f}/" for i in never_stepped for f in fqns[i])
+            tensors = {k: v for k, v in tensors.items() if not k.startswith(skip)}
+            leaves = {k: v for k, v in leaves.items() if not k.startswith(skip)}
         wanted = {k for k in tensors if optimizers or k.startswith(MODEL)}
         stored = {k for k in manifest.tensors if optimizers or k.startswith(MODEL)}
         if strict:
@@ -92,8 +95,7 @@ def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.o
         cls = CheckpointError if _FAILED in codes else CheckpointDamagedError
         raise cls(f"{dir_url}: rank(s) {bad} could not load this checkpoint (see their log)")
     set_states(model, optimizers, model_sd, optim_sd, strict)
-    if never_stepped:
-        clear_optimizer_state(optimizers)
+    clear_optimizer_state([optimizers[i] for i in never_stepped])
     load_stateful(stateful or {}, state.get("stateful") or {}, strict, dir_url)
     if rng_state is not None:
         rng.restore(rng_state, dir_url)
@@ -179,11 +181,21 @@ def _buckets(params: list[torch.Tensor], bucket_bytes: int) -> list[list[torch.T
     return [b for b in out if b]
 
 
-def _saved_before_first_step(manifest: Manifest, state: dict[str, Any]) -> bool:
-    """The checkpoint has optimizer param_groups but no optimizer state at all."""
+def _saved_before_first_step(optimizers: tuple[torch.optim.Optimizer, ...], optim_sd: dict[str, Any] | None,
+                             manifest: Manifest, state: dict[str, Any]) -> list[int]:
+    """The optimizers that had not stepped when the checkpoint was saved: the checkpoint has
+    param_groups but no state (tensor or scalar) for any of their parameters."""
     saved = state.get("model_optim") or {}
-    return (saved.get("param_groups") is not None and not any(k.startswith(OPTIM) for k in manifest.tensors)
-            and not any(k.startswith(OPTIM) for k in saved.get("leaves") or {}))
+    if not optimizers or optim_sd is None or saved.get("param_groups") is None:
+        return []
+    stored = [k for k in manifest.tensors if k.startswith(OPTIM)]
+    stored += [k for k in saved.get("leaves") or {} if k.startswith(OPTIM)]
+    out = []
+    for i, fqns in enumerate(optimizer_fqns(optimizers, optim_sd)):
+        prefixes = tuple(f"{OPTIM}{f}/" for f in fqns)
+        if prefixes and not any(k.startswith(prefixes) for k in stored):
+            out.append(i)
+    return out
 
 
 def _fill_all(reader: ChunkReader, tensors: dict[str, torch.Tensor], keys: list[str], local: bool) -> None:

@@ -52,15 +52,11 @@ def get_states(model: nn.Module, optimizers: tuple[torch.optim.Optimizer, ...], 
     `get_state_dict` gives an empty optimizer its state with a zero-lr step over every parameter
     at once. Loading needs state tensors to fill (restore.init_optimizer_state makes them a bucket
     at a time first), but a save must neither change the run nor pay for that step (measured: 805
-    MiB of temporaries for a 256 MiB model with AdamW): an optimizer that has not stepped yet gets
-    one empty placeholder entry, which makes `get_state_dict` skip its initialisation, and is saved
-    with its param_groups only and left exactly as it was. (Several optimizers of which only some
-    have stepped keep torch's behaviour: the others get zero state, with a warning.)"""
+    MiB of temporaries for a 256 MiB model with AdamW; and an optimizer whose state appears early
+    counts one step more, e.g. in Adam's bias correction): each optimizer that has not stepped yet
+    gets one empty placeholder entry, which makes `get_state_dict` skip its initialisation, and is
+    saved with its param_groups only and left exactly as it was, next to optimizers that have."""
     fresh = [o for o in optimizers if not o.state] if for_save else []
-    if fresh and len(fresh) < len(optimizers):
-        log.warning("saving %d optimizer(s) that have not stepped next to ones that have: torch initialises "
-                    "their state with a zero-lr step, so their step count starts at 1", len(fresh))
-        fresh = []
     for o in fresh:
         first = next((p for g in o.param_groups for p in g["params"]), None)
         if first is not None:
@@ -71,13 +67,26 @@ def get_states(model: nn.Module, optimizers: tuple[torch.optim.Optimizer, ...], 
     finally:
         for o in fresh:
             o.state.clear()
-    if fresh:
-        optim_sd["state"] = {}
+    if fresh:  # the placeholders' entries (an optimizer with state has no empty entry to lose)
+        kept: dict[str, Any] = optim_sd.get("state", {})  # type: ignore[assignment]
+        optim_sd["state"] = {k: v for k, v in kept.items() if v}
     return model_sd, (optim_sd if optimizers else None)
 
 
-def clear_optimizer_state(optimizers: tuple[torch.optim.Optimizer, ...]) -> None:
-    """Back to "never stepped" (loading a checkpoint saved before the first step)."""
+def optimizer_fqns(optimizers: tuple[torch.optim.Optimizer, ...], optim_sd: dict[str, Any]) -> list[set[str]]:
+    """The parameter FQNs of each optimizer: `get_state_dict` lists every optimizer's param_groups
+    in order, each naming its parameters by FQN."""
+    groups = optim_sd.get("param_groups", [])
+    out, at = [], 0
+    for o in optimizers:
+        n = len(o.param_groups)
+        out.append({str(f) for g in groups[at:at + n] for f in g.get("params", [])})
+        at += n
+    return out
+
+
+def clear_optimizer_state(optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    """Back to "never stepped" (loading a checkpoint saved before their first step)."""
     for o in optimizers:
         o.state.clear()
 
@@ -168,5 +177,5 @@ def load_stateful(stateful: dict[str, Stateful], saved: dict[str, Any], strict: 
         obj.load_state_dict(saved[name])
 
 
-__all__ = ["Stateful", "as_tuple", "get_states", "clear_optimizer_state", "flatten", "strategy_of", "versions", "json_state",
+__all__ = ["Stateful", "as_tuple", "get_states", "clear_optimizer_state", "optimizer_fqns", "flatten", "strategy_of", "versions", "json_state",
            "apply_json_state", "set_states", "stateful_states", "load_stateful"]

@@ -229,6 +229,44 @@ def test_saving_before_the_first_step_does_not_change_the_run(tmp_path) -> None:
     assert_same(o2.state_dict(), o0.state_dict())
 
 
+def _two_optimizers(seed: int) -> tuple[torch.nn.Module, list[torch.optim.Optimizer]]:
+    """A model whose halves have their own AdamW (as a GAN's generator and discriminator would)."""
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    return m, [torch.optim.AdamW(m[0].parameters(), lr=0.01), torch.optim.AdamW(m[1].parameters(), lr=0.01)]
+
+
+def _steps(m: torch.nn.Module, opts: list[torch.optim.Optimizer], n: int, which: tuple[int, ...], seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        m(torch.randn(16, 4, generator=g)).pow(2).mean().backward()
+        for i in which:
+            opts[i].step()
+        for o in opts:
+            o.zero_grad()
+
+
+def test_an_optimizer_that_has_not_stepped_next_to_one_that_has(tmp_path) -> None:
+    """The save leaves the fresh optimizer fresh (its first step stays step 1 for Adam's bias
+    correction), and a resumed run follows the uninterrupted one exactly."""
+    m0, o0 = _two_optimizers(seed=1)
+    _steps(m0, o0, 2, which=(0,), seed=3)
+    _steps(m0, o0, 2, which=(0, 1), seed=4)  # the reference: never saved
+    m, o = _two_optimizers(seed=1)
+    _steps(m, o, 2, which=(0,), seed=3)
+    mgr = CheckpointManager(str(tmp_path))
+    mgr.save(2, model=m, optimizer=o)
+    assert o[0].state and not o[1].state  # the save did not initialise the second optimizer
+    m2, o2 = _two_optimizers(seed=7)
+    _steps(m2, o2, 1, which=(0, 1), seed=9)  # both stepped: the load must reset the second
+    mgr.restore_latest(model=m2, optimizer=o2)
+    assert o2[0].state and not o2[1].state
+    _steps(m2, o2, 2, which=(0, 1), seed=4)
+    assert_same(m2.state_dict(), m0.state_dict())
+    for a, b in zip(o2, o0, strict=True):
+        assert_same(a.state_dict(), b.state_dict())
+
+
 def test_async_staging_failure_is_reported_through_the_commit(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     from dtrain.checkpoint import manager
 
