@@ -1,6 +1,6 @@
 """A few string-path functions over fsspec: the only place checkpoint code touches storage.
 
-Local paths (and file://) go straight to the OS so we control fsync and rename; everything else
+Local paths (and file://) go straight to the OS (localfs.py) so we control fsync and rename; everything else
 (s3://, memory://, ...) goes through fsspec. A URL is always a plain string; `join` builds children.
 S3 endpoint and credentials come from the standard AWS_* environment (AWS_ENDPOINT_URL[_S3],
 AWS_ACCESS_KEY_ID, ...) unless `storage_options` says otherwise. Remote calls are retried with
@@ -15,17 +15,16 @@ import functools
 import os
 import posixpath
 import shutil
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
 
-from dtrain.checkpoint import faultpoints
+from dtrain.checkpoint import faultpoints, localfs
 from dtrain.checkpoint.faultpoints import Hooked, fault_point
+from dtrain.checkpoint.localfs import pread_into
 from dtrain.checkpoint.s3upload import ConcurrentS3Writer, with_retries
-from dtrain.checkpoint.writeback import WritebackFile
 from dtrain.errors import CheckpointError
 
 StorageOptions = dict[str, Any] | None
@@ -96,7 +95,7 @@ def makedirs(url: str, storage_options: StorageOptions = None) -> None:
     if is_local(url):
         path = local_path(url)
         os.makedirs(path, exist_ok=True)
-        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+        localfs.fsync_dir(os.path.dirname(os.path.abspath(path)))
         return
     fs, path = filesystem(url, storage_options)
     if _is_s3(fs):  # s3fs would create a missing bucket: a typo in the URL must not make a new one
@@ -121,19 +120,8 @@ def open_write(url: str, storage_options: StorageOptions = None) -> Iterator[Bin
     S3 objects upload several multipart parts at once (s3upload.py)."""
     fault_point("file_open", url)
     if is_local(url):
-        path = local_path(url)
-        f = WritebackFile(open(path, "wb"))  # the disk starts on the first pieces while later ones are written
-        try:
-            yield Hooked(f, url) if faultpoints.active() else f  # type: ignore[misc]
-            f.flush()
-            os.fsync(f.fileno())
-        except BaseException:
-            f.close()
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            raise
-        f.close()
-        fault_point("file_closed", url)
+        with localfs.open_write(local_path(url), url) as lf:
+            yield lf
         return
     fs, path = filesystem(url, storage_options)
     rf = ConcurrentS3Writer(fs, path) if _is_s3(fs) else fs.open(path, "wb")
@@ -177,22 +165,7 @@ def write_atomic(url: str, data: bytes, storage_options: StorageOptions = None) 
     """Readers see either no file or all of `data`: local = temp name, fsync, rename, fsync of the
     directory; object stores = one PUT, which is atomic by itself."""
     if is_local(url):
-        path = local_path(url)
-        directory = os.path.dirname(os.path.abspath(path))
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            fault_point("atomic_before_rename", url)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(directory)
-        fault_point("atomic_done", url)
+        localfs.write_atomic(local_path(url), url, data)
         return
     fs, path = filesystem(url, storage_options)
     fault_point("atomic_before_rename", url)
@@ -228,32 +201,13 @@ def read_into(url: str, offset: int, out: memoryview, storage_options: StorageOp
     data = read_bytes(url, offset, offset + n, storage_options)
     out[:len(data)] = data
     if len(data) != n:
-        _truncated(url, offset, n, len(data))
+        localfs.truncated(url, offset, n, len(data))
 
 
 def open_local(url: str) -> int:
     """An OS file descriptor for positional reads of a local file (pread_into), so a reader can
     keep one per file and read pieces of it from several threads without reopening it."""
     return os.open(local_path(url), os.O_RDONLY)
-
-
-def pread_into(fd: int, url: str, offset: int, out: memoryview) -> None:
-    """Fill `out` from `fd` at `offset` (os.preadv: no shared file position, so threads can read
-    different pieces of one file at once); a short file is a CheckpointError naming `url`."""
-    fault_point("read", url)
-    n, got = len(out), 0
-    while got < n:
-        k = os.preadv(fd, [out[got:]], offset + got)
-        if not k:
-            break
-        got += k
-    if got != n:
-        _truncated(url, offset, n, got)
-
-
-def _truncated(url: str, offset: int, n: int, got: int) -> None:
-    raise CheckpointError(f"{url}: file is truncated: wanted bytes [{offset}, {offset + n}), "
-                          f"file ends at {offset + got}; the checkpoint is damaged")
 
 
 @contextlib.contextmanager
@@ -330,17 +284,3 @@ def remove(url: str, storage_options: StorageOptions = None) -> None:
         else:
             fs.rm(path)
     fs.invalidate_cache(path)
-
-
-def _fsync_dir(directory: str) -> None:
-    """Make a rename or a new entry durable; some filesystems cannot open directories (ignore)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -1,0 +1,85 @@
+"""Local files the way checkpoints need them: writes that are durable when they return (fsync,
+early writeback, temp name + rename + directory fsync for atomic ones), nothing left behind when
+they fail, and positional reads that several threads can share on one descriptor."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from typing import BinaryIO
+
+from dtrain.checkpoint import faultpoints
+from dtrain.checkpoint.faultpoints import Hooked, fault_point
+from dtrain.checkpoint.writeback import WritebackFile
+from dtrain.errors import CheckpointError
+
+
+@contextlib.contextmanager
+def open_write(path: str, url: str) -> Iterator[BinaryIO]:
+    """Write `path`; on success the bytes are durable (fsync), on an exception the file is removed."""
+    f = WritebackFile(open(path, "wb"))  # the disk starts on the first pieces while later ones are written
+    try:
+        yield Hooked(f, url) if faultpoints.active() else f  # type: ignore[misc]
+        f.flush()
+        os.fsync(f.fileno())
+    except BaseException:
+        f.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    f.close()
+    fault_point("file_closed", url)
+
+
+def write_atomic(path: str, url: str, data: bytes) -> None:
+    """Readers see either no file or all of `data`: temp name, fsync, rename, fsync of the directory."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        fault_point("atomic_before_rename", url)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(directory)
+    fault_point("atomic_done", url)
+
+
+def pread_into(fd: int, url: str, offset: int, out: memoryview) -> None:
+    """Fill `out` from `fd` at `offset` (os.preadv: no shared file position, so threads can read
+    different pieces of one file at once); a short file is a CheckpointError naming `url`."""
+    fault_point("read", url)
+    n, got = len(out), 0
+    while got < n:
+        k = os.preadv(fd, [out[got:]], offset + got)
+        if not k:
+            break
+        got += k
+    if got != n:
+        truncated(url, offset, n, got)
+
+
+def truncated(url: str, offset: int, n: int, got: int) -> None:
+    raise CheckpointError(f"{url}: file is truncated: wanted bytes [{offset}, {offset + n}), "
+                          f"file ends at {offset + got}; the checkpoint is damaged")
+
+
+def fsync_dir(directory: str) -> None:
+    """Make a rename or a new entry durable; some filesystems cannot open directories (ignore)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
