@@ -59,9 +59,8 @@ def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.o
         model_sd, optim_sd = get_states(model, optimizers)
         tensors, leaves = flatten(model_sd, optim_sd)
         never_stepped = _saved_before_first_step(optimizers, optim_sd, manifest, state)
-        if never_stepped and optim_sd is not None:  # saved before their first step: only their param_groups load
-            fqns = optimizer_fqns(optimizers, optim_sd)
-            skip = tuple(f"{OPTIM}{f}/" for i in never_stepped for f in fqns[i])
+        if never_stepped:  # saved before their first step: only their param_groups load
+            skip = tuple(p for prefixes in never_stepped.values() for p in prefixes)
             tensors = {k: v for k, v in tensors.items() if not k.startswith(skip)}
             leaves = {k: v for k, v in leaves.items() if not k.startswith(skip)}
         wanted = {k for k in tensors if optimizers or k.startswith(MODEL)}
@@ -182,19 +181,20 @@ def _buckets(params: list[torch.Tensor], bucket_bytes: int) -> list[list[torch.T
 
 
 def _saved_before_first_step(optimizers: tuple[torch.optim.Optimizer, ...], optim_sd: dict[str, Any] | None,
-                             manifest: Manifest, state: dict[str, Any]) -> list[int]:
-    """The optimizers that had not stepped when the checkpoint was saved: the checkpoint has
-    param_groups but no state (tensor or scalar) for any of their parameters."""
+                             manifest: Manifest, state: dict[str, Any]) -> dict[int, tuple[str, ...]]:
+    """The optimizers that had not stepped when the checkpoint was saved (the checkpoint has
+    param_groups but no state, tensor or scalar, for any of their parameters), by index, each with
+    the key prefixes of its state."""
     saved = state.get("model_optim") or {}
     if not optimizers or optim_sd is None or saved.get("param_groups") is None:
-        return []
+        return {}
     stored = [k for k in manifest.tensors if k.startswith(OPTIM)]
     stored += [k for k in saved.get("leaves") or {} if k.startswith(OPTIM)]
-    out = []
+    out = {}
     for i, fqns in enumerate(optimizer_fqns(optimizers, optim_sd)):
         prefixes = tuple(f"{OPTIM}{f}/" for f in fqns)
         if prefixes and not any(k.startswith(prefixes) for k in stored):
-            out.append(i)
+            out[i] = prefixes
     return out
 
 

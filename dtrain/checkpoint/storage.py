@@ -1,11 +1,12 @@
 """A few string-path functions over fsspec: the only place checkpoint code touches storage.
 
-Local paths (and file://) go straight to the OS (localfs.py) so we control fsync and rename; everything else
-(s3://, memory://, ...) goes through fsspec. A URL is always a plain string; `join` builds children.
-S3 endpoint and credentials come from the standard AWS_* environment (AWS_ENDPOINT_URL[_S3],
-AWS_ACCESS_KEY_ID, ...) unless `storage_options` says otherwise. Remote calls are retried with
-bounded backoff on transient errors (s3upload.with_retries); local errors (disk full, permission
-denied, read-only) are never retried. Buckets are never created: a missing one is an error.
+Local paths (and file://) go straight to the OS (localfs.py) so we control fsync and rename;
+everything else (s3://, memory://, ...) goes through fsspec. A URL is always a plain string;
+`join` builds children. S3 endpoint and credentials come from the standard AWS_* environment
+(AWS_ENDPOINT_URL[_S3], AWS_ACCESS_KEY_ID, ...) unless `storage_options` says otherwise. Remote
+calls are retried with bounded backoff on transient errors (s3upload.with_retries); local errors
+(disk full, permission denied, read-only) are never retried. Buckets are never created: a missing
+one is an error.
 """
 
 from __future__ import annotations
