@@ -136,7 +136,8 @@ def _saver(method: str, model: Blob, opt: torch.optim.Optimizer, d: str, dev: to
         mgr = CheckpointManager(d, async_save=method == "dtrain-async")
         return (lambda step: mgr.save(step, model=model, optimizer=opt), lambda _: mgr.wait(),
                 None if "async" in method else lambda: mgr.load(_step_dir(d, 1), model=model, optimizer=opt),
-                mgr.close, lambda: all(t.is_pinned() for t in mgr._staging.values()) if mgr._staging else None)
+                mgr.close, lambda: all(t.is_pinned() for slot, t in mgr._staging.items() if slot[3])
+                if any(slot[3] for slot in mgr._staging) else None)  # slot[3]: staged from the device
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -152,11 +153,22 @@ def _saver(method: str, model: Blob, opt: torch.optim.Optimizer, d: str, dev: to
     if method == "dcp":
         return lambda step: dcp.save(sd, checkpoint_id=_step_dir(d, step)), lambda _: None, load, lambda: None, \
             lambda: None
-    stager = DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False, use_async_staging=False,
-                                          use_non_blocking_copy=True)) if method == "dcp-async-pinned" else None
-    return (lambda step: dcp.async_save(sd, checkpoint_id=_step_dir(d, step), async_stager=stager),
-            lambda fut: fut.result(), None, stager.close if stager else lambda: None,
-            lambda: stager is not None and dev.type == "cuda")
+    def new_stager() -> DefaultStager | None:
+        return DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False, use_async_staging=False,
+                                            use_non_blocking_copy=True)) if method == "dcp-async-pinned" else None
+
+    stager = [new_stager()]
+
+    def start(step: int) -> Any:
+        # torch <= 2.11's async_save closes a caller's stager after one save (2.13 closes only its own):
+        # its deepcopy table is empty then, so that DCP pays a fresh pinned allocation per save.
+        if stager[0] is not None and not getattr(getattr(stager[0], "_state_dict_stager", None),
+                                                 "_deepcopy_dispatch", True):
+            stager[0] = new_stager()
+        return dcp.async_save(sd, checkpoint_id=_step_dir(d, step), async_stager=stager[0])
+
+    return (start, lambda fut: fut.result(), None, lambda: stager[0].close() if stager[0] else None,
+            lambda: stager[0] is not None and dev.type == "cuda")
 
 
 def measure(method: str, nbytes: int, dtype_name: str, device: str, d: str) -> dict[str, Any]:

@@ -51,8 +51,8 @@ def run(cfg: JobConfig) -> int:
         setup_logging(env.rank, cfg.logging.level, run_dir / "train.log")
         if env.is_main:
             (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        log.info("dtrain %s: %d rank(s), %s, strategy=%s, device=%s", __version__, env.world_size,
-                 env.launcher, cfg.parallel.strategy, env.device)
+        log.info("dtrain %s: %d rank(s), %s, strategy=%s, device=%s, backend=%s", __version__, env.world_size,
+                 env.launcher, cfg.parallel.strategy, env.device, env.backend)
         trainer = Trainer(cfg, env)
         trainer.startup = {**startup, "built": time.time()}
         code = trainer.fit()

@@ -20,10 +20,11 @@ FAST = ["task=digits", "logging.progress=false", "data.batch_size=32", "data.eva
 
 
 def dtrain(args: list[str], *, nproc: int = 1, env: dict[str, str] | None = None, timeout: float = 120,
-           max_restarts: int = 0) -> subprocess.CompletedProcess[str]:
-    """`dtrain ARGS` (nproc == 1) or `torchrun --nproc-per-node N -m dtrain ARGS`."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-    if nproc == 1:
+           max_restarts: int = 0, torchrun: bool = False) -> subprocess.CompletedProcess[str]:
+    """`dtrain ARGS` (nproc == 1 and not torchrun) or `torchrun --nproc-per-node N -m dtrain ARGS`."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)  # keep the caller's
+    full_env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **(env or {})}
+    if nproc == 1 and not torchrun:
         cmd = [sys.executable, "-m", "dtrain", *args]
     else:
         cmd = [str(BIN / "torchrun"), "--nnodes", "1", "--nproc-per-node", str(nproc),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -37,9 +38,67 @@ def test_nccl_two_ranks(tmp_path: Path, strategy: str) -> None:
     run_dir = tmp_path / strategy
     proc = dtrain([*GPT, f"run_dir={run_dir}", f"parallel.strategy={strategy}"], nproc=2)
     _ok(proc)
+    assert "backend=nccl" in proc.stderr
     if strategy == "fsdp":
         assert "params bf16/reduce fp32" in proc.stderr
     assert summary(run_dir)["world_size"] == 2
+
+
+def fsdp_bf16_save(rank: int, world: int, root: str, backend: str = "nccl") -> dict[str, Any]:
+    """On a real process group (nccl on the GPU): dtrain's FSDP2 wrapping of the GPT model with bf16
+    parameters and fp32 reduction, two AdamW steps, an async save of the DTensor shards; returns
+    the full weights for the parent to compare with a plain-process load."""
+    import torch.distributed as torch_dist
+
+    from dtrain.checkpoint import CheckpointManager
+    from dtrain.config import ParallelConfig
+    from dtrain.dist import DistEnv
+    from dtrain.models.gpt import GPTModelConfig, build_model, fsdp_blocks
+    from dtrain.parallel.fsdp import wrap_fsdp
+
+    dev = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    torch_dist.init_process_group(backend, device_id=dev if backend == "nccl" else None)
+    try:
+        torch.manual_seed(0)
+        model = build_model(GPTModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=32)).to(dev)
+        model = wrap_fsdp(model, ParallelConfig(strategy="fsdp", mixed_precision="auto"),
+                          DistEnv(rank, world, rank, dev, backend, "env"), fsdp_blocks(model))
+        seen: list[str] = []
+        model.lm_head.register_forward_hook(lambda _m, _i, out: seen.append(str(out.dtype)))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        for _ in range(2):
+            idx = torch.randint(0, 256, (4, 32), device=dev)
+            loss = torch.nn.functional.cross_entropy(model(idx).float().flatten(0, 1), idx.flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        param_dtypes = {str(p.dtype) for p in model.parameters()}
+        mgr = CheckpointManager(root, async_save=True)
+        mgr.save(2, model=model, optimizer=opt)
+        mgr.wait()
+        mgr.close()
+        full = {k: v.full_tensor().cpu().numpy() for k, v in model.state_dict().items()}  # by value
+        return {"full": full, "compute": set(seen), "param_dtypes": param_dtypes}
+    finally:
+        torch_dist.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+def test_fsdp2_bf16_on_nccl_saves_shards_that_load_in_a_plain_process(tmp_path: Path) -> None:
+    """nccl refuses two ranks on one device, so a one-GPU machine runs the group at world size 1:
+    FSDP2's bf16 compute and fp32 sharded parameters on a real nccl group, DTensor staging into
+    pinned memory, and a load of those shards into an unwrapped model, bitwise."""
+    import dtrain
+    from dtrain.models.gpt import GPTModelConfig, build_model
+    from tests.multiproc import run_ranks
+
+    (out,) = run_ranks(fsdp_bf16_save, 1, str(tmp_path))
+    assert out["compute"] == {"torch.bfloat16"}, out["compute"]
+    assert out["param_dtypes"] == {"torch.float32"}
+    plain = build_model(GPTModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=32))
+    dtrain.load_model(str(tmp_path), plain)
+    for k, v in plain.state_dict().items():
+        assert torch.equal(v, torch.from_numpy(out["full"][k])), k
 
 
 @pytest.mark.timeout(300)
