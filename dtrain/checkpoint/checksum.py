@@ -14,12 +14,16 @@ derived from the header's and the chunks' CRCs with `crc32_combine`, without has
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import Future, ThreadPoolExecutor
 
 try:
     from isal.isal_zlib import crc32 as _crc32
+    from isal.isal_zlib import crc32_combine as _isal_combine
 except ImportError:  # no wheel for this platform: the standard library's, 3x slower, same values
     from zlib import crc32 as _crc32
+
+    _isal_combine = None
 
 _POLY = 0xEDB88320  # reflected CRC-32 polynomial (the one zlib uses)
 
@@ -47,6 +51,7 @@ def _powers() -> list[int]:
 _X2N = _powers()
 
 
+@functools.lru_cache(maxsize=4096)  # tensor sizes repeat: one operator per distinct length
 def _x_pow_8n(n: int) -> int:
     """x^(8n) mod P: the operator that appends n zero bytes."""
     p = 1 << 31  # x^0
@@ -65,9 +70,18 @@ def crc32(data: bytes | bytearray | memoryview, value: int = 0) -> int:
 
 
 def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """The CRC-32 of A+B from crc32(A), crc32(B) and len(B)."""
+    """The CRC-32 of A+B from crc32(A), crc32(B) and len(B) (isal's C version: 0.2 us, ours 5 us)."""
+    if _isal_combine is not None and len2 > 0:
+        return int(_isal_combine(crc1, crc2, len2))
+    return combine_py(crc1, crc2, len2)
+
+
+def combine_py(crc1: int, crc2: int, len2: int) -> int:
+    """crc32_combine without isal (zlib does not export its own)."""
     if len2 <= 0:
         return crc1
+    if crc1 == 0:  # 0 * x^(8 len2) = 0: the first piece of a stream
+        return crc2
     return _mult_mod_p(_x_pow_8n(len2), crc1) ^ crc2
 
 
@@ -85,6 +99,9 @@ def parse_crc(text: str) -> int | None:
         return None
 
 
+INLINE = 256 << 10  # buffers below this are hashed in the caller's thread (~25 us with isal)
+
+
 class BackgroundCrc:
     """CRC-32 of a byte stream, hashed on one helper thread in submission order.
 
@@ -97,7 +114,11 @@ class BackgroundCrc:
         self._last: Future[None] | None = None
 
     def update(self, data: memoryview | bytes) -> None:
-        self._last = self._pool.submit(self._step, data)
+        if len(data) < INLINE:  # handing a small buffer to the thread costs more than hashing it
+            self.value()
+            self._crc = crc32(data, self._crc)
+        else:
+            self._last = self._pool.submit(self._step, data)
 
     def _step(self, data: memoryview | bytes) -> None:
         self._crc = crc32(data, self._crc)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from dtrain.checkpoint.checksum import parse_crc
@@ -68,9 +68,14 @@ class Manifest:
     version: int = SCHEMA_VERSION
 
     def to_json(self) -> bytes:
-        body = asdict(self)
-        body["tensors"] = {k: asdict(v) for k, v in sorted(self.tensors.items())}
-        return json.dumps(body, indent=1, allow_nan=False).encode("utf-8")
+        """One line per file and per tensor: readable with `cat`, and each line goes through json's C
+        encoder (an indented dump runs the pure-Python one: 1 s for 16k tensors, dataclasses.asdict 2 s)."""
+        head = {"version": self.version, "step": self.step, "created": self.created, "world_size": self.world_size,
+                "strategy": self.strategy, "reason": self.reason, "metrics": self.metrics, "versions": self.versions}
+        dump = json.JSONEncoder(allow_nan=False).encode
+        files = ",\n  ".join(dump({"path": f.path, "size": f.size, "checksum": f.checksum}) for f in self.files)
+        tensors = ",\n  ".join(f"{dump(k)}: {dump(_tensor_json(t))}" for k, t in sorted(self.tensors.items()))
+        return (dump(head)[:-1] + f',\n "files": [\n  {files}],\n "tensors": {{\n  {tensors}}}}}\n').encode("utf-8")
 
     def file(self, path: str) -> FileEntry:
         for f in self.files:
@@ -81,6 +86,12 @@ class Manifest:
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
+
+
+def _tensor_json(t: TensorEntry) -> dict[str, Any]:
+    return {"dtype": t.dtype, "shape": t.shape, "chunks": [
+        {"file": c.file, "offsets": c.offsets, "lengths": c.lengths, "data_offsets": c.data_offsets,
+         "checksum": c.checksum} for c in t.chunks]}
 
 
 def check_relative_path(path: object, where: str, field_name: str) -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dtrain.checkpoint import storage
-from dtrain.checkpoint.checksum import crc32, crc32_combine, format_crc, parse_crc
+from dtrain.checkpoint.checksum import INLINE, crc32, crc32_combine, format_crc, parse_crc
 from dtrain.checkpoint.format import MANIFEST, STATE, CheckpointDamagedError, Chunk, Manifest, parse_manifest
 from dtrain.checkpoint.jsoncodec import loads
 from dtrain.checkpoint.plan import local_box
@@ -120,7 +120,7 @@ class ChunkReader:
     defer_checks: bool = False
     _fds: dict[str, int] = field(default_factory=dict)  # local file url -> descriptor, one per file
     _hasher: ThreadPoolExecutor | None = None
-    _pending: list[tuple[str, str, Chunk, list[tuple[Future[int], int]]]] = field(default_factory=list)
+    _pending: list[tuple[str, str, Chunk, list[tuple[Future[int] | int, int]]]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _check_size(self, name: str) -> str:
@@ -204,18 +204,19 @@ class ChunkReader:
         with self._lock:
             self.bytes_read += end - begin
 
-    def _read_local(self, url: str, begin: int, mv: memoryview) -> list[tuple[Future[int], int]]:
+    def _read_local(self, url: str, begin: int, mv: memoryview) -> list[tuple[Future[int] | int, int]]:
         """Read `mv` from `url` at `begin` piece by piece in this thread; each piece is hashed on
         the hashing thread. Returns the hashes to come, with their lengths, in order."""
         if self._hasher is None:
             with self._lock:
                 if self._hasher is None:
                     self._hasher = ThreadPoolExecutor(1, thread_name_prefix="dtrain-crc")
-        parts = []
+        parts: list[tuple[Future[int] | int, int]] = []
         for off in range(0, len(mv), PIECE):
             part = mv[off:off + PIECE]
             storage.pread_into(self._fds[url], url, begin + off, part)
-            parts.append((self._hasher.submit(crc32, part), len(part)))
+            # a small piece is hashed here: a Future and a thread hand-off cost more than its CRC
+            parts.append((crc32(part) if len(part) < INLINE else self._hasher.submit(crc32, part), len(part)))
         return parts
 
     def _read_remote(self, url: str, begin: int, mv: memoryview) -> int:
@@ -253,11 +254,11 @@ class ChunkReader:
             os.close(fd)
 
 
-def _combine(parts: list[tuple[Future[int], int]]) -> int:
+def _combine(parts: list[tuple[Future[int] | int, int]]) -> int:
     """The CRC-32 of consecutive pieces from their own CRCs (waits for the hashes to come)."""
     crc = 0
     for fut, n in parts:
-        crc = crc32_combine(crc, fut.result(), n)
+        crc = crc32_combine(crc, fut if isinstance(fut, int) else fut.result(), n)
     return crc
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dtrain.checkpoint import comm, storage
+from dtrain.checkpoint import comm, retention, storage
 from dtrain.checkpoint.checksum import BackgroundCrc, crc32, crc32_combine, format_crc
 from dtrain.checkpoint.format import MANIFEST, Chunk, FileEntry, Manifest, TensorEntry, parse_manifest
 from dtrain.checkpoint.plan import MODEL, Box
@@ -158,6 +158,7 @@ def commit(dir_url: str, report: RankReport, meta: dict[str, Box], group: comm.P
                 data = manifest.to_json()
                 parse_manifest(data, storage.join(dir_url, MANIFEST))  # never commit what we cannot read
                 storage.write_atomic(storage.join(dir_url, MANIFEST), data, storage_options)
+                retention.remember(dir_url, data, manifest)
             except Exception as e:
                 log.exception("writing the manifest of %s failed", dir_url)
                 outcome = f"rank 0: writing {MANIFEST}: {type(e).__name__}: {e}"

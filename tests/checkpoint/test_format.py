@@ -88,3 +88,20 @@ def test_bad_manifest_is_rejected_naming_file_and_field(case: str) -> None:
 def test_not_a_json_object(data: bytes) -> None:
     with pytest.raises(CheckpointError, match="manifest.json"):
         parse_manifest(data, WHERE)
+
+
+def test_written_manifest_has_a_line_per_file_and_tensor() -> None:
+    """to_json composes lines by hand (json's C encoder per entry): it must still be one valid JSON
+    document, equal to the manifest, and readable with `cat` (one tensor per line)."""
+    body = valid()
+    body["tensors"] = {f"model/t{i}": {"dtype": "F32", "shape": [], "chunks": [
+        {"file": "model-00000-of-00002.safetensors", "offsets": [], "lengths": [], "data_offsets": [100 + 4 * i, 104 + 4 * i],
+         "checksum": "crc32:00000001"}]} for i in range(20)}
+    body["metrics"] = {"val/loss": None, "acc": 0.5}
+    m = parse_manifest(encode(body), WHERE)
+    data = m.to_json()
+    assert parse_manifest(data, WHERE) == m
+    lines = data.decode().splitlines()
+    assert sum('"model/t' in line for line in lines) == 20 and sum('"path"' in line for line in lines) == 2
+    empty = parse_manifest(encode({**body, "files": [], "tensors": {}}), WHERE)
+    assert parse_manifest(empty.to_json(), WHERE) == empty

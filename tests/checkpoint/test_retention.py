@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from dtrain.checkpoint import CheckpointManager
-from dtrain.checkpoint.retention import NO_MANIFEST, CheckpointInfo, best_of, to_delete
+from dtrain.checkpoint.retention import NO_MANIFEST, CheckpointInfo, best_of, scan, to_delete
 from tests.checkpoint.models import make_all, train
 
 
@@ -56,3 +56,20 @@ def test_manager_prunes_after_each_commit(tmp_path) -> None:
         mgr.save(step, model=m, optimizer=o, metrics={"val/loss": loss})
     assert [i.step for i in mgr.list()] == [2, 4, 6, 7]
     assert mgr.best().step == 2 and mgr.latest_committed().step == 7
+
+
+@pytest.mark.timeout(120)
+def test_scan_notices_a_manifest_damaged_after_it_was_read(tmp_path) -> None:
+    """scan remembers manifests it validated, keyed by their bytes: a manifest changed on disk
+    afterwards (same length) is read again and reported, never taken from memory."""
+    m, o, s, c = make_all()
+    mgr = CheckpointManager(str(tmp_path))
+    for step in (1, 2):
+        mgr.save(step, model=m, optimizer=o)
+    assert [i.committed for i in scan(str(tmp_path))] == [True, True]
+    path = tmp_path / "step-000000002" / "manifest.json"
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b'"step": 2', b'"step": 3'))
+    infos = scan(str(tmp_path))
+    assert [i.committed for i in infos] == [True, False] and "step 3" in (infos[1].problem or "")
+    assert mgr.latest_committed().step == 1
