@@ -23,7 +23,7 @@ try:
 except ImportError:  # no wheel for this platform: the standard library's, 3x slower, same values
     from zlib import crc32 as _crc32
 
-    _isal_combine = None
+    _isal_combine = None  # type: ignore[assignment]
 
 _POLY = 0xEDB88320  # reflected CRC-32 polynomial (the one zlib uses)
 
