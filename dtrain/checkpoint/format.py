@@ -195,13 +195,16 @@ def _tensor(key: str, t: object, sizes: dict[str, int], where: str) -> TensorEnt
     raw_chunks = t.get("chunks")
     if not isinstance(raw_chunks, list):
         raise CheckpointError(f"{where}: field {name}.chunks must be a list")
-    chunks = tuple(_chunk(c, f"{name}.chunks[{j}]", dt, shape, sizes, where) for j, c in enumerate(raw_chunks))
+    chunks = tuple(_chunk(c, name, j, dt, shape, sizes, where) for j, c in enumerate(raw_chunks))
+    if len(chunks) == 1 and chunks[0].lengths == shape:  # the usual case: one chunk that is the tensor
+        return TensorEntry(dt, shape, chunks)  # type: ignore[arg-type]
     _check_tiling(chunks, shape, where, name)
     return TensorEntry(dt, shape, chunks)  # type: ignore[arg-type]
 
 
-def _chunk(c: object, name: str, dt: str, shape: tuple[int, ...], sizes: dict[str, int],
+def _chunk(c: object, tensor_name: str, j: int, dt: str, shape: tuple[int, ...], sizes: dict[str, int],
            where: str) -> Chunk:
+    name = f"{tensor_name}.chunks[{j}]"
     if not isinstance(c, dict):
         raise CheckpointError(f"{where}: field {name} must be an object")
     path = c.get("file")
