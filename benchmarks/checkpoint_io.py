@@ -42,7 +42,9 @@ from tests.moto import stop_process  # noqa: E402
 from tests.multiproc import free_port as _free_port  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TENSOR = 16 << 20  # weights of 16 MiB, each followed by a 16 KiB bias: a transformer-ish mix
+# weights of 16 MiB, each followed by a 16 KiB bias: a transformer-ish mix; --tensor-bytes (through the
+# environment, so the measuring processes see it) makes many small tensors instead
+TENSOR = int(os.environ.get("CKPT_BENCH_TENSOR_BYTES", 16 << 20))
 S3_OPTIONS = {"key": "testing", "secret": "testing"}
 
 
@@ -402,8 +404,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="measure each point N times (round-robin); report medians")
     ap.add_argument("--dir", default=None, help="where files are written (default: a temp dir on /tmp)")
     ap.add_argument("--out", default=str(RESULTS / "checkpoint_io"), help="output path without extension")
+    ap.add_argument("--tensor-bytes", default=None, help="bytes per weight tensor (default 16M; e.g. 16K for "
+                    "a state of many small tensors, where per-tensor costs dominate)")
     ap.add_argument("--replot", metavar="JSON", help="only redo ratios, targets, table and plot from a results JSON")
     args = ap.parse_args()
+    if args.tensor_bytes:
+        os.environ["CKPT_BENCH_TENSOR_BYTES"] = str(parse_sizes(args.tensor_bytes)[0])
+        global TENSOR
+        TENSOR = int(os.environ["CKPT_BENCH_TENSOR_BYTES"])
     if args.replot:
         report = json.loads(Path(args.replot).read_text())
         report["results"] = with_ratios(report["results"])

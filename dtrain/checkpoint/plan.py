@@ -9,6 +9,7 @@ rank computes the same answer from the same gathered lists, so no extra round tr
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,11 +36,12 @@ class Box:
     offsets: tuple[int, ...]
     lengths: tuple[int, ...]
 
-    @property
+    # cached: a save asks each box for these several times, and a state can hold 100k boxes
+    @functools.cached_property
     def nbytes(self) -> int:
         return math.prod(self.lengths) * itemsize(self.dtype)
 
-    @property
+    @functools.cached_property
     def id(self) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
         return (self.key, self.offsets, self.lengths)
 
