@@ -26,6 +26,7 @@ from torch import nn
 from dtrain.checkpoint import comm, retention, storage
 from dtrain.checkpoint.faultpoints import fault_point
 from dtrain.checkpoint.format import MANIFEST, CheckpointDamagedError
+from dtrain.checkpoint.gcpause import gc_paused
 from dtrain.checkpoint.lease import DEFAULT_TTL_S, Lease
 from dtrain.checkpoint.restore import load_checkpoint
 from dtrain.checkpoint.retention import NO_MANIFEST, CheckpointInfo, best_of, scan, step_dir
@@ -79,6 +80,7 @@ class CheckpointManager:
             weakref.finalize(self, self.lease.release)
 
     # ---- saving ---------------------------------------------------------------------------------
+    @gc_paused()
     def save(self, step: int, *, model: nn.Module, optimizer: Optimizers = None,
              stateful: dict[str, Stateful] | None = None, extra: dict[str, Any] | None = None,
              metrics: dict[str, float] | None = None, reason: str = "periodic") -> None:
@@ -146,6 +148,7 @@ class CheckpointManager:
             handle.remove()
         self._hooks = []
 
+    @gc_paused()  # runs on the background thread too
     def _finish(self, prep: PreparedSave) -> None:
         manifest = execute(prep, self.group, self.storage_options)
         fault_point("committed")

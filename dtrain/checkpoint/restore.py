@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor
 
 from dtrain.checkpoint import comm, rng, storage
 from dtrain.checkpoint.format import CheckpointDamagedError, Manifest, rng_file
+from dtrain.checkpoint.gcpause import gc_paused
 from dtrain.checkpoint.plan import MODEL, OPTIM
 from dtrain.checkpoint.reader import (
     ChunkReader,
@@ -45,6 +46,7 @@ _INIT_BUCKET_BYTES = 64 << 20
 _warned_rng = False
 
 
+@gc_paused()
 def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.optim.Optimizer, ...] = (),
                     stateful: dict[str, Stateful] | None = None, strict: bool = True,
                     group: comm.ProcessGroup = None, storage_options: storage.StorageOptions = None,
