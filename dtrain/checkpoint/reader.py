@@ -291,6 +291,10 @@ def fill_tensor(reader: ChunkReader, key: str, dest: torch.Tensor) -> None:
                               f"expects {box.dtype}{list(box.shape)}; the model config does not match")
     if math.prod(box.lengths) == 0:
         return  # an empty shard (uneven sharding) or an empty tensor: nothing to read
+    if (len(entry.chunks) == 1 and entry.chunks[0].lengths == box.lengths and entry.chunks[0].offsets == box.offsets
+            and local.device.type == "cpu" and local.is_contiguous()):
+        reader.read(key, entry.chunks[0], local)  # the usual case: stored whole, loaded whole
+        return
     dtype = DTYPES[entry.dtype]
     for chunk in entry.chunks:
         ov = _overlap(box.offsets, box.lengths, chunk.offsets, chunk.lengths)
