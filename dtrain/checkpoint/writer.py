@@ -3,7 +3,8 @@
 A tensor file is written header first, then each tensor's bytes straight from the tensor's memory
 in pieces of at most `PIECE` bytes: no whole-file buffer, so extra memory stays at one piece (a
 device tensor is copied to the host a piece at a time). A helper thread computes each piece's
-CRC-32 while it is written. The file is a standard safetensors file (`safetensors.torch.load_file` reads it).
+CRC-32 while it is written (a tensor under `INLINE` bytes is hashed in place: a thread hand-off
+costs more). The file is a standard safetensors file (`safetensors.torch.load_file` reads it).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dtrain.checkpoint import comm, retention, storage
-from dtrain.checkpoint.checksum import BackgroundCrc, crc32, crc32_combine, format_crc
+from dtrain.checkpoint.checksum import INLINE, BackgroundCrc, crc32, crc32_combine, format_crc
 from dtrain.checkpoint.format import MANIFEST, Chunk, FileEntry, Manifest, TensorEntry, parse_manifest
 from dtrain.checkpoint.plan import MODEL, Box
 from dtrain.checkpoint.stfile import encode_header
@@ -66,7 +67,7 @@ def write_tensor_file(url: str, name: str, items: Sequence[tuple[Box, torch.Tens
     header, entries = encode_header([(b.key, b.dtype, b.lengths) for b, _ in items], metadata)
     file_crc = crc32(header)
     chunks: list[tuple[str, Chunk]] = []
-    crcs: list[BackgroundCrc] = []
+    crcs: list[BackgroundCrc | int] = []
     with ThreadPoolExecutor(1, thread_name_prefix="dtrain-crc") as pool, \
             storage.open_write(url, storage_options) as f:
         f.write(header)
@@ -75,6 +76,11 @@ def write_tensor_file(url: str, name: str, items: Sequence[tuple[Box, torch.Tens
             if tensor.nbytes != entry.end - entry.begin:
                 raise CheckpointError(f"{name}: tensor {box.key!r} has {tensor.nbytes} bytes, expected "
                                       f"{entry.end - entry.begin}")
+            if tensor.nbytes < INLINE and tensor.device.type == "cpu":  # small: no thread, no generator
+                view = _bytes_view(tensor)
+                f.write(view)
+                crcs.append(crc32(view))
+                continue
             crc = BackgroundCrc(pool)
             for piece in _pieces(tensor):
                 crc.update(piece)
@@ -82,8 +88,8 @@ def write_tensor_file(url: str, name: str, items: Sequence[tuple[Box, torch.Tens
                 crc.value()  # hashing is faster than writing: this costs nothing and keeps one piece alive
             crcs.append(crc)
             del tensor  # a lazily built tensor (export) is freed before the next one is built
-        for (box, _), entry, crc in zip(items, entries, crcs, strict=True):
-            c = crc.value()
+        for (box, _), entry, hashed in zip(items, entries, crcs, strict=True):
+            c = hashed if isinstance(hashed, int) else hashed.value()
             file_crc = crc32_combine(file_crc, c, entry.end - entry.begin)
             chunks.append((box.key, Chunk(name, box.offsets, box.lengths, (entry.begin, entry.end),
                                           format_crc(c))))
