@@ -16,17 +16,11 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from dtrain.checkpoint import comm, rng, storage
+from dtrain.checkpoint.fill import check_keys, fill_tensor
 from dtrain.checkpoint.format import CheckpointDamagedError, Manifest, rng_file
 from dtrain.checkpoint.gcpause import gc_paused
 from dtrain.checkpoint.plan import MODEL, OPTIM
-from dtrain.checkpoint.reader import (
-    ChunkReader,
-    check_keys,
-    fill_tensor,
-    read_json_file,
-    read_manifest,
-    read_state,
-)
+from dtrain.checkpoint.reader import ChunkReader, read_json_file, read_manifest, read_state
 from dtrain.checkpoint.state import (
     Stateful,
     apply_json_state,

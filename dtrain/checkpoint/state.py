@@ -24,8 +24,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
+from dtrain.checkpoint.fill import check_keys
 from dtrain.checkpoint.plan import Leaf, flatten
-from dtrain.checkpoint.reader import check_keys
 from dtrain.errors import CheckpointError
 
 log = logging.getLogger(__name__)

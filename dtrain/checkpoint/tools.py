@@ -16,10 +16,11 @@ import torch
 
 from dtrain.checkpoint import retention, storage
 from dtrain.checkpoint.checksum import crc32, crc32_combine, format_crc, parse_crc
+from dtrain.checkpoint.fill import fill_tensor
 from dtrain.checkpoint.format import MANIFEST, Chunk, Manifest, NonFiniteTensorError
 from dtrain.checkpoint.jsoncodec import loads
 from dtrain.checkpoint.plan import MODEL, Box
-from dtrain.checkpoint.reader import ChunkReader, fill_tensor, read_manifest
+from dtrain.checkpoint.reader import ChunkReader, read_manifest
 from dtrain.checkpoint.retention import CheckpointInfo, scan
 from dtrain.checkpoint.stfile import DTYPES, dtype_name, read_header
 from dtrain.checkpoint.writer import write_tensor_file

@@ -41,8 +41,9 @@ from torch.distributed.checkpoint.state_dict import _init_optim_state
 
 from dtrain.checkpoint import CheckpointDamagedError
 from dtrain.checkpoint import reader as reader_mod
+from dtrain.checkpoint.fill import fill_tensor
 from dtrain.checkpoint.plan import Box
-from dtrain.checkpoint.reader import ChunkReader, fill_tensor
+from dtrain.checkpoint.reader import ChunkReader
 from dtrain.checkpoint.restore import init_optimizer_state
 from dtrain.checkpoint.writer import RankReport, build_manifest, write_tensor_file
 from tests.checkpoint.models import assert_same

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dtrain.checkpoint import CheckpointDamagedError, CheckpointManager
-from dtrain.checkpoint.reader import _overlap
+from dtrain.checkpoint.fill import _overlap
 from tests.checkpoint.models import assert_same, make_all, make_model, train
 
 MARKER = "/tmp/dtrain-test-unpickled-{pid}"

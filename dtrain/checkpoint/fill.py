@@ -1,0 +1,74 @@
+"""Fill destination tensors from a checkpoint's chunks, whatever the saved and the current layouts.
+
+A destination (a full tensor, or this rank's shard of a DTensor) is a box in the global tensor;
+every stored chunk that overlaps it is read, straight into the destination when the overlap is the
+whole chunk and a contiguous run of host memory, else through the reader's bounded window. This is
+what makes N -> M ranks and FSDP <-> DDP <-> one process loads work: only boxes are compared.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dtrain.checkpoint.plan import local_box
+from dtrain.checkpoint.reader import ChunkReader
+from dtrain.checkpoint.stfile import DTYPES
+from dtrain.errors import CheckpointError
+
+
+def _overlap(a_off: tuple[int, ...], a_len: tuple[int, ...], b_off: tuple[int, ...],
+             b_len: tuple[int, ...]) -> tuple[tuple[int, int], ...] | None:
+    """The intersection of two boxes as (lo, hi) per dimension, or None if they do not meet."""
+    out = []
+    for ao, an, bo, bn in zip(a_off, a_len, b_off, b_len, strict=True):
+        lo, hi = max(ao, bo), min(ao + an, bo + bn)
+        if lo >= hi:
+            return None
+        out.append((lo, hi))
+    return tuple(out)
+
+
+def fill_tensor(reader: ChunkReader, key: str, dest: torch.Tensor) -> None:
+    """Fill `dest` (a full tensor or a DTensor) in place from the stored chunks of `key`, with no
+    copy of the tensor: each overlapping chunk goes straight into its slice of the destination
+    when that slice is contiguous host memory, else through the reader's bounded window."""
+    entry = reader.manifest.tensors[key]
+    box, local = local_box(key, dest)
+    if entry.dtype != box.dtype or entry.shape != box.shape:
+        raise CheckpointError(f"{reader.dir_url}: tensor {key!r}: checkpoint has {entry.dtype}{list(entry.shape)}, the model "
+                              f"expects {box.dtype}{list(box.shape)}; the model config does not match")
+    if math.prod(box.lengths) == 0:
+        return  # an empty shard (uneven sharding) or an empty tensor: nothing to read
+    if (len(entry.chunks) == 1 and entry.chunks[0].lengths == box.lengths and entry.chunks[0].offsets == box.offsets
+            and local.device.type == "cpu" and local.is_contiguous()):
+        reader.read(key, entry.chunks[0], local)  # the usual case: stored whole, loaded whole
+        return
+    dtype = DTYPES[entry.dtype]
+    for chunk in entry.chunks:
+        ov = _overlap(box.offsets, box.lengths, chunk.offsets, chunk.lengths)
+        if ov is None:
+            continue
+        part = local[tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(ov, box.offsets, strict=True))]
+        whole = all(lo == o and hi == o + n for (lo, hi), o, n in zip(ov, chunk.offsets, chunk.lengths, strict=True))
+        if whole and part.device.type == "cpu" and part.is_contiguous():
+            reader.read(key, chunk, part)
+        else:
+            reader.stream(key, chunk, dtype, ov, part)
+
+
+def check_keys(wanted: set[str], stored: set[str], what: str, where: str) -> None:
+    """Strict loading: the checkpoint and the model/optimizer must hold the same keys."""
+    missing, unexpected = sorted(wanted - stored), sorted(stored - wanted)
+    if missing:
+        raise CheckpointError(f"{where}: {what} key(s) missing from the checkpoint: {_few(missing)}; "
+                              f"pass strict=False to load the rest")
+    if unexpected:
+        raise CheckpointError(f"{where}: checkpoint has {what} key(s) the target does not: "
+                              f"{_few(unexpected)}; pass strict=False to ignore them")
+
+
+def _few(keys: list[str]) -> str:
+    return ", ".join(repr(k) for k in keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+
