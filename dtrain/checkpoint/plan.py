@@ -9,10 +9,9 @@ rank computes the same answer from the same gathered lists, so no extra round tr
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,14 +35,14 @@ class Box:
     offsets: tuple[int, ...]
     lengths: tuple[int, ...]
 
-    # cached: a save asks each box for these several times, and a state can hold 100k boxes
-    @functools.cached_property
-    def nbytes(self) -> int:
-        return math.prod(self.lengths) * itemsize(self.dtype)
+    # computed once: a save asks each box for these several times, and a state can hold 100k boxes
+    # (functools.cached_property takes a lock on first use before Python 3.12: 2.5 us a call)
+    nbytes: int = field(init=False, repr=False, compare=False)
+    id: tuple[str, tuple[int, ...], tuple[int, ...]] = field(init=False, repr=False, compare=False)
 
-    @functools.cached_property
-    def id(self) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
-        return (self.key, self.offsets, self.lengths)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nbytes", math.prod(self.lengths) * itemsize(self.dtype))
+        object.__setattr__(self, "id", (self.key, self.offsets, self.lengths))
 
 
 @dataclass
