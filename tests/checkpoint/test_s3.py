@@ -37,9 +37,11 @@ def test_endpoint_and_credentials_from_aws_environment(s3_root: tuple, monkeypat
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     m = make_model()
-    CheckpointManager(root).save(1, model=m)
+    with CheckpointManager(root) as mgr:  # closed here: its lease goes back while moto still runs
+        mgr.save(1, model=m)
     fresh = make_model(seed=4)
-    CheckpointManager(root).load(f"{root}/step-000000001", model=fresh)
+    with CheckpointManager(root) as mgr:
+        mgr.load(f"{root}/step-000000001", model=fresh)
     assert_same(fresh.state_dict(), m.state_dict())
 
 
@@ -69,3 +71,4 @@ def test_failed_write_leaves_no_visible_checkpoint(s3_root: tuple, monkeypatch: 
     monkeypatch.undo()
     mgr.save(2, model=model)
     assert [(i.step, i.committed) for i in mgr.list()] == [(2, True)]  # old incomplete one collected
+    mgr.close()
