@@ -34,6 +34,12 @@ def test_a_collector_the_user_turned_off_stays_off() -> None:
     assert not gc.isenabled()
 
 
+def test_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DTRAIN_GC_PAUSE", "0")
+    with gc_paused():
+        assert gc.isenabled()
+
+
 def test_overlapping_blocks_on_two_threads() -> None:
     """A background save and a training-thread block overlap: on again only after both end."""
     inside, leave = threading.Event(), threading.Event()
