@@ -71,4 +71,3 @@ def check_keys(wanted: set[str], stored: set[str], what: str, where: str) -> Non
 
 def _few(keys: list[str]) -> str:
     return ", ".join(repr(k) for k in keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
-
