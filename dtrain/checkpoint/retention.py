@@ -73,7 +73,7 @@ def _info(url: str, step: int, data: bytes) -> CheckpointInfo:
     """What a manifest says about its checkpoint; a manifest already validated in this process (the
     same bytes) is not parsed again: the manager scans its root after every save, and parsing every
     kept checkpoint's manifest each time cost 0.4 s per 16k-tensor manifest."""
-    key = (url, hashlib.blake2b(data, digest_size=16).digest())
+    key = _key(url, data)
     if key in _SEEN:
         return _SEEN[key]
     try:
@@ -82,17 +82,25 @@ def _info(url: str, step: int, data: bytes) -> CheckpointInfo:
         return CheckpointInfo(url, step, False, problem=str(e))
     if man.step != step:
         return CheckpointInfo(url, step, False, problem=f"manifest says step {man.step}")
-    return remember(url, data, man)
+    return _store(key, man)
 
 
 def remember(url: str, data: bytes, man: Manifest) -> CheckpointInfo:
     """Record a validated manifest (`data` parses to `man`) of the checkpoint at `url`; the commit
     calls this, so the scan that follows it does not parse the new manifest again."""
-    info = CheckpointInfo(url, man.step, True, man.created, dict(man.metrics), man.total_bytes, man.world_size,
-                          man.strategy, man.reason)
+    return _store(_key(url, data), man)
+
+
+def _key(url: str, data: bytes) -> tuple[str, bytes]:
+    return url, hashlib.blake2b(data, digest_size=16).digest()
+
+
+def _store(key: tuple[str, bytes], man: Manifest) -> CheckpointInfo:
+    info = CheckpointInfo(key[0], man.step, True, man.created, dict(man.metrics), man.total_bytes,
+                          man.world_size, man.strategy, man.reason)
     if len(_SEEN) >= 1024:
         _SEEN.clear()
-    _SEEN[(url, hashlib.blake2b(data, digest_size=16).digest())] = info
+    _SEEN[key] = info
     return info
 
 
