@@ -128,6 +128,12 @@ def _peak(fn: Callable[[], Any]) -> tuple[float, int, Any]:
 Saver = tuple[Callable[[int], Any], Callable[[Any], Any], Callable[[], Any] | None, Callable[[], Any], Any]
 
 
+def _pinned(staging: dict[Any, torch.Tensor]) -> bool | None:
+    """Whether dtrain's host buffers staged from the device are pinned (None: none staged)."""
+    slots = [(slot, t) for slot, t in staging.items() if slot[3]]  # slot[3]: staged from the device
+    return all(t.is_pinned() for _, t in slots) if slots else None
+
+
 def _saver(method: str, model: Blob, opt: torch.optim.Optimizer, d: str, dev: torch.device) -> Saver:
     """(start(step) -> handle, finish(handle), load or None, close, pinned() -> bool | None)."""
     if method.startswith("dtrain"):
@@ -136,8 +142,7 @@ def _saver(method: str, model: Blob, opt: torch.optim.Optimizer, d: str, dev: to
         mgr = CheckpointManager(d, async_save=method == "dtrain-async")
         return (lambda step: mgr.save(step, model=model, optimizer=opt), lambda _: mgr.wait(),
                 None if "async" in method else lambda: mgr.load(_step_dir(d, 1), model=model, optimizer=opt),
-                mgr.close, lambda: all(t.is_pinned() for slot, t in mgr._staging.items() if slot[3])
-                if any(slot[3] for slot in mgr._staging) else None)  # slot[3]: staged from the device
+                mgr.close, lambda: _pinned(mgr._saves.staging if mgr._saves else {}))
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict

@@ -2,8 +2,8 @@
 
 Every method that moves tensors is a collective over the checkpoint process group (a gloo group of
 its own, so a background save never interleaves with training collectives). With async_save the
-save call returns after staging a host copy; the write runs on one background thread, at most one
-save is in flight, and its error is raised by the next save(), wait() or close(): a failed
+save call returns after staging a host copy (with overlap_staging, even before: background.py);
+the write runs on one background thread, at most one save is in flight, and its error is raised by the next save(), wait() or close(): a failed
 background save loses that checkpoint only (the previous committed one stays the newest).
 
 A writer holds a lease on its root (lease.py) from its first save (or `acquire_lease()`) until
@@ -12,25 +12,23 @@ close(), so a second job pointed at the same root fails with a message naming th
 
 from __future__ import annotations
 
+import functools
 import logging
-import threading
 import weakref
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from dtrain.checkpoint import comm, retention, storage
+from dtrain.checkpoint.background import BackgroundSaves, walk_at_call
 from dtrain.checkpoint.faultpoints import fault_point
 from dtrain.checkpoint.format import MANIFEST, CheckpointDamagedError
 from dtrain.checkpoint.gcpause import gc_paused
 from dtrain.checkpoint.lease import DEFAULT_TTL_S, Lease
 from dtrain.checkpoint.restore import load_checkpoint
 from dtrain.checkpoint.retention import NO_MANIFEST, CheckpointInfo, best_of, scan, step_dir
-from dtrain.checkpoint.snapshot import PreparedSave, execute, prepare, stage
+from dtrain.checkpoint.snapshot import PreparedSave, capture, execute, prepare
 from dtrain.checkpoint.state import Optimizers, Stateful, as_tuple
 from dtrain.checkpoint.tools import refuse_non_finite
 from dtrain.errors import CheckpointError, ConfigError
@@ -64,16 +62,11 @@ class CheckpointManager:
         self.monitor, self.mode = monitor, mode
         # None: dtrain's own gloo checkpoint group (None itself when there is a single process)
         self.group = comm.default_group() if process_group is None else process_group
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="dtrain-ckpt") if async_save else None
-        self._pending: Future[None] | None = None
-        self._staging: dict[tuple[Any, ...], torch.Tensor] = {}  # async host buffers, reused
-        # overlap_staging: parameters and optimizer state are copied to the host in the background
-        # while the next forward/backward run; an optimizer step pre-hook holds the optimizer until
-        # the copy is done. Only for loops where nothing but optimizer.step() changes them (ours).
+        self._saves = BackgroundSaves(self._finish) if async_save else None
+        # overlap_staging: the state dict walk and the copy to host memory run in the background
+        # while the next forward/backward run (background.py). Only for loops where nothing but
+        # optimizer.step() changes parameters and optimizer state (ours).
         self.overlap_staging = overlap_staging
-        self._staging_now: dict[tuple[Any, ...], torch.Tensor] = {}  # buffers staged in the foreground
-        self._hooks: list[Any] = []
-        self._lock = threading.Lock()
         self.check_finite = check_finite
         self.lease = Lease(self.root, self.storage_options, job_id, lease_ttl_s) if lease else None
         if self.lease is not None:  # a manager dropped without close() still gives the lease back
@@ -88,65 +81,25 @@ class CheckpointManager:
         self.wait()
         self.acquire_lease()
         fault_point("save_begin")
-        prep = prepare(step_dir(self.root, step), step, model=model, optimizers=as_tuple(optimizer),
-                       stateful=stateful or {}, extra=extra or {}, metrics=metrics, reason=reason,
-                       group=self.group, storage_options=self.storage_options)
+        optimizers = as_tuple(optimizer)
+        captured = capture(comm.rank(self.group), stateful=stateful or {}, extra=extra or {})
+        plan = functools.partial(prepare, step_dir(self.root, step), step, captured, model=model,
+                                 optimizers=optimizers, metrics=metrics, reason=reason, group=self.group,
+                                 storage_options=self.storage_options)
+        if self._saves is not None and self.overlap_staging and optimizers and not walk_at_call(model):
+            self._saves.submit_overlapped(plan, model, optimizers)
+            return
+        prep = plan()
         if prep.skip:
             return
-        fault_point("prepared")
-        if self._pool is None:
+        if self._saves is None:
+            fault_point("prepared")
             self._finish(prep)
-            return
-        optimizers = as_tuple(optimizer)
-        if self.overlap_staging and optimizers:
-            job = self._overlapped(prep, model, optimizers)
+        elif self.overlap_staging and optimizers:
+            self._saves.submit_overlapped(lambda: prep, model, optimizers)
         else:
-            staged = self._stage(prep, self._staging)
-            fault_point("staged")
-            job = lambda: self._finish(staged)  # noqa: E731
-        with self._lock:
-            self._pending = self._pool.submit(job)
-            self._pending.add_done_callback(_log_failure)
-
-    def _stage(self, prep: PreparedSave, cache: dict[tuple[Any, ...], torch.Tensor]) -> PreparedSave:
-        try:
-            return stage(prep, cache)
-        except Exception as e:  # e.g. out of host memory: the other ranks must still be told
-            log.exception("rank %d could not stage checkpoint %s", prep.rank, prep.dir_url)
-            cache.clear()
-            return replace(prep, items=[], small_files={}, error=f"rank {prep.rank}: staging: {type(e).__name__}: {e}")
-
-    def _overlapped(self, prep: PreparedSave, model: nn.Module,
-                    optimizers: tuple[torch.optim.Optimizer, ...]) -> Callable[[], None]:
-        """Stage buffers now (forward may change them), the rest in the background; the next
-        optimizer.step() waits until the background copy is done."""
-        buffers = {b.data_ptr() for b in model.buffers()}
-        now = [i for i, (_, t) in enumerate(prep.items) if t.data_ptr() in buffers]
-        later = [i for i, (_, t) in enumerate(prep.items) if t.data_ptr() not in buffers]
-        staged_now = self._stage(replace(prep, items=[prep.items[i] for i in now]), self._staging_now)
-        copied = threading.Event()
-
-        def hold(*_: Any) -> None:  # returning anything but None would replace step()'s arguments
-            copied.wait()
-
-        self._hooks = [opt.register_step_pre_hook(hold) for opt in optimizers]
-
-        def job() -> None:
-            try:
-                rest = self._stage(replace(prep, items=[prep.items[i] for i in later]), self._staging)
-            finally:
-                copied.set()
-            error = staged_now.error or rest.error
-            items = dict(zip(now, staged_now.items, strict=True)) | dict(zip(later, rest.items, strict=True))
-            self._finish(replace(prep, items=[items[i] for i in sorted(items)], error=error,
-                                 small_files={} if error else prep.small_files))
-
-        return job
-
-    def _remove_hooks(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
+            fault_point("prepared")
+            self._saves.submit(prep)
 
     @gc_paused()  # runs on the background thread too
     def _finish(self, prep: PreparedSave) -> None:
@@ -170,16 +123,8 @@ class CheckpointManager:
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is committed; raise its error if it failed."""
-        with self._lock:
-            pending, self._pending = self._pending, None
-        if pending is not None:
-            try:
-                pending.result()
-                self._remove_hooks()
-            except CheckpointError:
-                raise
-            except Exception as e:
-                raise CheckpointError(f"background checkpoint save failed: {type(e).__name__}: {e}") from e
+        if self._saves is not None:
+            self._saves.wait()
 
     def acquire_lease(self) -> None:
         """Collective: rank 0 takes (or renews) the lease on the root and keeps it alive; every rank
@@ -202,16 +147,11 @@ class CheckpointManager:
     def close(self) -> None:
         """Wait for the save in flight, stop the background thread, give the lease back."""
         try:
-            self.wait()
+            if self._saves is not None:
+                self._saves.close()
         finally:
             if self.lease is not None:
                 self.lease.release()
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
-            self._staging.clear()
-            self._staging_now.clear()
-            self._remove_hooks()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -283,14 +223,6 @@ class CheckpointManager:
             return inside
         raise CheckpointError(f"{ckpt} is not a committed checkpoint (no manifest.json there or under "
                               f"{self.root}); see `dtrain ckpt ls {self.root}`")
-
-
-def _log_failure(future: Future[None]) -> None:
-    """Say so at once when a background save fails; the error itself is raised by the next
-    save(), wait() or close() on the training thread."""
-    if not future.cancelled() and future.exception() is not None:
-        log.error("background checkpoint save failed (raised by the next save/wait/close): %s",
-                  future.exception())
 
 
 def load_model(url: str, model: nn.Module, *, storage_options: dict[str, Any] | None = None) -> None:

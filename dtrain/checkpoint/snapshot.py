@@ -1,6 +1,7 @@
-"""One save, in three phases: `prepare` (collective, foreground: who writes what, plus the JSON
-state), `stage` (host copies, for async saves only) and `execute` (write files, gather reports,
-manifest last; may run on a background thread since its collectives use the checkpoint group).
+"""One save, in phases: `capture` (at the call: the state that changes outside optimizer.step()),
+`prepare` (collective: who writes what, plus the JSON state), `stage` (host copies, for async saves
+only) and `execute` (write files, gather reports, manifest last). Every phase after `capture` may
+run on a background thread: their collectives use the checkpoint group.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Hashable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -60,28 +62,46 @@ def _clean_metrics(metrics: dict[str, float] | None) -> dict[str, float | None]:
     return out
 
 
-def prepare(dir_url: str, step: int, *, model: nn.Module, optimizers: tuple[torch.optim.Optimizer, ...],
-            stateful: dict[str, Stateful], extra: dict[str, Any], metrics: dict[str, float] | None,
+@dataclass
+class Captured:
+    """What a save reads at the call itself: the state that changes outside optimizer.step() (RNG
+    streams, sampler, scheduler, early stopping, `extra`), so the rest of `prepare` may run later,
+    behind the next forward/backward. A failure is kept, to be reported through `prepare`'s
+    collective (raising on one rank would leave the others waiting in it)."""
+
+    rng: bytes = b""
+    head: dict[str, Any] | None = None  # rank 0: the encoded components and extra
+    error: str | None = None
+
+
+def capture(rank: int, *, stateful: dict[str, Stateful], extra: dict[str, Any]) -> Captured:
+    try:
+        rng_bytes = json.dumps(rng.capture(), allow_nan=False, separators=(",", ":")).encode("utf-8")
+        head = None if rank else {"stateful": encode(stateful_states(stateful), "$.stateful"),
+                                  "extra": encode(dict(extra), "$.extra")}
+    except Exception as e:
+        log.exception("rank %d cannot capture its checkpoint state", rank)
+        return Captured(error=f"rank {rank}: {type(e).__name__}: {e}")
+    return Captured(rng_bytes, head)
+
+
+def prepare(dir_url: str, step: int, captured: Captured, *, model: nn.Module,
+            optimizers: tuple[torch.optim.Optimizer, ...], metrics: dict[str, float] | None,
             reason: str, group: comm.ProcessGroup, storage_options: storage.StorageOptions) -> PreparedSave:
     """Collective: decide this rank's share and build the JSON state. Raises on every rank if any
     rank cannot save; returns `skip=True` everywhere if this step is already committed."""
     rank, world = comm.rank(group), comm.world(group)
-    payload: dict[str, Any] = {"boxes": [], "error": None, "skip": False, "json": None}
+    payload: dict[str, Any] = {"boxes": [], "error": captured.error, "skip": False, "json": None}
     data: dict[str, torch.Tensor] = {}
-    rng_bytes = b""
     try:
-        model_sd, optim_sd = get_states(model, optimizers, for_save=True)
-        tensors, leaves = flatten(model_sd, optim_sd)
-        payload["boxes"], data = local_boxes(tensors)
-        rng_bytes = json.dumps(rng.capture(), allow_nan=False, separators=(",", ":")).encode("utf-8")
-        if rank == 0:
-            payload["skip"] = _prepare_directory(dir_url, storage_options)
-            payload["json"] = {
-                "model_optim": encode(json_state(leaves, optim_sd), "$.optimizer"),
-                "stateful": encode(stateful_states(stateful), "$.stateful"),
-                "extra": encode(dict(extra), "$.extra"),
-                "strategy": strategy_of(model, world),
-            }
+        if captured.error is None:
+            model_sd, optim_sd = get_states(model, optimizers, for_save=True)
+            tensors, leaves = flatten(model_sd, optim_sd)
+            payload["boxes"], data = local_boxes(tensors)
+            if rank == 0:
+                payload["skip"] = _prepare_directory(dir_url, storage_options)
+                payload["json"] = {"model_optim": encode(json_state(leaves, optim_sd), "$.optimizer"),
+                                   **(captured.head or {}), "strategy": strategy_of(model, world)}
     except Exception as e:  # every rank must learn of it, or the others would wait forever
         log.exception("rank %d cannot prepare checkpoint %s", rank, dir_url)
         payload["error"] = f"rank {rank}: {type(e).__name__}: {e}"
@@ -89,7 +109,7 @@ def prepare(dir_url: str, step: int, *, model: nn.Module, optimizers: tuple[torc
     errors = [g["error"] for g in gathered if g["error"]]
     if errors:
         raise CheckpointError(f"cannot save checkpoint {dir_url}: " + "; ".join(errors))
-    prep = PreparedSave(dir_url, step, rank, world, small_files={rng_file(rank, world): rng_bytes})
+    prep = PreparedSave(dir_url, step, rank, world, small_files={rng_file(rank, world): captured.rng})
     if gathered[0]["skip"]:
         prep.skip = True
         return prep
@@ -118,33 +138,41 @@ def _prepare_directory(dir_url: str, storage_options: storage.StorageOptions) ->
     return False
 
 
-def stage(prep: PreparedSave, cache: dict[tuple[Any, ...], torch.Tensor] | None = None) -> PreparedSave:
-    """Host copies of this rank's share (pinned for device tensors) so training can go on.
+def stage(prep: PreparedSave, cache: dict[Hashable, torch.Tensor] | None = None) -> PreparedSave:
+    """Host copies of this rank's share (pinned for device tensors) so training can go on."""
+    copies = stage_copies([(box.id, t) for box, t in prep.items], cache)
+    return replace(prep, items=[(box, host) for (box, _), host in zip(prep.items, copies, strict=True)])
+
+
+def stage_copies(tensors: list[tuple[Hashable, torch.Tensor]], cache: dict[Hashable, torch.Tensor] | None = None
+                 ) -> list[torch.Tensor]:
+    """Host copies of `(key, tensor)` pairs, in order; device tensors go to pinned memory.
 
     With a `cache` (the manager's; safe because at most one save is in flight) the buffers of the
-    previous save are reused: fresh memory costs page faults (pinned memory: a slow allocation),
-    which here doubled the time of the copy itself. Buffers this save cannot reuse are freed
-    before any new one is allocated, so host memory never holds more than one staged copy."""
+    previous save are reused by key, dtype and shape: fresh memory costs page faults (pinned
+    memory: a slow allocation), which here doubled the time of the copy itself. Buffers this save
+    cannot reuse are freed before any new one is allocated, so host memory never holds more than
+    one staged copy."""
     pin = torch.cuda.is_available()
-    staged = []
-    fresh: dict[tuple[Any, ...], torch.Tensor] = {}
-    slots = [(box.id, t.dtype, tuple(t.shape), pin and t.is_cuda) for box, t in prep.items]
+    slots = [(key, t.dtype, tuple(t.shape), pin and t.is_cuda) for key, t in tensors]
     if cache is not None:  # free what this save cannot reuse before allocating: never two copies
         for stale in set(cache) - set(slots):
             del cache[stale]
-    for (box, t), slot in zip(prep.items, slots, strict=True):
+    out: list[torch.Tensor] = []
+    fresh: dict[Hashable, torch.Tensor] = {}
+    for (_, t), slot in zip(tensors, slots, strict=True):
         host = cache.get(slot) if cache is not None else None
         if host is None:
             host = torch.empty(tuple(t.shape), dtype=t.dtype, device="cpu", pin_memory=pin and t.is_cuda)
         host.copy_(t.detach(), non_blocking=pin and t.is_cuda)
         fresh[slot] = host
-        staged.append((box, host))
-    if pin and any(t.is_cuda for _, t in prep.items):
+        out.append(host)
+    if pin and any(t.is_cuda for _, t in tensors):
         torch.cuda.synchronize()
     if cache is not None:
         cache.clear()
         cache.update(fresh)
-    return replace(prep, items=staged)
+    return out
 
 
 def execute(prep: PreparedSave, group: comm.ProcessGroup, storage_options: storage.StorageOptions

@@ -268,12 +268,12 @@ def test_an_optimizer_that_has_not_stepped_next_to_one_that_has(tmp_path) -> Non
 
 
 def test_async_staging_failure_is_reported_through_the_commit(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from dtrain.checkpoint import manager
+    from dtrain.checkpoint import background
 
     def no_memory(*a, **k):  # noqa: ANN002, ANN003, ANN202
         raise MemoryError("cannot allocate host buffer")
 
-    monkeypatch.setattr(manager, "stage", no_memory)
+    monkeypatch.setattr(background, "stage", no_memory)
     mgr = CheckpointManager(str(tmp_path), async_save=True)
     mgr.save(1, model=make_model())
     with pytest.raises(CheckpointError, match="staging: MemoryError: cannot allocate host buffer"):
@@ -285,7 +285,7 @@ def test_overlapped_staging_returns_at_once_and_holds_the_next_optimizer_step(
         tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With overlap_staging the copy to host memory runs in the background; save() returns before it
     is done, and the next optimizer.step() waits for it, so the checkpoint is the state at the call."""
-    from dtrain.checkpoint import manager as manager_mod
+    from dtrain.checkpoint import background as manager_mod
 
     gate = threading.Event()
     real_stage = manager_mod.stage
@@ -315,3 +315,42 @@ def test_overlapped_staging_returns_at_once_and_holds_the_next_optimizer_step(
     assert_same(fresh.state_dict(), expected)
     mgr.close()
     assert not o._optimizer_step_pre_hooks, "hooks are removed once the save is done"
+
+
+def test_overlapped_save_walks_the_state_in_the_background_yet_keeps_the_state_at_the_call(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The state dict walk and planning of an overlapped save run behind the next forward; what
+    changes outside optimizer.step() (buffers updated by forward, components, RNG) is still saved
+    as it was when save() was called."""
+    from dtrain.checkpoint import manager as manager_mod
+
+    gate, walking = threading.Event(), threading.Event()
+    real_prepare = manager_mod.prepare
+
+    def slow_prepare(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        assert threading.current_thread().name.startswith("dtrain-ckpt"), "the walk runs in the background"
+        walking.set()
+        gate.wait(30)
+        return real_prepare(*a, **k)
+
+    monkeypatch.setattr(manager_mod, "prepare", slow_prepare)
+    m, o, s, c = make_all()
+    train(m, o, s, c, 2, data_seed=1)
+    expected = {k: v.clone() for k, v in m.state_dict().items()}
+    expected_sched, expected_counter, expected_rng = s.state_dict(), c.state_dict(), torch.get_rng_state()
+    mgr = CheckpointManager(str(tmp_path), async_save=True, overlap_staging=True)
+    mgr.save(2, model=m, optimizer=o, stateful={"sched": s, "counter": c})
+    assert walking.wait(30) and not gate.is_set(), "save() returned while the walk is blocked"
+    m(torch.randn(8, 6)).pow(2).mean().backward()  # forward updates BatchNorm's running stats
+    s.step()
+    c.seen += 100
+    assert not torch.equal(m.state_dict()["1.running_mean"], expected["1.running_mean"])
+    gate.set()
+    o.step()  # held until the copy is done
+    mgr.wait()
+    m2, o2, s2, c2 = make_all(seed=7)
+    mgr.load(mgr.latest_committed(), model=m2, optimizer=o2, stateful={"sched": s2, "counter": c2})
+    assert_same(m2.state_dict(), expected)
+    assert s2.state_dict() == expected_sched and c2.state_dict() == expected_counter
+    assert torch.equal(torch.get_rng_state(), expected_rng)
+    mgr.close()
