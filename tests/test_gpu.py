@@ -136,3 +136,39 @@ def test_async_save_stages_into_pinned_memory_and_round_trips(monkeypatch: pytes
     mgr.close()
     for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_overlapped_async_save_of_cuda_state_keeps_the_state_at_the_call() -> None:
+    """overlap_staging walks and copies the CUDA state on the background thread while the next
+    forward runs on the GPU: BatchNorm buffers changed by that forward and the held optimizer
+    step must not leak into the checkpoint; the staging buffers are pinned."""
+    from dtrain.checkpoint import CheckpointManager
+
+    def make() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.BatchNorm1d(256), torch.nn.Linear(256, 8)).cuda()
+        return m, torch.optim.AdamW(m.parameters(), lr=0.1)
+
+    def step(m: torch.nn.Module, o: torch.optim.Optimizer) -> None:
+        m(torch.randn(32, 64, device="cuda")).square().mean().backward()
+        o.step()
+        o.zero_grad()
+
+    torch.manual_seed(0)
+    model, opt = make()
+    step(model, opt)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    expected_opt = {k: v.clone() for k, v in opt.state[next(iter(model.parameters()))].items()}
+    mgr = CheckpointManager("memory://gpu-overlap", async_save=True, overlap_staging=True)
+    mgr.save(1, model=model, optimizer=opt)
+    step(model, opt)  # forward changes the buffers at once; step() waits for the background copy
+    mgr.wait()
+    staged = mgr._saves.staging if mgr._saves else {}
+    from_device = [t for slot, t in staged.items() if slot[3]]  # AdamW's `step` tensors live on the CPU
+    assert from_device and all(t.is_pinned() for t in from_device)
+    other, other_opt = make()
+    mgr.load(mgr.latest_committed(), model=other, optimizer=other_opt)  # type: ignore[arg-type]
+    mgr.close()
+    for k, v in other.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+    for k, v in other_opt.state[next(iter(other.parameters()))].items():
+        assert torch.equal(v, expected_opt[k]), k
