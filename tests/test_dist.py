@@ -117,3 +117,28 @@ def test_flags_carried_in_ddp_gradients_agree_without_collectives_of_their_own()
     assert results[0]["seen"] == [0, 0, int(Flag.PREEMPT), 0, 0, 0]
     assert results[0]["own"] == 2
     assert results[0]["same_weights"], "the carrier must reduce gradients exactly like DDP's default"
+
+
+@pytest.mark.parametrize(("env", "cpus", "local", "want"), [
+    ({}, 16, "1", {"PYTORCH_CUDA_ALLOC_CONF": "pinned_use_cuda_host_register:True,pinned_num_register_threads:8"}),
+    ({}, 12, "4", {"PYTORCH_CUDA_ALLOC_CONF": "pinned_use_cuda_host_register:True,pinned_num_register_threads:2"}),
+    ({}, 8, "8", {}),  # one core per rank: cudaHostRegister on one thread is no faster than the default
+    ({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}, 16, "2",
+     {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True,pinned_use_cuda_host_register:True,"
+                                 "pinned_num_register_threads:8"}),
+    ({"PYTORCH_ALLOC_CONF": "expandable_segments:True"}, 16, "1",
+     {"PYTORCH_ALLOC_CONF": "expandable_segments:True,pinned_use_cuda_host_register:True,pinned_num_register_threads:8"}),
+    ({"PYTORCH_CUDA_ALLOC_CONF": "pinned_num_register_threads:4"}, 16, "1",
+     {"PYTORCH_CUDA_ALLOC_CONF": "pinned_num_register_threads:4"}),  # the user's choice stands
+])
+def test_fast_pinned_memory_adds_threaded_host_register_unless_the_user_chose(
+        monkeypatch: pytest.MonkeyPatch, env: dict[str, str], cpus: int, local: str, want: dict[str, str]) -> None:
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    dist.fast_pinned_memory()
+    got = {n: os.environ[n] for n in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF") if n in os.environ}
+    assert got == want
