@@ -90,6 +90,7 @@ class BackgroundSaves:
                     prep = replace(prep, items=[], small_files={}, error=f"rank {prep.rank}: {error}")
                 else:
                     prep = self._stage_rest(prep, now)
+                fault_point("staged")
             finally:
                 copied.set()
             self._finish(prep)

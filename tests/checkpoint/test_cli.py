@@ -30,13 +30,14 @@ def _save_run(root: str, extra: dict[str, Any] | None = None, storage_options: d
               with_metrics: bool = True) -> Weights:
     """Three committed checkpoints; returns each step's model state_dict."""
     m, o, s, c = make_all()
-    mgr = CheckpointManager(root, storage_options=storage_options)
     weights: Weights = {}
-    for step, loss in LOSSES.items():
-        train(m, o, s, c, 1, data_seed=step)
-        metrics = {"val/loss": loss, "val/acc": 1.0 / loss} if with_metrics else None
-        mgr.save(step, model=m, optimizer=o, metrics=metrics, extra=extra)
-        weights[step] = {k: v.clone() for k, v in m.state_dict().items()}
+    # closed here: an S3 root's lease is given back while moto still runs, not at interpreter exit
+    with CheckpointManager(root, storage_options=storage_options) as mgr:
+        for step, loss in LOSSES.items():
+            train(m, o, s, c, 1, data_seed=step)
+            metrics = {"val/loss": loss, "val/acc": 1.0 / loss} if with_metrics else None
+            mgr.save(step, model=m, optimizer=o, metrics=metrics, extra=extra)
+            weights[step] = {k: v.clone() for k, v in m.state_dict().items()}
     return weights
 
 
@@ -46,7 +47,8 @@ def run(tmp_path: Path) -> tuple[str, Weights]:
     root = str(tmp_path / "ckpts")
     weights = _save_run(root)
     m, o, *_ = make_all(seed=1)
-    CheckpointManager(root).save(4, model=m, optimizer=o)
+    with CheckpointManager(root) as mgr:
+        mgr.save(4, model=m, optimizer=o)
     os.unlink(os.path.join(root, "step-000000004", "manifest.json"))
     return root, weights
 
