@@ -37,7 +37,7 @@ def _batch(step: int, rank: int) -> torch.Tensor:
     return torch.randn(4, 8, generator=torch.Generator().manual_seed(step * 1000 + rank))
 
 
-def worker(root: str, steps: int, save_every: int, async_save: bool, out: str) -> int:
+def worker(root: str, steps: int, save_every: int, async_save: bool, out: str, overlap: bool = False) -> int:
     from dtrain import dist
     from dtrain.checkpoint import CheckpointManager
 
@@ -46,7 +46,9 @@ def worker(root: str, steps: int, save_every: int, async_save: bool, out: str) -
         torch.manual_seed(0)
         model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4)))
         opt = torch.optim.AdamW(model.parameters(), lr=0.01)
-        mgr = CheckpointManager(root, async_save=async_save, keep_last_n=KEEP_LAST, lease_ttl_s=30)
+        # overlap: as the trainer saves (state walk and host copy behind the next forward)
+        mgr = CheckpointManager(root, async_save=async_save, keep_last_n=KEEP_LAST, lease_ttl_s=30,
+                                overlap_staging=overlap)
         found = mgr.restore_latest(model=model, optimizer=opt)
         start = found[0].step if found else 0
         print(f"rank {env.rank} resumed from step {start}", flush=True)
@@ -83,7 +85,7 @@ class ChaosResult:
 
 
 def _launch(root: Path, steps: int, save_every: int, async_save: bool, out: Path, fault: str | None,
-            logdir: Path, tag: str, timeout: float = 90) -> tuple[list[int | None], str]:
+            logdir: Path, tag: str, timeout: float = 90, overlap: bool = False) -> tuple[list[int | None], str]:
     """Both ranks; once one dies abnormally the other is killed, as torchrun does. (exit codes, stderr)."""
     from tests.multiproc import free_port
 
@@ -100,7 +102,7 @@ def _launch(root: Path, steps: int, save_every: int, async_save: bool, out: Path
         f = open(logdir / f"{tag}-rank{rank}.log", "w+")
         files.append(f)
         procs.append(subprocess.Popen([sys.executable, "-m", "tests.reliability.chaos", "worker", str(root),
-                                       str(steps), str(save_every), str(int(async_save)), str(out)],
+                                       str(steps), str(save_every), str(int(async_save) + int(overlap)), str(out)],
                                       cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT))
     deadline = time.monotonic() + timeout
     try:
@@ -158,10 +160,11 @@ def run_chaos(workdir: Path, *, seed: int, attempts: int, steps: int = 40, save_
     for attempt in range(attempts + 1):
         before = _committed(root)
         async_save = rng.random() < 0.5
+        overlap = async_save and attempt % 2 == 1  # no draw of its own: the seeds keep their faults
         fault = draw_fault(rng, before[-1] if before else 0, steps, async_save) if attempt < attempts else None
         t = time.monotonic()
         codes, text = _launch(root, steps, save_every, async_save, workdir / "final.safetensors", fault, logs,
-                              f"attempt{attempt:02d}")
+                              f"attempt{attempt:02d}", overlap=overlap)
         res.attempts += 1
         fired = "dtrain fault: SIGKILL" in text
         after = _committed(root)
@@ -171,7 +174,7 @@ def run_chaos(workdir: Path, *, seed: int, attempts: int, steps: int = 40, save_
         bad = [f"step {s}: {p}" for s in after for p in verify(str(root / f"step-{s:09d}"))]
         res.committed_lost += len(lost)
         res.corrupt_accepted += len(bad)
-        res.log.append(f"attempt {attempt} ({time.monotonic() - t:.1f} s): fault={fault} async={async_save} "
+        res.log.append(f"attempt {attempt} ({time.monotonic() - t:.1f} s): fault={fault} async={async_save} overlap={overlap} "
                        f"fired={fired} exit={codes} "
                        f"committed {before} -> {after}" + (f" LOST {lost}" if lost else "") + (f" BAD {bad}" if bad else ""))
         if fired:
@@ -198,4 +201,4 @@ def run_chaos(workdir: Path, *, seed: int, attempts: int, steps: int = 40, save_
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     root_, steps_, every_, async_, out_ = sys.argv[2:7]
-    sys.exit(worker(root_, int(steps_), int(every_), async_ == "1", out_))
+    sys.exit(worker(root_, int(steps_), int(every_), async_ != "0", out_, overlap=async_ == "2"))

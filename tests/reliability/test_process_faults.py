@@ -19,6 +19,7 @@ def test_random_kills_across_save_and_load_lose_nothing(tmp_path: Path) -> None:
     report = "\n".join(result.log)
     assert result.faults_fired >= 8, report  # the seed's faults really land
     assert len(result.faults_by_phase) >= 6, result.faults_by_phase  # across many phases
+    assert "overlap=True fired=True" in report, report  # kills land in the trainer's overlapped saves too
     assert result.committed_lost == 0, report
     assert result.corrupt_accepted == 0, report
     assert result.wrong_resumes == 0, report
