@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from dtrain.checkpoint.faultpoints import fault_point
 from dtrain.checkpoint.gcpause import gc_paused
@@ -38,7 +39,8 @@ def walk_at_call(model: nn.Module) -> bool:
 
 
 def _key(t: torch.Tensor) -> tuple[Any, ...]:
-    """Identifies a model buffer among the state dict's tensors (which are new views of it)."""
+    """Identifies a model buffer (its local shard, for a DTensor) among the state dict's tensors,
+    which are new views of the same memory."""
     return t.data_ptr(), t.dtype, tuple(t.shape), t.device
 
 
@@ -65,7 +67,8 @@ class BackgroundSaves:
         """Copy the model's buffers now; run `prepare` (a collective) and copy the rest in the
         background, holding every optimizer's next step() until that copy is done."""
         error = None
-        buffers = {_key(b): b for b in model.buffers() if b.numel()}
+        local = (b.to_local() if isinstance(b, DTensor) else b for b in model.buffers())
+        buffers = {_key(b): b for b in local if b.numel()}
         try:
             now = dict(zip(buffers, stage_copies(list(buffers.items()), self._staging_now), strict=True))
         except Exception as e:  # reported through the commit: the other ranks are in the collectives
@@ -115,7 +118,8 @@ class BackgroundSaves:
             return replace(prep, items=[], small_files={}, error=f"rank {prep.rank}: staging: {type(e).__name__}: {e}")
 
     def _submit(self, job: Callable[[], None]) -> None:
-        assert self._pool is not None, "submit after close"
+        if self._pool is None:  # saving again after close(): a new thread
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="dtrain-ckpt")
         with self._lock:
             self._pending = self._pool.submit(job)
             self._pending.add_done_callback(_log_failure)

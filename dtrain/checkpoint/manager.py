@@ -3,8 +3,9 @@
 Every method that moves tensors is a collective over the checkpoint process group (a gloo group of
 its own, so a background save never interleaves with training collectives). With async_save the
 save call returns after staging a host copy (with overlap_staging, even before: background.py);
-the write runs on one background thread, at most one save is in flight, and its error is raised by the next save(), wait() or close(): a failed
-background save loses that checkpoint only (the previous committed one stays the newest).
+the write runs on one background thread, at most one save is in flight, and its error is raised
+by the next save(), wait() or close(): a failed background save loses that checkpoint only (the
+previous committed one stays the newest).
 
 A writer holds a lease on its root (lease.py) from its first save (or `acquire_lease()`) until
 close(), so a second job pointed at the same root fails with a message naming the holder.

@@ -354,3 +354,14 @@ def test_overlapped_save_walks_the_state_in_the_background_yet_keeps_the_state_a
     assert s2.state_dict() == expected_sched and c2.state_dict() == expected_counter
     assert torch.equal(torch.get_rng_state(), expected_rng)
     mgr.close()
+
+
+def test_async_manager_saves_again_after_close(tmp_path) -> None:
+    m, o, s, c = make_all()
+    mgr = CheckpointManager(str(tmp_path), async_save=True, overlap_staging=True)
+    mgr.save(1, model=m, optimizer=o)
+    mgr.close()
+    train(m, o, s, c, 1, data_seed=3)
+    mgr.save(2, model=m, optimizer=o)
+    mgr.close()
+    assert [i.step for i in mgr.list() if i.committed] == [1, 2]
