@@ -75,6 +75,8 @@ class Captured:
 
 
 def capture(rank: int, *, stateful: dict[str, Stateful], extra: dict[str, Any]) -> Captured:
+    """This rank's RNG streams; on rank 0 also the components and `extra`, JSON-encoded (the other
+    ranks' copies of them are the same)."""
     try:
         rng_bytes = json.dumps(rng.capture(), allow_nan=False, separators=(",", ":")).encode("utf-8")
         head = None if rank else {"stateful": encode(stateful_states(stateful), "$.stateful"),
