@@ -14,6 +14,7 @@ from tests.checkpoint.workers import (
     full_state,
     make_mlp,
     make_optim,
+    overlapped_async_saves,
     reshard_scenarios,
     step,
 )
@@ -111,3 +112,13 @@ def test_a_failing_rank_fails_every_rank_and_commits_nothing(tmp_path) -> None:
     for root in roots:
         assert not os.path.exists(os.path.join(root, "step-000000001", "manifest.json"))
         assert CheckpointManager(root).latest_committed() is None
+
+
+def test_overlapped_async_saves_of_ddp_and_fsdp_commit_the_state_at_the_call(tmp_path) -> None:
+    roots = {k: str(tmp_path / k) for k in ("ddp", "fsdp")}
+    ranks = run_ranks(overlapped_async_saves, 2, roots)
+    for strategy, root in roots.items():
+        model = make_mlp(seed=9)
+        opt = make_optim(model)
+        CheckpointManager(root).load("step-000000002", model=model, optimizer=opt)
+        assert_equal_states(full_state(model, opt), ranks[0][strategy])

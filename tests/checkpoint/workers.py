@@ -142,3 +142,24 @@ def failing_rank_save(rank: int, world: int, roots: list[str]) -> list[str]:
     writer.write_tensor_file = real  # type: ignore[assignment]
     dist.shutdown()
     return messages
+
+
+def overlapped_async_saves(rank: int, world: int, roots: dict[str, str]) -> dict[str, Any]:
+    """DDP and FSDP2 saved as the trainer saves (async, overlap_staging): the state at the call
+    is what gets committed, although the next step runs while the save is in flight (DDP's state
+    is walked in the background, FSDP2's at the call)."""
+    dist.init(timeout_s=60, backend="gloo")
+    out = {}
+    for strategy, root in roots.items():
+        model = wrap(make_mlp(seed=3), strategy, world)
+        opt = make_optim(model)
+        for s in (1, 2):
+            step(model, opt, rank, world, seed=s)
+        mgr = CheckpointManager(root, async_save=True, overlap_staging=True)
+        mgr.save(2, model=model, optimizer=opt)
+        saved = full_state(model, opt)
+        step(model, opt, rank, world, seed=3)  # its optimizer.step() waits for the background copy
+        mgr.close()
+        out[strategy] = saved
+    dist.shutdown()
+    return out
