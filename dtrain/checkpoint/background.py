@@ -49,7 +49,7 @@ class BackgroundSaves:
 
     def __init__(self, finish: Callable[[PreparedSave], None]) -> None:
         self._finish = finish
-        self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(1, thread_name_prefix="dtrain-ckpt")
+        self._pool: ThreadPoolExecutor | None = None  # started by the first save (again after close)
         self._pending: Future[None] | None = None
         self.staging: dict[Hashable, torch.Tensor] = {}  # host buffers of the last save, reused
         self._staging_now: dict[Hashable, torch.Tensor] = {}  # model buffers, copied at the call
@@ -90,7 +90,7 @@ class BackgroundSaves:
                     return
                 fault_point("prepared")
                 if error is not None:
-                    prep = replace(prep, items=[], small_files={}, error=f"rank {prep.rank}: {error}")
+                    prep = _failed(prep, error)
                 else:
                     prep = self._stage_rest(prep, now)
                 fault_point("staged")
@@ -102,12 +102,14 @@ class BackgroundSaves:
 
     def _stage_rest(self, prep: PreparedSave, now: dict[tuple[Any, ...], torch.Tensor]) -> PreparedSave:
         """`prep` with host copies: the buffers' from the call, the others' made now."""
-        staged = self._stage(replace(prep, items=[(b, t) for b, t in prep.items if _key(t) not in now]),
+        keys = [_key(t) for _, t in prep.items]
+        staged = self._stage(replace(prep, items=[it for it, k in zip(prep.items, keys, strict=True) if k not in now]),
                              self.staging)
         if staged.error is not None:
             return staged
         rest = iter(staged.items)
-        return replace(prep, items=[(b, now[_key(t)]) if _key(t) in now else next(rest) for b, t in prep.items])
+        return replace(prep, items=[(b, now[k]) if k in now else next(rest)
+                                    for (b, _), k in zip(prep.items, keys, strict=True)])
 
     def _stage(self, prep: PreparedSave, cache: dict[Hashable, torch.Tensor]) -> PreparedSave:
         try:
@@ -115,10 +117,10 @@ class BackgroundSaves:
         except Exception as e:  # e.g. out of host memory: the other ranks must still be told
             log.exception("rank %d could not stage checkpoint %s", prep.rank, prep.dir_url)
             cache.clear()
-            return replace(prep, items=[], small_files={}, error=f"rank {prep.rank}: staging: {type(e).__name__}: {e}")
+            return _failed(prep, f"staging: {type(e).__name__}: {e}")
 
     def _submit(self, job: Callable[[], None]) -> None:
-        if self._pool is None:  # saving again after close(): a new thread
+        if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="dtrain-ckpt")
         with self._lock:
             self._pending = self._pool.submit(job)
@@ -155,6 +157,11 @@ class BackgroundSaves:
             self.staging.clear()
             self._staging_now.clear()
             self._remove_hooks()
+
+
+def _failed(prep: PreparedSave, why: str) -> PreparedSave:
+    """`prep` carrying this rank's failure and nothing to write: the commit reports it to every rank."""
+    return replace(prep, items=[], small_files={}, error=f"rank {prep.rank}: {why}")
 
 
 def _log_failure(future: Future[None]) -> None:
