@@ -212,8 +212,26 @@ def load_fn(method: str, dest: dict[str, torch.Tensor], d: str, ctx: dict[str, A
     return dtrain_load
 
 
-def measure(method: str, nbytes: int, d: str, rank: int, world: int, endpoint: str | None) -> dict[str, Any]:
-    """Save then cold-load one state with one method, in this (fresh) process."""
+def read_files_raw(d: str) -> Callable[[], None]:
+    """A plain sequential read of every file under `d` (16 MiB reads into memory already touched):
+    the floor for loading those very files, on the very blocks the load read."""
+    paths = sorted(os.path.join(root, f) for root, _, files in os.walk(d) for f in files)
+    scratch = torch.zeros(max(os.path.getsize(p) for p in paths), dtype=torch.uint8)
+    mv = _bytes(scratch)
+
+    def read() -> None:
+        for p in paths:
+            with open(p, "rb", buffering=0) as f:
+                got = 0
+                while n := f.readinto(mv[got:got + (16 << 20)]):
+                    got += n
+    return read
+
+
+def measure(method: str, nbytes: int, d: str, rank: int, world: int, endpoint: str | None,
+            rep: int = 0) -> dict[str, Any]:
+    """Save then cold-load one state with one method, in this (fresh) process. One-rank local
+    dtrain also times a raw read of its own files (cold too; which goes first alternates by `rep`)."""
     import torch.distributed as tdist
 
     from dtrain.checkpoint import CheckpointManager
@@ -264,16 +282,29 @@ def measure(method: str, nbytes: int, d: str, rank: int, world: int, endpoint: s
     sync()
     dest = {k: torch.zeros_like(t) for k, t in state.items()}
     load = load_fn(method, dest, d, ctx)
+    same_files = read_files_raw(d) if method == "dtrain" else None
+    if same_files is not None and rep % 2:
+        res["raw_same_files_load_s"] = _timed_cold(same_files, d)
+        drop_cache(d)
     t0 = time.perf_counter()
     loaded = load()
     sync()
     res["load_s"] = time.perf_counter() - t0
+    if same_files is not None and not rep % 2:
+        res["raw_same_files_load_s"] = _timed_cold(same_files, d)
     res["verified"] = all(torch.equal(loaded[k], state[k]) for k in state)
     return res
 
 
+def _timed_cold(fn: Callable[[], Any], d: str) -> float:
+    drop_cache(d)
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def _rank_entry(rank: int, world: int, port: int, method: str, nbytes: int, d: str,
-                endpoint: str | None, queue: Any) -> None:
+                endpoint: str | None, queue: Any, rep: int) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -283,7 +314,7 @@ def _rank_entry(rank: int, world: int, port: int, method: str, nbytes: int, d: s
             from dtrain import dist
 
             dist.init(timeout_s=600)
-        queue.put((rank, measure(method, nbytes, d, rank, world, endpoint), None))
+        queue.put((rank, measure(method, nbytes, d, rank, world, endpoint, rep), None))
     except BaseException as e:  # the parent reports it; the other methods still run
         import traceback
 
@@ -295,14 +326,14 @@ def _rank_entry(rank: int, world: int, port: int, method: str, nbytes: int, d: s
             dist.shutdown()
 
 
-def run_one(method: str, nbytes: int, workdir: str, endpoint: str | None) -> dict[str, Any]:
+def run_one(method: str, nbytes: int, workdir: str, endpoint: str | None, rep: int = 0) -> dict[str, Any]:
     """One measurement on fresh processes (1 or 2 ranks); max time and memory over ranks."""
     world = 2 if method.endswith("-2r") else 1
     d = tempfile.mkdtemp(prefix=f"{method}-", dir=workdir)
     ctx = mp.get_context("forkserver")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank_entry, args=(r, world, port, method, nbytes, d, endpoint, queue))
+    procs = [ctx.Process(target=_rank_entry, args=(r, world, port, method, nbytes, d, endpoint, queue, rep))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -440,7 +471,7 @@ def main() -> None:
                 if rep:  # the first measurement after a pause is often slow here: no fixed first method
                     random.Random(rep).shuffle(order)
                 for m in order:
-                    samples[m].append(run_one(m, n, workdir, None))
+                    samples[m].append(run_one(m, n, workdir, None, rep))
                     print(f"{size_label(n):>8} {m:<16} #{rep} {_brief(samples[m][-1])}", flush=True)
             results[str(n)] = {m: aggregate(samples[m]) for m in methods}
         if s3_sizes:
