@@ -4,7 +4,10 @@ For each state size, every method saves and loads the same bytes (a model-like d
 tensors) in a fresh process: the save is timed to durability (fsync), the peak extra host memory
 of the save is read from /proc (VmHWM after resetting it, minus VmRSS before), and every load is
 cold (files fsynced and dropped from the page cache with posix_fadvise DONTNEED) and checked for
-equality. dtrain runs on 1 and 2 ranks (gloo, replicated state: each rank writes half), sync and
+equality. Every timed cold read starts `QUIET_S` after its files were dropped: this VM reports
+freed memory to its host (virtio-balloon free page reporting), and a cold read started right
+after dropping gigabytes of cache ran up to 3x slower (2 GiB read six times back to back: 1.4-1.6
+s and 2.3-3.9 s alternating; with 3 s between reads: 1.0-1.8 s every time). dtrain runs on 1 and 2 ranks (gloo, replicated state: each rank writes half), sync and
 async (stall = time until save() returns). S3 compares dtrain with a plain s3fs streaming put/get
 against a moto server started here. Writes benchmarks/results/checkpoint_io.{json,md,png}.
 
@@ -45,6 +48,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # weights of 16 MiB, each followed by a 16 KiB bias: a transformer-ish mix; --tensor-bytes (through the
 # environment, so the measuring processes see it) makes many small tensors instead
 TENSOR = int(os.environ.get("CKPT_BENCH_TENSOR_BYTES", 16 << 20))
+QUIET_S = 3.0  # see the module docstring
 S3_OPTIONS = {"key": "testing", "secret": "testing"}
 
 
@@ -213,11 +217,10 @@ def load_fn(method: str, dest: dict[str, torch.Tensor], d: str, ctx: dict[str, A
 
 
 def read_files_raw(d: str) -> Callable[[], None]:
-    """A plain sequential read of every file under `d` (16 MiB reads into memory already touched):
-    the floor for loading those very files, on the very blocks the load read."""
+    """A plain sequential read of every file under `d` in 16 MiB reads, into touched memory the
+    size of the largest file: the floor for loading those very files, on the very blocks."""
     paths = sorted(os.path.join(root, f) for root, _, files in os.walk(d) for f in files)
-    scratch = torch.zeros(max(os.path.getsize(p) for p in paths), dtype=torch.uint8)
-    mv = _bytes(scratch)
+    mv = _bytes(torch.zeros(max(os.path.getsize(p) for p in paths), dtype=torch.uint8))
 
     def read() -> None:
         for p in paths:
@@ -226,6 +229,13 @@ def read_files_raw(d: str) -> Callable[[], None]:
                 while n := f.readinto(mv[got:got + (16 << 20)]):
                     got += n
     return read
+
+
+def drop_and_wait(d: str) -> None:
+    """Drop the files from the page cache, then let the freed memory's reporting to the host end
+    (module docstring) before a timed read."""
+    drop_cache(d)
+    time.sleep(QUIET_S)
 
 
 def measure(method: str, nbytes: int, d: str, rank: int, world: int, endpoint: str | None,
@@ -277,15 +287,15 @@ def measure(method: str, nbytes: int, d: str, rank: int, world: int, endpoint: s
         res["save_s"], res["peak_extra"], _ = peak_extra(lambda: (fn(), sync()))
     if "async" in method:
         return res
-    if method not in REMOTE and rank == 0:
-        drop_cache(d)
-    sync()
-    dest = {k: torch.zeros_like(t) for k, t in state.items()}
+    dest = {k: torch.zeros_like(t) for k, t in state.items()}  # every allocation before any timed read
     load = load_fn(method, dest, d, ctx)
     same_files = read_files_raw(d) if method == "dtrain" else None
     if same_files is not None and rep % 2:
         res["raw_same_files_load_s"] = _timed_cold(same_files, d)
-        drop_cache(d)
+    sync()
+    if method not in REMOTE and rank == 0:
+        drop_and_wait(d)
+    sync()
     t0 = time.perf_counter()
     loaded = load()
     sync()
@@ -297,7 +307,7 @@ def measure(method: str, nbytes: int, d: str, rank: int, world: int, endpoint: s
 
 
 def _timed_cold(fn: Callable[[], Any], d: str) -> float:
-    drop_cache(d)
+    drop_and_wait(d)
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
