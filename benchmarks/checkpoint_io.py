@@ -7,9 +7,11 @@ cold (files fsynced and dropped from the page cache with posix_fadvise DONTNEED)
 equality. Every timed cold read starts `QUIET_S` after its files were dropped: this VM reports
 freed memory to its host (virtio-balloon free page reporting), and a cold read started right
 after dropping gigabytes of cache ran up to 3x slower (2 GiB read six times back to back: 1.4-1.6
-s and 2.3-3.9 s alternating; with 3 s between reads: 1.0-1.8 s every time). dtrain runs on 1 and 2 ranks (gloo, replicated state: each rank writes half), sync and
-async (stall = time until save() returns). S3 compares dtrain with a plain s3fs streaming put/get
-against a moto server started here. Writes benchmarks/results/checkpoint_io.{json,md,png}.
+s and 2.3-3.9 s alternating; with 3 s between reads: 1.0-1.8 s every time). One-rank dtrain also
+times a plain read of its own files (same bytes, same blocks). dtrain runs on 1 and 2 ranks
+(gloo, replicated state: each rank writes half), sync and async (stall = time until save()
+returns). S3 compares dtrain with a plain s3fs streaming put/get against a moto server started
+here. Writes benchmarks/results/checkpoint_io.{json,md,png}.
 
     python benchmarks/checkpoint_io.py [--sizes 64M,256M,1G,2G] [--s3-sizes 64M,256M] [--repeats 1]
 """
