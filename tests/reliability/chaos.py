@@ -102,7 +102,7 @@ def _launch(root: Path, steps: int, save_every: int, async_save: bool, out: Path
         f = open(logdir / f"{tag}-rank{rank}.log", "w+")
         files.append(f)
         procs.append(subprocess.Popen([sys.executable, "-m", "tests.reliability.chaos", "worker", str(root),
-                                       str(steps), str(save_every), str(int(async_save) + int(overlap)), str(out)],
+                                       str(steps), str(save_every), str(int(async_save)), str(out), str(int(overlap))],
                                       cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT))
     deadline = time.monotonic() + timeout
     try:
@@ -200,5 +200,5 @@ def run_chaos(workdir: Path, *, seed: int, attempts: int, steps: int = 40, save_
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
-    root_, steps_, every_, async_, out_ = sys.argv[2:7]
-    sys.exit(worker(root_, int(steps_), int(every_), async_ != "0", out_, overlap=async_ == "2"))
+    root_, steps_, every_, async_, out_, overlap_ = sys.argv[2:8]
+    sys.exit(worker(root_, int(steps_), int(every_), async_ == "1", out_, overlap=overlap_ == "1"))
