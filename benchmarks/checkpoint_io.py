@@ -294,7 +294,6 @@ def measure(method: str, nbytes: int, d: str, rank: int, world: int, endpoint: s
     same_files = read_files_raw(d) if method == "dtrain" else None
     if same_files is not None and rep % 2:
         res["raw_same_files_load_s"] = _timed_cold(same_files, d)
-    sync()
     if method not in REMOTE and rank == 0:
         drop_and_wait(d)
     sync()
