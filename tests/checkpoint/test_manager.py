@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import os
@@ -98,6 +99,14 @@ def test_all_damaged_is_an_error_not_a_fresh_start(tmp_path) -> None:
 
 def test_no_checkpoint_means_none(tmp_path) -> None:
     assert CheckpointManager(str(tmp_path / "empty")).restore_latest(model=make_model()) is None
+
+
+def test_manifest_records_the_installed_versions(tmp_path) -> None:
+    """The manifest's versions come from the modules (no package-metadata read in a save), and
+    pyproject takes dtrain's version from the module: they must be what is installed."""
+    mgr, *_ = saved_run(str(tmp_path))
+    manifest = json.loads((tmp_path / "step-000000002" / "manifest.json").read_text())
+    assert manifest["versions"] == {"dtrain": importlib.metadata.version("dtrain"), "torch": torch.__version__}
 
 
 def test_model_mismatch_names_the_tensor(tmp_path) -> None:
