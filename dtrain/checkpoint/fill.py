@@ -9,9 +9,11 @@ what makes N -> M ranks and FSDP <-> DDP <-> one process loads work: only boxes 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 
+from dtrain.checkpoint.format import Chunk
 from dtrain.checkpoint.plan import local_box
 from dtrain.checkpoint.reader import ChunkReader
 from dtrain.checkpoint.stfile import DTYPES
@@ -31,31 +33,42 @@ def _overlap(a_off: tuple[int, ...], a_len: tuple[int, ...], b_off: tuple[int, .
 
 
 def fill_tensor(reader: ChunkReader, key: str, dest: torch.Tensor) -> None:
-    """Fill `dest` (a full tensor or a DTensor) in place from the stored chunks of `key`, with no
-    copy of the tensor: each overlapping chunk goes straight into its slice of the destination
-    when that slice is contiguous host memory, else through the reader's bounded window."""
-    entry = reader.manifest.tensors[key]
-    box, local = local_box(key, dest)
-    if entry.dtype != box.dtype or entry.shape != box.shape:
-        raise CheckpointError(f"{reader.dir_url}: tensor {key!r}: checkpoint has {entry.dtype}{list(entry.shape)}, the model "
-                              f"expects {box.dtype}{list(box.shape)}; the model config does not match")
-    if math.prod(box.lengths) == 0:
-        return  # an empty shard (uneven sharding) or an empty tensor: nothing to read
-    if (len(entry.chunks) == 1 and entry.chunks[0].lengths == box.lengths and entry.chunks[0].offsets == box.offsets
-            and local.device.type == "cpu" and local.is_contiguous()):
-        reader.read(key, entry.chunks[0], local)  # the usual case: stored whole, loaded whole
-        return
-    dtype = DTYPES[entry.dtype]
-    for chunk in entry.chunks:
-        ov = _overlap(box.offsets, box.lengths, chunk.offsets, chunk.lengths)
-        if ov is None:
+    """Fill `dest` (a full tensor or a DTensor) in place from the stored chunks of `key`."""
+    fill_tensors(reader, [(key, dest)])
+
+
+def fill_tensors(reader: ChunkReader, items: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Fill each destination (a full tensor or a DTensor) in place from the stored chunks of its
+    key, with no copy of any tensor: a chunk that lands whole in a contiguous run of host memory
+    is read straight into it, all such chunks together (the reader orders them by file and
+    offset and spans them with its requests); the others pass through the reader's bounded window."""
+    direct: list[tuple[str, Chunk, torch.Tensor]] = []
+    windowed: list[tuple[str, Chunk, torch.dtype, tuple[tuple[int, int], ...], torch.Tensor]] = []
+    for key, dest in items:
+        entry = reader.manifest.tensors[key]
+        box, local = local_box(key, dest)
+        if entry.dtype != box.dtype or entry.shape != box.shape:
+            raise CheckpointError(f"{reader.dir_url}: tensor {key!r}: checkpoint has {entry.dtype}{list(entry.shape)}, "
+                                  f"the model expects {box.dtype}{list(box.shape)}; the model config does not match")
+        if math.prod(box.lengths) == 0:
+            continue  # an empty shard (uneven sharding) or an empty tensor: nothing to read
+        if (len(entry.chunks) == 1 and entry.chunks[0].lengths == box.lengths
+                and entry.chunks[0].offsets == box.offsets and local.device.type == "cpu" and local.is_contiguous()):
+            direct.append((key, entry.chunks[0], local))  # the usual case: stored whole, loaded whole
             continue
-        part = local[tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(ov, box.offsets, strict=True))]
-        whole = all(lo == o and hi == o + n for (lo, hi), o, n in zip(ov, chunk.offsets, chunk.lengths, strict=True))
-        if whole and part.device.type == "cpu" and part.is_contiguous():
-            reader.read(key, chunk, part)
-        else:
-            reader.stream(key, chunk, dtype, ov, part)
+        for chunk in entry.chunks:
+            ov = _overlap(box.offsets, box.lengths, chunk.offsets, chunk.lengths)
+            if ov is None:
+                continue
+            part = local[tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(ov, box.offsets, strict=True))]
+            whole = all(lo == o and hi == o + n for (lo, hi), o, n in zip(ov, chunk.offsets, chunk.lengths, strict=True))
+            if whole and part.device.type == "cpu" and part.is_contiguous():
+                direct.append((key, chunk, part))
+            else:
+                windowed.append((key, chunk, DTYPES[entry.dtype], ov, part))
+    reader.read_many(direct)
+    for args in windowed:
+        reader.stream(*args)
 
 
 def check_keys(wanted: set[str], stored: set[str], what: str, where: str) -> None:

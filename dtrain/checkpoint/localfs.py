@@ -16,6 +16,16 @@ from dtrain.checkpoint.writeback import WritebackFile
 from dtrain.errors import CheckpointError
 
 
+def _iov_max() -> int:
+    try:
+        return max(16, os.sysconf("SC_IOV_MAX"))
+    except (AttributeError, ValueError, OSError):
+        return 1024  # Linux's limit
+
+
+IOV_MAX = _iov_max()  # buffers per preadv call
+
+
 @contextlib.contextmanager
 def open_write(path: str, url: str) -> Iterator[BinaryIO]:
     """Write `path`; on success the bytes are durable (fsync), on an exception the file is removed."""
@@ -57,15 +67,27 @@ def write_atomic(path: str, url: str, data: bytes) -> None:
 def pread_into(fd: int, url: str, offset: int, out: memoryview) -> None:
     """Fill `out` from `fd` at `offset` (os.preadv: no shared file position, so threads can read
     different pieces of one file at once); a short file is a CheckpointError naming `url`."""
+    preadv_into(fd, url, offset, [out])
+
+
+def preadv_into(fd: int, url: str, offset: int, bufs: list[memoryview]) -> None:
+    """Fill `bufs`, in order, from the consecutive bytes of `fd` at `offset`: one request for
+    what several destinations need (at most IOV_MAX buffers per call); short reads are resumed,
+    a short file is a CheckpointError naming `url`."""
     fault_point("read", url)
-    n, got = len(out), 0
-    while got < n:
-        k = os.preadv(fd, [out[got:]], offset + got)
+    want = sum(len(b) for b in bufs)
+    todo = [b for b in bufs if len(b)]
+    got = i = 0
+    while i < len(todo):
+        k = os.preadv(fd, todo[i:i + IOV_MAX], offset + got)
         if not k:
-            break
+            truncated(url, offset, want, got)
         got += k
-    if got != n:
-        truncated(url, offset, n, got)
+        while i < len(todo) and k >= len(todo[i]):
+            k -= len(todo[i])
+            i += 1
+        if k:
+            todo[i] = todo[i][k:]
 
 
 def truncated(url: str, offset: int, n: int, got: int) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from dtrain.checkpoint import comm, rng, storage
-from dtrain.checkpoint.fill import check_keys, fill_tensor
+from dtrain.checkpoint.fill import check_keys, fill_tensor, fill_tensors
 from dtrain.checkpoint.format import CheckpointDamagedError, Manifest, rng_file
 from dtrain.checkpoint.gcpause import gc_paused
 from dtrain.checkpoint.plan import MODEL, OPTIM
@@ -195,14 +195,13 @@ def _saved_before_first_step(optimizers: tuple[torch.optim.Optimizer, ...], opti
 
 
 def _fill_all(reader: ChunkReader, tensors: dict[str, torch.Tensor], keys: list[str], local: bool) -> None:
-    """Fill the tensors in file order. A local disk is read by one thread, front to back (see
-    ChunkReader); an object store gets several tensors in flight, since each GET costs a round trip."""
+    """A local disk is read by one thread, each file front to back (see ChunkReader); an object
+    store gets several tensors in flight, in file order, since each GET costs a round trip."""
+    if local:
+        fill_tensors(reader, [(k, tensors[k]) for k in keys])
+        return
     chunks = reader.manifest.tensors
     keys = sorted(keys, key=lambda k: min(((c.file, c.data_offsets[0]) for c in chunks[k].chunks), default=("", 0)))
-    if local:
-        for k in keys:
-            fill_tensor(reader, k, tensors[k])
-        return
     with ThreadPoolExecutor(_REMOTE_TENSORS_IN_FLIGHT, thread_name_prefix="dtrain-fetch") as pool:
         for _ in pool.map(lambda k: fill_tensor(reader, k, tensors[k]), keys):
             pass

@@ -1,13 +1,17 @@
 from __future__ import annotations
 
+import math
 import os
 import pickle
 
 import pytest
 import torch
 
-from dtrain.checkpoint import CheckpointDamagedError, CheckpointManager
+from dtrain.checkpoint import CheckpointDamagedError, CheckpointManager, localfs
+from dtrain.checkpoint import reader as reader_mod
 from dtrain.checkpoint.fill import _overlap
+from dtrain.checkpoint.reader import read_manifest
+from dtrain.errors import CheckpointError
 from tests.checkpoint.models import assert_same, make_all, make_model, train
 
 MARKER = "/tmp/dtrain-test-unpickled-{pid}"
@@ -56,3 +60,86 @@ def test_load_never_unpickles(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None
     with pytest.raises(CheckpointDamagedError, match="model-00000-of-00001.safetensors: checksum mismatch"):
         mgr.load(str(ckpt), model=make_model())
     assert not os.path.exists(marker)
+
+
+class Mixed(torch.nn.Module):
+    """Tensors of very different sizes, several odd (not a multiple of a page), in file order."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        sizes = [3000, 7, 1, 40_000, 513, 0, 65_536, 12, 5000]
+        self.ws = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(n, generator=g)) for n in sizes])
+
+
+def _read_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The byte count of every positional read the reader makes."""
+    calls: list[int] = []
+    real = reader_mod.preadv_into
+
+    def counting(fd: int, url: str, offset: int, bufs: list) -> None:  # noqa: ANN001
+        calls.append(sum(len(b) for b in bufs))
+        real(fd, url, offset, bufs)
+    monkeypatch.setattr(reader_mod, "preadv_into", counting)
+    return calls
+
+
+@pytest.mark.parametrize("span", [4096, 5000, 1 << 20])
+def test_requests_span_tensors_and_every_tensor_is_exact(span: int, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file is read in span-aligned requests that scatter into many tensors (the kernel sees a
+    plain sequential read), whatever the tensor sizes; each tensor comes back bitwise."""
+    src = Mixed(seed=1)
+    CheckpointManager(str(tmp_path)).save(1, model=src)
+    monkeypatch.setattr(reader_mod, "SPAN", span)
+    calls = _read_calls(monkeypatch)
+    dst = Mixed(seed=2)
+    CheckpointManager(str(tmp_path)).load("step-000000001", model=dst)
+    assert_same(dst.state_dict(), src.state_dict())
+    data = sum(p.nbytes for p in src.parameters())
+    header = (tmp_path / "step-000000001" / "model-00000-of-00001.safetensors").stat().st_size - data
+    assert sum(calls) == data
+    assert len(calls) == math.ceil((header + data) / span) - header // span  # one per span touched
+
+
+def test_a_corrupt_byte_is_blamed_on_its_own_tensor_among_those_read_with_it(tmp_path) -> None:
+    src = Mixed(seed=1)
+    CheckpointManager(str(tmp_path)).save(1, model=src)
+    f = tmp_path / "step-000000001" / "model-00000-of-00001.safetensors"
+    man = read_manifest(str(tmp_path / "step-000000001"))
+    begin, end = man.tensors["model/ws.4"].chunks[0].data_offsets  # 513 floats, mid-file
+    raw = bytearray(f.read_bytes())
+    raw[begin + 100] ^= 0x40
+    f.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointDamagedError, match=r"checksum mismatch in tensor 'model/ws\.4'"):
+        CheckpointManager(str(tmp_path)).load("step-000000001", model=Mixed(seed=2))
+
+
+def test_skipped_tensors_leave_gaps_that_the_requests_step_over(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """strict=False into a model that lacks some stored tensors: only the wanted bytes are read."""
+    src = Mixed(seed=1)
+    CheckpointManager(str(tmp_path)).save(1, model=src)
+    calls = _read_calls(monkeypatch)
+    dst = torch.nn.Module()
+    wanted = ("0", "2", "4", "8")  # a gap of one or more tensors before each but the first
+    dst.ws = torch.nn.ParameterDict({i: torch.nn.Parameter(torch.zeros_like(src.ws[int(i)])) for i in wanted})
+    CheckpointManager(str(tmp_path)).load("step-000000001", model=dst, strict=False)
+    assert_same(dst.state_dict(), {f"ws.{i}": src.ws[int(i)] for i in wanted})
+    assert sum(calls) == sum(src.ws[int(i)].nbytes for i in wanted)
+    assert len(calls) == len(wanted)
+
+
+def test_preadv_into_fills_many_buffers_and_names_a_short_file(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "f.bin"
+    data = bytes(range(256)) * 40
+    path.write_bytes(data)
+    monkeypatch.setattr(localfs, "IOV_MAX", 3)  # several calls for one request
+    bufs = [memoryview(bytearray(n)) for n in (10, 0, 1, 2000, 7, 3000, 0, 5)]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        localfs.preadv_into(fd, "f.bin", 100, bufs)
+        assert b"".join(bytes(b) for b in bufs) == data[100:100 + 5023]
+        with pytest.raises(CheckpointError, match=r"f\.bin: file is truncated: wanted bytes \[10000, 10300\), "
+                                                  r"file ends at 10240"):
+            localfs.preadv_into(fd, "f.bin", 10_000, [memoryview(bytearray(100)), memoryview(bytearray(200))])
+    finally:
+        os.close(fd)
