@@ -39,7 +39,10 @@ def test_ctrl_c_checkpoints_exits_75_and_the_same_command_resumes(tmp_path: Path
     run_dir = tmp_path / "run"
     argv = [str(SCRIPT), "train.max_steps=200", "train.eval_every=20", "early_stopping.enabled=false", *FAST]
     with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen(argv, cwd=REPO, env=_env(run_dir), stdout=log, stderr=subprocess.STDOUT)
+        # SIGINT as a terminal delivers it: a test run started in the background of a shell (`cmd &`)
+        # inherits SIGINT ignored, and bash cannot trap a signal ignored on entry
+        proc = subprocess.Popen(argv, cwd=REPO, env=_env(run_dir), stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not (run_dir / "metrics.jsonl").exists() or \
