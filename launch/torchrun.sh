@@ -29,6 +29,8 @@
 # emergency checkpoint and exits 75. torchrun reports any worker exit other than 0 as its own exit 1,
 # so this script reads the exit codes that this attempt's ranks wrote (RUN_DIR/ranks/rank-*.json and
 # RUN_DIR/summary.json) and exits with theirs when they all agree.
+# A signal that was ignored when this script started cannot be trapped (bash): a script started
+# in the background of a non-interactive shell (`cmd &`) ignores SIGINT, so stop it with SIGTERM.
 # Exit codes: 0 done (finished or early-stopped), 75 preempted with a committed checkpoint (requeue and
 # run the same command again: it resumes), 2 config error, anything else a failure.
 set -uo pipefail
