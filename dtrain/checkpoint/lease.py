@@ -106,13 +106,17 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     # ---- the protocol ---------------------------------------------------------------------------
-    def acquire(self) -> None:
-        """Take (or keep) the lease. Cheap to call again: it renews a lease this process holds."""
+    def acquire(self, *, renew: bool = False) -> None:
+        """Take (or keep) the lease. Cheap to call again: on a lease this process holds it only reads
+        the file, and writes a renewal when asked (the heartbeat) or once the last one is ttl/3 old."""
         if self.since is None:
             storage.makedirs(self.root, self.so)  # a local root is created; a missing bucket is an error
         with self._locked():
             current, etag = self._read()
             now = time.time()
+            if (not renew and current is not None and current.token == self.token
+                    and 0 <= now - current.renewed < self.ttl_s / 3):
+                return  # still ours and fresh: nobody may take it before it expires
             if current is not None and current.token != self.token and not self._may_take(current, now):
                 raise CheckpointError(
                     f"checkpoint root {self.root} is in use by another job: {current.describe(now)}. Two "
@@ -162,7 +166,7 @@ class Lease:
     def _beat(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
             try:
-                self.acquire()
+                self.acquire(renew=True)
             except CheckpointError as e:  # taken over after we missed renewals: the next save fails
                 log.error("lost the checkpoint lease on %s: %s", self.root, e)
                 return

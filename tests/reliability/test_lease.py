@@ -166,3 +166,28 @@ def test_lease_file_is_named_in_the_error(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError) as e:
         Lease(url, job_id="job-y").acquire()
     assert os.path.join(url, LEASE_FILE) in str(e.value)
+
+
+@pytest.mark.timeout(60)
+def test_acquire_on_a_fresh_lease_of_ours_does_not_rewrite_it(root: tuple[str, dict[str, Any] | None]) -> None:
+    """Every save calls acquire(): on a lease renewed less than ttl/3 ago it only checks the file
+    (no write, no fsync or PUT); the heartbeat and an older lease renew it; a lease taken over
+    meanwhile is still refused."""
+    url, so = root
+    lease = Lease(url, so, job_id="job-a", ttl_s=1.5)
+    lease.acquire()
+    first = read_holder(url, so)
+    assert first is not None
+    lease.acquire()
+    assert read_holder(url, so) == first  # fresh: untouched
+    lease.acquire(renew=True)  # the heartbeat's call
+    renewed = read_holder(url, so)
+    assert renewed is not None and renewed.renewed > first.renewed and renewed.token == first.token
+    time.sleep(0.6)  # older than ttl/3
+    lease.acquire()
+    later = read_holder(url, so)
+    assert later is not None and later.renewed > renewed.renewed
+    storage.remove(storage.join(url, LEASE_FILE), so)  # someone else's lease now
+    forge(url, so, job="job-x", host="other-host", renewed_ago=0)
+    with pytest.raises(CheckpointError, match="job 'job-x'"):
+        lease.acquire()
