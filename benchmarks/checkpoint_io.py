@@ -7,10 +7,15 @@ cold (files fsynced and dropped from the page cache with posix_fadvise DONTNEED)
 equality. Every timed cold read starts `QUIET_S` after its files were dropped: this VM reports
 freed memory to its host (virtio-balloon free page reporting), and a cold read started right
 after dropping gigabytes of cache ran up to 3x slower (2 GiB read six times back to back: 1.4-1.6
-s and 2.3-3.9 s alternating; with 3 s between reads: 1.0-1.8 s every time). One-rank dtrain also
-times a plain read of its own files (same bytes, same blocks). dtrain runs on 1 and 2 ranks
-(gloo, replicated state: each rank writes half), sync and async (stall = time until save()
-returns). S3 compares dtrain with a plain s3fs streaming put/get against a moto server started
+s and 2.3-3.9 s alternating; with 3 s between reads: 1.0-1.8 s every time). After the quiet, an
+old file of the run (`WARMUP`) is read cold, untimed: the first cold read after a save was often
+the slow one whatever it read (256 MiB, 15 rounds: dtrain's load 0.74x a raw read of its files
+when it went first, 0.96x when second; 1 GiB: the raw read 0.87x when first, 1.05x second).
+One-rank and two-rank dtrain also time a plain read of their own files by every rank (same
+bytes, same blocks): another method's file sits elsewhere on the disk, and where a file sits moves
+cold reads here (2 ranks at 64 MiB: dtrain's load 0.75x raw-2r's read of raw-2r's files in one
+5-round run, 0.94x a read of its own files in 8 rounds). dtrain runs on 1 and 2 ranks (gloo,
+replicated state: each rank writes half), sync and async (stall = time until save() returns). S3 compares dtrain with a plain s3fs streaming put/get against a moto server started
 here. Writes benchmarks/results/checkpoint_io.{json,md,png}.
 
     python benchmarks/checkpoint_io.py [--sizes 64M,256M,1G,2G] [--s3-sizes 64M,256M] [--repeats 1]
@@ -51,6 +56,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # environment, so the measuring processes see it) makes many small tensors instead
 TENSOR = int(os.environ.get("CKPT_BENCH_TENSOR_BYTES", 16 << 20))
 QUIET_S = 3.0  # see the module docstring
+WARMUP = "warmup.bin"  # an old file of the run's directory, read cold before every timed cold read
+WARMUP_BYTES = 32 << 20
 S3_OPTIONS = {"key": "testing", "secret": "testing"}
 
 
@@ -235,15 +242,22 @@ def read_files_raw(d: str) -> Callable[[], None]:
 
 def drop_and_wait(d: str) -> None:
     """Drop the files from the page cache, then let the freed memory's reporting to the host end
-    (module docstring) before a timed read."""
+    (module docstring) before a timed read, then read the run's warm-up file cold, untimed."""
     drop_cache(d)
     time.sleep(QUIET_S)
+    warm = os.path.join(os.path.dirname(d), WARMUP)
+    if os.path.exists(warm):
+        drop_cache(warm)
+        with open(warm, "rb", buffering=0) as f:
+            while f.read(16 << 20):
+                pass
 
 
 def measure(method: str, nbytes: int, d: str, rank: int, world: int, endpoint: str | None,
             rep: int = 0) -> dict[str, Any]:
-    """Save then cold-load one state with one method, in this (fresh) process. One-rank local
-    dtrain also times a raw read of its own files (cold too; which goes first alternates by `rep`)."""
+    """Save then cold-load one state with one method, in this (fresh) process. Local sync dtrain
+    (1 and 2 ranks) also times a raw read of its own files by every rank (cold too; which goes
+    first alternates by `rep`)."""
     import torch.distributed as tdist
 
     from dtrain.checkpoint import CheckpointManager
@@ -264,6 +278,7 @@ def measure(method: str, nbytes: int, d: str, rank: int, world: int, endpoint: s
                                        overlap_staging="async" in method)
         ctx["model"] = Blob(state)
         ctx["opt"] = torch.optim.SGD(ctx["model"].parameters(), lr=0.0)
+        ctx["mgr"].acquire_lease()  # as the trainer does at start-up, before its first step
     sync = (lambda: tdist.barrier()) if world > 1 else (lambda: None)
     sync()
     res: dict[str, Any] = {}
@@ -291,27 +306,25 @@ def measure(method: str, nbytes: int, d: str, rank: int, world: int, endpoint: s
         return res
     dest = {k: torch.zeros_like(t) for k, t in state.items()}  # every allocation before any timed read
     load = load_fn(method, dest, d, ctx)
-    same_files = read_files_raw(d) if method == "dtrain" else None
+
+    def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+        """fn() on every rank from a cold cache (rank 0 drops: the page cache is shared)."""
+        if method not in REMOTE and rank == 0:
+            drop_and_wait(d)
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        return time.perf_counter() - t0, out
+
+    same_files = read_files_raw(d) if method in ("dtrain", "dtrain-2r") else None
     if same_files is not None and rep % 2:
-        res["raw_same_files_load_s"] = _timed_cold(same_files, d)
-    if method not in REMOTE and rank == 0:
-        drop_and_wait(d)
-    sync()
-    t0 = time.perf_counter()
-    loaded = load()
-    sync()
-    res["load_s"] = time.perf_counter() - t0
+        res["raw_same_files_load_s"], _ = timed(same_files)
+    res["load_s"], loaded = timed(load)
     if same_files is not None and not rep % 2:
-        res["raw_same_files_load_s"] = _timed_cold(same_files, d)
+        res["raw_same_files_load_s"], _ = timed(same_files)
     res["verified"] = all(torch.equal(loaded[k], state[k]) for k in state)
     return res
-
-
-def _timed_cold(fn: Callable[[], Any], d: str) -> float:
-    drop_and_wait(d)
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def _rank_entry(rank: int, world: int, port: int, method: str, nbytes: int, d: str,
@@ -464,6 +477,9 @@ def main() -> None:
     mp.set_forkserver_preload(["__main__", "dtrain.checkpoint", "torch.distributed.checkpoint",
                                "safetensors.torch", "s3fs"])
     workdir = tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir)
+    with open(os.path.join(workdir, WARMUP), "wb") as f:
+        f.write(os.urandom(WARMUP_BYTES))
+        os.fsync(f.fileno())
     sizes, methods = parse_sizes(args.sizes), [m for m in args.methods.split(",") if m]
     unknown = set(methods) - set(LOCAL)
     if unknown:
