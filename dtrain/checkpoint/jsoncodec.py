@@ -59,13 +59,14 @@ def _encode_tensor(t: torch.Tensor, path: str) -> dict[str, Any]:
 
 
 def decode(obj: Any, path: str = "$") -> Any:
-    """Inverse of `encode`; rejects malformed tags instead of guessing."""
+    """Inverse of `encode`; rejects malformed tags instead of guessing. Scalars are returned as they
+    are, without building their path (an RNG state is a list of 625 ints: 0.9 ms a load before)."""
     if isinstance(obj, list):
-        return [decode(x, f"{path}[{i}]") for i, x in enumerate(obj)]
+        return [decode(x, f"{path}[{i}]") if isinstance(x, (list, dict)) else x for i, x in enumerate(obj)]
     if not isinstance(obj, dict):
         return obj
     if _TAG not in obj:
-        return {k: decode(v, f"{path}.{k}") for k, v in obj.items()}
+        return {k: decode(v, f"{path}.{k}") if isinstance(v, (list, dict)) else v for k, v in obj.items()}
     tag = obj.get(_TAG)
     v: Any = obj.get("v")
     try:

@@ -32,3 +32,10 @@ def test_no_bare_nan_in_output_or_input() -> None:
 def test_unsupported_value_names_its_path() -> None:
     with pytest.raises(CheckpointError, match=r"\$\.sampler\.gen"):
         dumps({"sampler": {"gen": object()}})
+
+
+def test_malformed_tag_deep_in_lists_names_its_path() -> None:
+    data = b'{"sampler": {"seen": [1, 2, [3, {"__dtrain__": "float", "v": "1.5"}]]}}'
+    with pytest.raises(CheckpointError, match=r"\$\.sampler\.seen\[2\]\[1\]: malformed 'float'"):
+        loads(data, "state.json")
+    assert loads(b'{"big": [' + b",".join(b"%d" % i for i in range(625)) + b"]}", "s")["big"] == list(range(625))
