@@ -31,14 +31,14 @@ def rng_file(rank: int, world: int) -> str:
     return f"rng-{rank:05d}-of-{world:05d}.json"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileEntry:
     path: str  # relative to the checkpoint directory
     size: int
     checksum: str  # "crc32:xxxxxxxx" of the whole file
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Chunk:
     file: str
     offsets: tuple[int, ...]
@@ -47,14 +47,14 @@ class Chunk:
     checksum: str  # crc32 of exactly those bytes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorEntry:
     dtype: str  # safetensors dtype name, e.g. "F32"
     shape: tuple[int, ...]  # global shape
     chunks: tuple[Chunk, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Manifest:
     step: int
     created: float
@@ -126,7 +126,11 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
     if len(sizes) != len(files):
         raise CheckpointError(f"{where}: field files lists a path twice")
     tensors_raw = _get(body, "tensors", dict, where)
-    tensors = {k: _tensor(k, t, sizes, where) for k, t in tensors_raw.items()}
+    tensors = {}
+    while tensors_raw:  # each parsed entry is dropped once converted: peak memory is one copy, not two
+        k, t = tensors_raw.popitem()
+        tensors[k] = _tensor(k, t, sizes, where)
+    tensors = dict(reversed(tensors.items()))  # popitem() went last to first: keep the file's order
     metrics = _get(body, "metrics", dict, where)
     for k, m in metrics.items():
         if m is not None and (not isinstance(m, (int, float)) or isinstance(m, bool)):

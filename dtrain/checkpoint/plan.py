@@ -25,7 +25,7 @@ MODEL = "model/"
 OPTIM = "optim/state/"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Box:
     """One tensor piece this rank holds: where it sits in the global tensor."""
 
