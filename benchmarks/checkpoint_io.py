@@ -8,15 +8,19 @@ equality. Every timed cold read starts `QUIET_S` after its files were dropped: t
 freed memory to its host (virtio-balloon free page reporting), and a cold read started right
 after dropping gigabytes of cache ran up to 3x slower (2 GiB read six times back to back: 1.4-1.6
 s and 2.3-3.9 s alternating; with 3 s between reads: 1.0-1.8 s every time). After the quiet, an
-old file of the run (`WARMUP`) is read cold, untimed: the first cold read after a save was often
-the slow one whatever it read (256 MiB, 15 rounds: dtrain's load 0.74x a raw read of its files
-when it went first, 0.96x when second; 1 GiB: the raw read 0.87x when first, 1.05x second).
-One-rank and two-rank dtrain also time a plain read of their own files by every rank (same
-bytes, same blocks): another method's file sits elsewhere on the disk, and where a file sits moves
-cold reads here (2 ranks at 64 MiB: dtrain's load 0.75x raw-2r's read of raw-2r's files in one
-5-round run, 0.94x a read of its own files in 8 rounds). dtrain runs on 1 and 2 ranks (gloo,
-replicated state: each rank writes half), sync and async (stall = time until save() returns). S3 compares dtrain with a plain s3fs streaming put/get against a moto server started
-here. Writes benchmarks/results/checkpoint_io.{json,md,png}.
+old file of the run (`WARMUP`) is read cold, untimed. One-rank and two-rank dtrain also time a
+plain read of their own files by every rank (same bytes, same blocks): another method's file sits
+elsewhere on the disk, and where a file sits moves cold reads here (2 ranks at 64 MiB: dtrain's
+load 0.75x raw-2r's read of raw-2r's files in one 5-round run, 0.94x a read of its own files in 8
+rounds). Cold reads of a freshly written file also get slower with the time since it was written:
+1 GiB written once and read twice, each read after the drop, the quiet and the warm-up read, took
+0.85-1.02 s the first time and 1.03-1.30 s the second (slower in 6 of 6 rounds; reading first 12 s
+after the write: 0.91-2.99 s, then 1.11-1.76 s, slower in 5 of 6). So dtrain's load and that raw
+read run A B B A (which side starts alternates by round), and the own-files ratio is of the two
+sums, which cancels a steady drift. dtrain runs on 1 and 2 ranks (gloo, replicated state: each
+rank writes half), sync and async (stall = time until save() returns). S3 compares dtrain with a
+plain s3fs streaming put/get against a moto server started here. Writes
+benchmarks/results/checkpoint_io.{json,md,png}.
 
     python benchmarks/checkpoint_io.py [--sizes 64M,256M,1G,2G] [--s3-sizes 64M,256M] [--repeats 1]
 """
@@ -317,12 +321,22 @@ def measure(method: str, nbytes: int, d: str, rank: int, world: int, endpoint: s
         sync()
         return time.perf_counter() - t0, out
 
-    same_files = read_files_raw(d) if method in ("dtrain", "dtrain-2r") else None
-    if same_files is not None and rep % 2:
-        res["raw_same_files_load_s"], _ = timed(same_files)
-    res["load_s"], loaded = timed(load)
-    if same_files is not None and not rep % 2:
-        res["raw_same_files_load_s"], _ = timed(same_files)
+    if method not in ("dtrain", "dtrain-2r"):
+        res["load_s"], loaded = timed(load)
+    else:  # A B B A: cold reads of fresh files slow down with the time since the save (module
+        # docstring), so each side gets one early and one late read; which side starts alternates
+        same_files = read_files_raw(d)
+        first, second = (same_files, load) if rep % 2 else (load, same_files)
+        times: dict[Any, list[float]] = {load: [], same_files: []}
+        for fn in (first, second, second, first):
+            t, out = timed(fn)
+            times[fn].append(t)
+            if fn is load:
+                loaded = out
+        # against the other methods, dtrain's first load counts (first or second after the save)
+        res["load_s"] = times[load][0]
+        res["raw_same_files_load_s"] = times[same_files][0]
+        res["abba_load_s"], res["abba_raw_same_files_s"] = sum(times[load]), sum(times[same_files])
     res["verified"] = all(torch.equal(loaded[k], state[k]) for k in state)
     return res
 

@@ -113,11 +113,13 @@ def targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 ratios = paired(d, r, what)
                 if ratios:
                     out.append(verdict(name, n, suffix, d[f"{what}_gbps"] / r[f"{what}_gbps"], ratios, bound))
-            same = [x["raw_same_files_load_s"] / x["load_s"] for x in d.get("samples", [])
-                    if x.get("raw_same_files_load_s") and x.get("load_s")]
-            if same:  # the same bytes on the same blocks: what the load adds, file placement aside
-                out.append(verdict("load >= 0.9x a raw read of its own files", n, suffix,
-                                   d["raw_same_files_load_s"] / d["load_s"], same, 0.9))
+            # the same bytes on the same blocks: what the load adds, file placement aside; from the
+            # A B B A reads when the run has them (two of each side, early and late after the save)
+            num, den = (("abba_raw_same_files_s", "abba_load_s") if "abba_load_s" in d else
+                        ("raw_same_files_load_s", "load_s"))
+            same = [x[num] / x[den] for x in d.get("samples", []) if x.get(num) and x.get(den)]
+            if same:
+                out.append(verdict("load >= 0.9x a raw read of its own files", n, suffix, d[num] / d[den], same, 0.9))
             limits = {"async stall <= 10% of sync save": (a.get("stall_frac_of_sync"), 0.10),
                       "peak extra memory <= 1.1x one rank's state": (d.get("peak_extra_frac"), 1.10),
                       "async peak extra memory <= 1.1x one rank's state": (a.get("peak_extra_frac"), 1.10)}
