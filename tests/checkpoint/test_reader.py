@@ -114,6 +114,27 @@ def test_a_corrupt_byte_is_blamed_on_its_own_tensor_among_those_read_with_it(tmp
         CheckpointManager(str(tmp_path)).load("step-000000001", model=Mixed(seed=2))
 
 
+@pytest.mark.parametrize("where", [0.1, 0.9])
+def test_the_last_request_hashed_on_both_threads_blames_a_corrupt_byte_in_either_half(
+        where: float, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole file is one request (the last one): every buffer's first half is hashed on the
+    hashing thread, its second half on the reading thread; damage in either half is found."""
+    src = Mixed(seed=1)
+    CheckpointManager(str(tmp_path)).save(1, model=src)
+    monkeypatch.setattr(reader_mod, "SPAN", 1 << 20)
+    assert sum(p.nbytes for p in src.parameters()) >= reader_mod.INLINE  # not hashed inline
+    dst = Mixed(seed=2)
+    CheckpointManager(str(tmp_path)).load("step-000000001", model=dst)
+    assert_same(dst.state_dict(), src.state_dict())
+    f = tmp_path / "step-000000001" / "model-00000-of-00001.safetensors"
+    begin, end = read_manifest(str(tmp_path / "step-000000001")).tensors["model/ws.6"].chunks[0].data_offsets
+    raw = bytearray(f.read_bytes())
+    raw[begin + int((end - begin) * where)] ^= 0x01
+    f.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointDamagedError, match=r"checksum mismatch in tensor 'model/ws\.6'"):
+        CheckpointManager(str(tmp_path)).load("step-000000001", model=Mixed(seed=2))
+
+
 def test_skipped_tensors_leave_gaps_that_the_requests_step_over(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """strict=False into a model that lacks some stored tensors: only the wanted bytes are read."""
     src = Mixed(seed=1)
