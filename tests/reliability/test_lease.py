@@ -174,7 +174,7 @@ def test_acquire_on_a_fresh_lease_of_ours_does_not_rewrite_it(root: tuple[str, d
     (no write, no fsync or PUT); the heartbeat and an older lease renew it; a lease taken over
     meanwhile is still refused."""
     url, so = root
-    lease = Lease(url, so, job_id="job-a", ttl_s=1.5)
+    lease = Lease(url, so, job_id="job-a", ttl_s=3.0)
     lease.acquire()
     first = read_holder(url, so)
     assert first is not None
@@ -183,7 +183,7 @@ def test_acquire_on_a_fresh_lease_of_ours_does_not_rewrite_it(root: tuple[str, d
     lease.acquire(renew=True)  # the heartbeat's call
     renewed = read_holder(url, so)
     assert renewed is not None and renewed.renewed > first.renewed and renewed.token == first.token
-    time.sleep(0.6)  # older than ttl/3
+    time.sleep(1.1)  # older than ttl/3
     lease.acquire()
     later = read_holder(url, so)
     assert later is not None and later.renewed > renewed.renewed
