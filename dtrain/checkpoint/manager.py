@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import weakref
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -24,11 +25,19 @@ from torch import nn
 from dtrain.checkpoint import comm, retention, storage
 from dtrain.checkpoint.background import BackgroundSaves, walk_at_call
 from dtrain.checkpoint.faultpoints import fault_point
-from dtrain.checkpoint.format import MANIFEST, CheckpointDamagedError
+from dtrain.checkpoint.format import MANIFEST, CheckpointDamagedError, Manifest
 from dtrain.checkpoint.gcpause import gc_paused
 from dtrain.checkpoint.lease import DEFAULT_TTL_S, Lease
 from dtrain.checkpoint.restore import load_checkpoint
-from dtrain.checkpoint.retention import NO_MANIFEST, CheckpointInfo, best_of, scan, step_dir
+from dtrain.checkpoint.retention import (
+    NO_MANIFEST,
+    CheckpointInfo,
+    best_of,
+    parse_info,
+    scan,
+    step_dir,
+    step_dirs,
+)
 from dtrain.checkpoint.snapshot import PreparedSave, capture, execute, prepare
 from dtrain.checkpoint.state import Optimizers, Stateful, as_tuple
 from dtrain.checkpoint.tools import refuse_non_finite
@@ -177,37 +186,44 @@ class CheckpointManager:
              stateful: dict[str, Stateful] | None = None, strict: bool = True) -> dict[str, Any]:
         """Collective: load a checkpoint into the given components; returns its `extra` dict."""
         self.wait()  # never let a load's collectives interleave with a background save's
-        url = self._resolve(ckpt)
+        return self._load(self._resolve(ckpt), None, model, optimizer, stateful, strict)
+
+    def _load(self, url: str, manifest: Manifest | None, model: nn.Module, optimizer: Optimizers,
+              stateful: dict[str, Stateful] | None, strict: bool) -> dict[str, Any]:
         fault_point("load_begin")
         if self.check_finite:
             refuse_non_finite(url, self.storage_options)
         _, extra = load_checkpoint(url, model=model, optimizers=as_tuple(optimizer), stateful=stateful,
-                                   strict=strict, group=self.group, storage_options=self.storage_options)
+                                   strict=strict, group=self.group, storage_options=self.storage_options,
+                                   manifest=manifest)
         fault_point("loaded")
         return extra
 
     def restore_latest(self, *, model: nn.Module, optimizer: Optimizers = None,
                        stateful: dict[str, Stateful] | None = None) -> tuple[CheckpointInfo, dict[str, Any]] | None:
         """Load the newest committed checkpoint; if it is damaged, warn why and try the one before.
-        None if there is no committed checkpoint at all."""
+        None if there is no committed checkpoint at all. Manifests are read newest first and only
+        as far back as needed, and the one loaded is parsed once (a manifest of 16k tensors takes
+        0.4 s to parse; the scan of every kept checkpoint parsed each, then the load the newest again)."""
         self.wait()
-        infos = self.list()
-        committed = [i for i in infos if i.committed]
-        newest = committed[-1].step if committed else -1
-        for i in infos:
-            if not i.committed and i.step > newest:
-                level = logging.INFO if i.problem == NO_MANIFEST else logging.WARNING
-                log.log(level, "ignoring %s, newer than the newest committed checkpoint: %s", i.url, i.problem)
         damaged: list[str] = []
-        for info in reversed(committed):
+        for step, url in reversed(step_dirs(self.root, self.storage_options)):
             try:
-                extra = self.load(info, model=model, optimizer=optimizer, stateful=stateful)
-            except CheckpointDamagedError as e:
-                log.warning("checkpoint %s is damaged, falling back to the previous committed one: %s",
-                            info.url, e)
-                damaged.append(info.url)
+                data = storage.read_bytes(storage.join(url, MANIFEST), storage_options=self.storage_options)
+            except FileNotFoundError:
+                log.info("ignoring %s, newer than the newest committed checkpoint: %s", url, NO_MANIFEST)
                 continue
-            return info, extra
+            info, manifest = parse_info(url, step, data)
+            if manifest is None:
+                log.warning("ignoring %s, newer than the newest committed checkpoint: %s", url, info.problem)
+                continue
+            try:
+                extra = self._load(url, manifest, model, optimizer, stateful, True)
+            except CheckpointDamagedError as e:
+                log.warning("checkpoint %s is damaged, falling back to the previous committed one: %s", url, e)
+                damaged.append(url)
+                continue
+            return replace(info, metrics=dict(info.metrics)), extra
         if damaged:
             raise CheckpointError(f"every committed checkpoint under {self.root} is damaged: {damaged}; "
                                   f"run `dtrain ckpt verify` on them, or remove them to start fresh")

@@ -44,12 +44,14 @@ _warned_rng = False
 def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.optim.Optimizer, ...] = (),
                     stateful: dict[str, Stateful] | None = None, strict: bool = True,
                     group: comm.ProcessGroup = None, storage_options: storage.StorageOptions = None,
-                    restore_rng: bool = True) -> tuple[Manifest, dict[str, Any]]:
-    """Collective over `group`. Returns the manifest and the saved `extra` dict."""
+                    restore_rng: bool = True, manifest: Manifest | None = None) -> tuple[Manifest, dict[str, Any]]:
+    """Collective over `group`. Returns the manifest and the saved `extra` dict. `manifest`: the
+    directory's manifest when the caller has just read and validated it (else it is read here)."""
     code = _OK
     error: CheckpointError | None = None
     try:
-        manifest = read_manifest(dir_url, storage_options)
+        if manifest is None:
+            manifest = read_manifest(dir_url, storage_options)
         state = read_state(dir_url, manifest, storage_options)
         init_optimizer_state(optimizers)
         model_sd, optim_sd = get_states(model, optimizers)
@@ -89,6 +91,7 @@ def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.o
         bad = [r for r, c in enumerate(codes) if c]
         cls = CheckpointError if _FAILED in codes else CheckpointDamagedError
         raise cls(f"{dir_url}: rank(s) {bad} could not load this checkpoint (see their log)")
+    assert manifest is not None  # every rank got this far without an error
     set_states(model, optimizers, model_sd, optim_sd, strict)
     clear_optimizer_state([optimizers[i] for i in never_stepped])
     load_stateful(stateful or {}, state.get("stateful") or {}, strict, dir_url)

@@ -47,15 +47,20 @@ class CheckpointInfo:
         return v if v is not None and math.isfinite(v) else None
 
 
+def step_dirs(root: str, storage_options: storage.StorageOptions = None) -> list[tuple[int, str]]:
+    """(step, url) of every `step-*` directory under `root`, oldest first; nothing else is read."""
+    found = []
+    for name, is_dir in storage.list_dir(root, storage_options):
+        m = _DIR.match(name)
+        if m and is_dir:
+            found.append((int(m.group(1)), storage.join(root, name)))
+    return sorted(found)
+
+
 def scan(root: str, storage_options: storage.StorageOptions = None) -> list[CheckpointInfo]:
     """Every `step-*` directory under `root`, oldest first, committed or not."""
     infos = []
-    for name, is_dir in storage.list_dir(root, storage_options):
-        m = _DIR.match(name)
-        if not m or not is_dir:
-            continue
-        url = storage.join(root, name)
-        step = int(m.group(1))
+    for step, url in step_dirs(root, storage_options):
         try:
             data = storage.read_bytes(storage.join(url, MANIFEST), storage_options=storage_options)
         except FileNotFoundError:
@@ -73,16 +78,19 @@ def _info(url: str, step: int, data: bytes) -> CheckpointInfo:
     """What a manifest says about its checkpoint; a manifest already validated in this process (the
     same bytes) is not parsed again: the manager scans its root after every save, and parsing every
     kept checkpoint's manifest each time cost 0.4 s per 16k-tensor manifest."""
-    key = _key(url, data)
-    if key in _SEEN:
-        return _SEEN[key]
+    return _SEEN.get(_key(url, data)) or parse_info(url, step, data)[0]
+
+
+def parse_info(url: str, step: int, data: bytes) -> tuple[CheckpointInfo, Manifest | None]:
+    """The checkpoint's info and its parsed manifest (None, with the info's `problem`, when the
+    manifest is invalid); a resume parses the manifest it loads once, and later scans reuse it."""
     try:
         man = parse_manifest(data, storage.join(url, MANIFEST))
     except CheckpointError as e:
-        return CheckpointInfo(url, step, False, problem=str(e))
+        return CheckpointInfo(url, step, False, problem=str(e)), None
     if man.step != step:
-        return CheckpointInfo(url, step, False, problem=f"manifest says step {man.step}")
-    return _store(key, man)
+        return CheckpointInfo(url, step, False, problem=f"manifest says step {man.step}"), None
+    return _store(_key(url, data), man), man
 
 
 def remember(url: str, data: bytes, man: Manifest) -> CheckpointInfo:

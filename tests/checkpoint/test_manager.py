@@ -156,6 +156,35 @@ def test_resume_says_why_a_newer_checkpoint_is_ignored(tmp_path, caplog) -> None
     assert any("step-000000004" in r.message and "schema version 7" in r.message for r in caplog.records)
 
 
+def test_resume_parses_only_the_manifest_it_loads_and_only_once(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh process resuming from a root of three checkpoints parses one manifest, once; a
+    damaged newest costs one more (the fallback's), and the scan after it parses nothing again."""
+    from dtrain.checkpoint import format as fmt
+    from dtrain.checkpoint import reader, retention
+
+    mgr, *_ = saved_run(str(tmp_path), steps=(2, 4, 6))
+    parsed: list[str] = []
+    real = fmt.parse_manifest
+
+    def counting(data: bytes, where: str) -> fmt.Manifest:
+        parsed.append(where.split("/")[-2])
+        return real(data, where)
+    for mod in (retention, reader):
+        monkeypatch.setattr(mod, "parse_manifest", counting)
+    monkeypatch.setattr(retention, "_SEEN", {})  # a new process has validated nothing yet
+    m, o, s, c = make_all(seed=3)
+    info, _ = CheckpointManager(str(tmp_path)).restore_latest(model=m, optimizer=o, stateful={"sched": s, "counter": c})
+    assert info.step == 6 and info.committed and parsed == ["step-000000006"]
+    corrupt_first_model_file(str(tmp_path / "step-000000006"), "flip")
+    parsed.clear()
+    monkeypatch.setattr(retention, "_SEEN", {})
+    fresh = CheckpointManager(str(tmp_path))
+    info, _ = fresh.restore_latest(model=m, optimizer=o, stateful={"sched": s, "counter": c})
+    assert info.step == 4 and parsed == ["step-000000006", "step-000000004"]
+    assert [i.step for i in fresh.list() if i.committed] == [2, 4, 6]
+    assert parsed == ["step-000000006", "step-000000004", "step-000000002"]  # only the one never seen
+
+
 def test_same_step_twice_is_skipped(tmp_path) -> None:
     mgr, m, o, *_ = saved_run(str(tmp_path))
     before = (tmp_path / "step-000000002" / "manifest.json").read_bytes()
