@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import logging
 import weakref
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -33,7 +32,7 @@ from dtrain.checkpoint.retention import (
     NO_MANIFEST,
     CheckpointInfo,
     best_of,
-    parse_info,
+    read_info,
     scan,
     step_dir,
     step_dirs,
@@ -208,14 +207,10 @@ class CheckpointManager:
         self.wait()
         damaged: list[str] = []
         for step, url in reversed(step_dirs(self.root, self.storage_options)):
-            try:
-                data = storage.read_bytes(storage.join(url, MANIFEST), storage_options=self.storage_options)
-            except FileNotFoundError:
-                log.info("ignoring %s, newer than the newest committed checkpoint: %s", url, NO_MANIFEST)
-                continue
-            info, manifest = parse_info(url, step, data)
+            info, manifest = read_info(url, step, self.storage_options)
             if manifest is None:
-                log.warning("ignoring %s, newer than the newest committed checkpoint: %s", url, info.problem)
+                level = logging.INFO if info.problem == NO_MANIFEST else logging.WARNING
+                log.log(level, "ignoring %s, newer than the newest committed checkpoint: %s", url, info.problem)
                 continue
             try:
                 extra = self._load(url, manifest, model, optimizer, stateful, True)
@@ -223,7 +218,7 @@ class CheckpointManager:
                 log.warning("checkpoint %s is damaged, falling back to the previous committed one: %s", url, e)
                 damaged.append(url)
                 continue
-            return replace(info, metrics=dict(info.metrics)), extra
+            return info, extra
         if damaged:
             raise CheckpointError(f"every committed checkpoint under {self.root} is damaged: {damaged}; "
                                   f"run `dtrain ckpt verify` on them, or remove them to start fresh")

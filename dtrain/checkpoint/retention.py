@@ -61,14 +61,28 @@ def scan(root: str, storage_options: storage.StorageOptions = None) -> list[Chec
     """Every `step-*` directory under `root`, oldest first, committed or not."""
     infos = []
     for step, url in step_dirs(root, storage_options):
-        try:
-            data = storage.read_bytes(storage.join(url, MANIFEST), storage_options=storage_options)
-        except FileNotFoundError:
-            infos.append(CheckpointInfo(url, step, False, problem=NO_MANIFEST))
-            continue
-        info = _info(url, step, data)
+        data = _manifest_bytes(url, storage_options)
+        info = CheckpointInfo(url, step, False, problem=NO_MANIFEST) if data is None else _info(url, step, data)
         infos.append(replace(info, metrics=dict(info.metrics)))  # a copy: callers may change its metrics
     return sorted(infos, key=lambda i: i.step)
+
+
+def read_info(url: str, step: int, storage_options: storage.StorageOptions = None
+              ) -> tuple[CheckpointInfo, Manifest | None]:
+    """One checkpoint directory's info (a copy) and its parsed manifest, None when it has no valid
+    manifest (the info's `problem` says why): a resume parses the manifest it loads once."""
+    data = _manifest_bytes(url, storage_options)
+    if data is None:
+        return CheckpointInfo(url, step, False, problem=NO_MANIFEST), None
+    info, man = _parse_info(url, step, data)
+    return replace(info, metrics=dict(info.metrics)), man
+
+
+def _manifest_bytes(url: str, storage_options: storage.StorageOptions) -> bytes | None:
+    try:
+        return storage.read_bytes(storage.join(url, MANIFEST), storage_options=storage_options)
+    except FileNotFoundError:
+        return None
 
 
 _SEEN: dict[tuple[str, bytes], CheckpointInfo] = {}  # (url, digest of manifest bytes) -> what they said
@@ -78,12 +92,12 @@ def _info(url: str, step: int, data: bytes) -> CheckpointInfo:
     """What a manifest says about its checkpoint; a manifest already validated in this process (the
     same bytes) is not parsed again: the manager scans its root after every save, and parsing every
     kept checkpoint's manifest each time cost 0.4 s per 16k-tensor manifest."""
-    return _SEEN.get(_key(url, data)) or parse_info(url, step, data)[0]
+    return _SEEN.get(_key(url, data)) or _parse_info(url, step, data)[0]
 
 
-def parse_info(url: str, step: int, data: bytes) -> tuple[CheckpointInfo, Manifest | None]:
+def _parse_info(url: str, step: int, data: bytes) -> tuple[CheckpointInfo, Manifest | None]:
     """The checkpoint's info and its parsed manifest (None, with the info's `problem`, when the
-    manifest is invalid); a resume parses the manifest it loads once, and later scans reuse it."""
+    manifest is invalid); the info is remembered, so later scans do not parse it again."""
     try:
         man = parse_manifest(data, storage.join(url, MANIFEST))
     except CheckpointError as e:
