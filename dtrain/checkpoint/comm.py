@@ -39,14 +39,42 @@ def broadcast_object(obj: Any, group: ProcessGroup) -> Any:
     return box[0]
 
 
-def agree_codes(code: int, group: ProcessGroup) -> list[int]:
-    """Every rank's status code (0 = fine), identical on every rank: one small tensor all-reduce."""
+def agree_words(words: list[int], group: ProcessGroup) -> list[list[int]]:
+    """Every rank's few int64 `words` (the same count on every rank), identical on every rank:
+    one small tensor all-reduce, much cheaper than an object collective (gloo here: 0.3 against
+    1.7 ms for all_gather_object, which pickles and makes two collectives)."""
     if group is None:
-        return [code]
-    codes = torch.zeros(dist.get_world_size(group), dtype=torch.int32)
-    codes[dist.get_rank(group)] = int(code)
-    dist.all_reduce(codes, op=dist.ReduceOp.SUM, group=group)
-    return [int(c) for c in codes.tolist()]
+        return [list(words)]
+    n, me = len(words), dist.get_rank(group)
+    table = torch.zeros(dist.get_world_size(group) * n, dtype=torch.int64)
+    table[me * n:(me + 1) * n] = torch.tensor(words, dtype=torch.int64)
+    dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)
+    flat = table.tolist()
+    return [flat[i:i + n] for i in range(0, len(flat), n)]
+
+
+def agree_codes(code: int, group: ProcessGroup) -> list[int]:
+    """Every rank's status code (0 = fine), identical on every rank."""
+    return [w[0] for w in agree_words([int(code)], group)]
+
+
+def gather_object(obj: Any, group: ProcessGroup) -> list[Any] | None:
+    """Every rank's `obj` on rank 0 (None elsewhere): what only rank 0 reads need not be sent to all."""
+    if group is None:
+        return [obj]
+    me = dist.get_rank(group)
+    out: list[Any] | None = [None] * dist.get_world_size(group) if me == 0 else None
+    dist.gather_object(obj, out, dst=dist.get_global_rank(group, 0), group=group)
+    return out
+
+
+def broadcast_code(code: int, group: ProcessGroup) -> int:
+    """Rank 0's int64 `code` on every rank: one small tensor broadcast."""
+    if group is None:
+        return int(code)
+    t = torch.tensor([int(code)], dtype=torch.int64)
+    dist.broadcast(t, src=dist.get_global_rank(group, 0), group=group)
+    return int(t.item())
 
 
 def barrier(group: ProcessGroup) -> None:

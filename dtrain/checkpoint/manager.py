@@ -88,14 +88,20 @@ class CheckpointManager:
              metrics: dict[str, float] | None = None, reason: str = "periodic") -> None:
         """Collective: checkpoint everything at `step` into `<root>/step-{step:09d}/`."""
         self.wait()
-        self.acquire_lease()
-        fault_point("save_begin")
         optimizers = as_tuple(optimizer)
-        captured = capture(comm.rank(self.group), stateful=stateful or {}, extra=extra or {})
+        deferred = self._saves is not None and self.overlap_staging and bool(optimizers) and not walk_at_call(model)
+        if deferred:  # prepare runs in the background: a lost lease must still fail this call
+            self.acquire_lease()
+            lease_error = None
+        else:  # rank 0's lease check rides on prepare's agreement: one collective fewer
+            lease_error = self._lease_error()
+        fault_point("save_begin")
+        captured = capture(comm.rank(self.group), stateful=stateful or {}, extra=extra or {}, error=lease_error)
         plan = functools.partial(prepare, step_dir(self.root, step), step, captured, model=model,
                                  optimizers=optimizers, metrics=metrics, reason=reason, group=self.group,
                                  storage_options=self.storage_options)
-        if self._saves is not None and self.overlap_staging and optimizers and not walk_at_call(model):
+        if deferred:
+            assert self._saves is not None
             self._saves.submit_overlapped(plan, model, optimizers)
             return
         prep = plan()
@@ -137,21 +143,25 @@ class CheckpointManager:
 
     def acquire_lease(self) -> None:
         """Collective: rank 0 takes (or renews) the lease on the root and keeps it alive; every rank
-        raises the same CheckpointError, naming the holder, if another job holds it. Every save
-        calls it; call it at start-up to refuse before any work is done."""
-        if self.lease is None:
-            return
-        error = None
-        if comm.rank(self.group) == 0:
-            try:
-                self.lease.acquire()
-                self.lease.start_heartbeat()
-            except Exception as e:
-                error = str(e) if isinstance(e, CheckpointError) else (
-                    f"checkpoint root {self.root} cannot be used: {type(e).__name__}: {e}")
-        error = comm.broadcast_object(error, self.group)
-        if error:
-            raise CheckpointError(error)
+        raises the same CheckpointError, naming the holder, if another job holds it. Every save checks
+        the lease too (rank 0's answer travels with the save's first agreement); call this at
+        start-up to refuse before any work is done."""
+        if self.lease is not None:
+            error = comm.broadcast_object(self._lease_error(), self.group)
+            if error:
+                raise CheckpointError(error)
+
+    def _lease_error(self) -> str | None:
+        """Rank 0: take or renew the lease (and keep it alive); why it cannot, or None. Other ranks: None."""
+        if self.lease is None or comm.rank(self.group) != 0:
+            return None
+        try:
+            self.lease.acquire()
+            self.lease.start_heartbeat()
+        except Exception as e:
+            return str(e) if isinstance(e, CheckpointError) else (
+                f"checkpoint root {self.root} cannot be used: {type(e).__name__}: {e}")
+        return None
 
     def close(self) -> None:
         """Wait for the save in flight, stop the background thread, give the lease back."""

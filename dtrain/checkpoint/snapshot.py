@@ -19,7 +19,7 @@ from torch import nn
 from dtrain.checkpoint import comm, rng, storage
 from dtrain.checkpoint.format import MANIFEST, STATE, Manifest, rng_file
 from dtrain.checkpoint.jsoncodec import encode
-from dtrain.checkpoint.plan import Box, assign, local_boxes
+from dtrain.checkpoint.plan import Box, assign, digest, local_boxes
 from dtrain.checkpoint.state import (
     Stateful,
     flatten,
@@ -74,9 +74,12 @@ class Captured:
     error: str | None = None
 
 
-def capture(rank: int, *, stateful: dict[str, Stateful], extra: dict[str, Any]) -> Captured:
+def capture(rank: int, *, stateful: dict[str, Stateful], extra: dict[str, Any], error: str | None = None
+            ) -> Captured:
     """This rank's RNG streams; on rank 0 also the components and `extra`, JSON-encoded (the other
-    ranks' copies of them are the same)."""
+    ranks' copies of them are the same). `error`: why this rank already knows the save must fail."""
+    if error is not None:
+        return Captured(error=error)
     try:
         rng_bytes = json.dumps(rng.capture(), allow_nan=False, separators=(",", ":")).encode("utf-8")
         head = None if rank else {"stateful": encode(stateful_states(stateful), "$.stateful"),
@@ -93,34 +96,37 @@ def prepare(dir_url: str, step: int, captured: Captured, *, model: nn.Module,
     """Collective: decide this rank's share and build the JSON state. Raises on every rank if any
     rank cannot save; returns `skip=True` everywhere if this step is already committed."""
     rank, world = comm.rank(group), comm.world(group)
-    payload: dict[str, Any] = {"boxes": [], "error": captured.error, "skip": False, "json": None}
+    error, skip, head = captured.error, False, None
+    boxes: list[Box] = []
     data: dict[str, torch.Tensor] = {}
     try:
-        if captured.error is None:
+        if error is None:
             model_sd, optim_sd = get_states(model, optimizers, for_save=True)
             tensors, leaves = flatten(model_sd, optim_sd)
-            payload["boxes"], data = local_boxes(tensors)
+            boxes, data = local_boxes(tensors)
             if rank == 0:
-                payload["skip"] = _prepare_directory(dir_url, storage_options)
-                payload["json"] = {"model_optim": encode(json_state(leaves, optim_sd), "$.optimizer"),
-                                   **(captured.head or {}), "strategy": strategy_of(model, world)}
+                skip = _prepare_directory(dir_url, storage_options)
+                head = {"model_optim": encode(json_state(leaves, optim_sd), "$.optimizer"),
+                        **(captured.head or {}), "strategy": strategy_of(model, world)}
     except Exception as e:  # every rank must learn of it, or the others would wait forever
         log.exception("rank %d cannot prepare checkpoint %s", rank, dir_url)
-        payload["error"] = f"rank {rank}: {type(e).__name__}: {e}"
-    gathered = comm.all_gather_object(payload, group)
-    errors = [g["error"] for g in gathered if g["error"]]
-    if errors:
+        error = f"rank {rank}: {type(e).__name__}: {e}"
+    # one small all-reduce: [failed, skip, hash of the box list] per rank; the messages and the box
+    # lists themselves travel only when ranks differ (a failure; sharded state)
+    table = comm.agree_words([error is not None, skip, digest(boxes)], group)
+    if any(failed for failed, _, _ in table):
+        errors = [e for e in comm.all_gather_object(error, group) if e]
         raise CheckpointError(f"cannot save checkpoint {dir_url}: " + "; ".join(errors))
     prep = PreparedSave(dir_url, step, rank, world, small_files={rng_file(rank, world): captured.rng})
-    if gathered[0]["skip"]:
+    if table[0][1]:
         prep.skip = True
         return prep
-    owner, prep.meta = assign([g["boxes"] for g in gathered])
-    prep.items = [(b, data[b.key]) for b in payload["boxes"] if owner[b.id] == rank]
-    head = gathered[0]["json"]
-    prep.manifest_fields = {"step": step, "strategy": head["strategy"], "metrics": _clean_metrics(metrics),
-                            "reason": reason, "versions": versions()}
-    if rank == 0:
+    same = all(h == table[0][2] for _, _, h in table)
+    owner, prep.meta = assign([boxes] * world if same else comm.all_gather_object(boxes, group))
+    prep.items = [(b, data[b.key]) for b in boxes if owner[b.id] == rank]
+    prep.manifest_fields = {"step": step, "strategy": head["strategy"] if head else None,
+                            "metrics": _clean_metrics(metrics), "reason": reason, "versions": versions()}
+    if head is not None:  # rank 0
         body = {"format": "dtrain-state", "step": step, "world_size": world, "strategy": head["strategy"],
                 "versions": versions(), **head}
         prep.small_files[STATE] = json.dumps(body, allow_nan=False, separators=(",", ":")).encode("utf-8")

@@ -149,13 +149,13 @@ def build_manifest(reports: list[RankReport], meta: dict[str, Box], *, step: int
 
 def commit(dir_url: str, report: RankReport, meta: dict[str, Box], group: comm.ProcessGroup,
            storage_options: storage.StorageOptions = None, **manifest_fields: object) -> Manifest | None:
-    """Gather every rank's report; rank 0 writes manifest.json only if all succeeded, LAST.
+    """Gather every rank's report on rank 0, which writes manifest.json only if all succeeded, LAST.
     Any failure is raised on every rank. Returns the manifest on rank 0, None elsewhere."""
-    reports: list[RankReport] = comm.all_gather_object(report, group)
-    errors = [r.error for r in reports if r.error]
+    reports: list[RankReport] | None = comm.gather_object(report, group)
     manifest = None
     outcome: str | None = None
-    if comm.rank(group) == 0:
+    if reports is not None:  # rank 0
+        errors = [r.error for r in reports if r.error]
         if errors:
             outcome = "; ".join(errors)
         else:
@@ -168,8 +168,7 @@ def commit(dir_url: str, report: RankReport, meta: dict[str, Box], group: comm.P
             except Exception as e:
                 log.exception("writing the manifest of %s failed", dir_url)
                 outcome = f"rank 0: writing {MANIFEST}: {type(e).__name__}: {e}"
-    outcome = comm.broadcast_object(outcome, group)
-    if outcome:
+    if comm.broadcast_code(outcome is not None, group):  # the reason travels only on failure
+        outcome = comm.broadcast_object(outcome, group)
         raise CheckpointError(f"checkpoint {dir_url} was not committed: {outcome}")
     return manifest
-

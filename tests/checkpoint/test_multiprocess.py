@@ -16,9 +16,11 @@ from tests.checkpoint.workers import (
     make_optim,
     overlapped_async_saves,
     reshard_scenarios,
+    save_agreement,
     step,
 )
 from tests.multiproc import run_ranks
+from tests.reliability.test_lease import forge
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(240)]
 
@@ -122,3 +124,24 @@ def test_overlapped_async_saves_of_ddp_and_fsdp_commit_the_state_at_the_call(tmp
         opt = make_optim(model)
         CheckpointManager(root).load("step-000000002", model=model, optimizer=opt)
         assert_equal_states(full_state(model, opt), ranks[0][strategy])
+
+
+def test_ranks_agree_on_a_save_with_one_small_all_reduce_and_all_raise_one_ranks_error(tmp_path) -> None:
+    """A DDP save sends no object but the reports rank 0 needs (rank 0 alone checks the lease; the
+    box lists are the same on every rank); FSDP2 also sends the box lists, which differ."""
+    roots = {k: str(tmp_path / k) for k in ("ddp", "fsdp", "walk", "leased", "dtypes")}
+    forge(roots["leased"], None, job="job-x", host="other-host", renewed_ago=1)
+    ranks = run_ranks(save_agreement, 2, roots)
+    for r in ranks:
+        assert r["ddp"] == "saved" and r["ddp_calls"] == {"gather_object": 1}
+        assert r["fsdp"] == "saved" and r["fsdp_calls"] == {"all_gather_object": 1, "gather_object": 1}
+        assert "cannot save checkpoint" in r["walk"] and "rank 1: RuntimeError: state dict walk failed" in r["walk"]
+        for case in ("leased", "leased_overlapped"):
+            assert "is in use by another job" in r[case] and "job 'job-x' (host other-host" in r[case], r[case]
+        assert "'model/0.bias' is F32[16] on one rank and F64[16] on rank 1; ranks must agree" in r["dtypes"]
+    for strategy in ("ddp", "fsdp"):
+        model, saved = make_mlp(seed=7), make_mlp().state_dict()
+        CheckpointManager(roots[strategy]).load("step-000000001", model=model)
+        assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    for root in ("walk", "leased", "dtypes"):
+        assert CheckpointManager(roots[root], lease=False).latest_committed() is None

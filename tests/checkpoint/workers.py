@@ -163,3 +163,61 @@ def overlapped_async_saves(rank: int, world: int, roots: dict[str, str]) -> dict
         out[strategy] = saved
     dist.shutdown()
     return out
+
+
+def save_agreement(rank: int, world: int, roots: dict[str, str]) -> dict[str, Any]:
+    """How ranks agree on a save: the object collectives a DDP and an FSDP2 save make, and the
+    error every rank raises when only one rank knows why the save cannot go on (its state walk
+    failed; another job holds the root's lease; its tensors differ from the other rank's)."""
+    from collections import Counter
+
+    from dtrain.checkpoint import comm, snapshot
+
+    dist.init(timeout_s=60, backend="gloo")
+    calls: Counter[str] = Counter()
+
+    def counting(name: str) -> Any:
+        real = getattr(comm, name)
+
+        def counted(*a: Any, **k: Any) -> Any:
+            calls[name] += 1
+            return real(*a, **k)
+        return counted
+
+    for name in ("all_gather_object", "gather_object", "broadcast_object"):
+        setattr(comm, name, counting(name))
+
+    def attempt(mgr: CheckpointManager, model: nn.Module, opt: torch.optim.Optimizer | None) -> str:
+        try:
+            mgr.save(1, model=model, optimizer=opt)
+            mgr.wait()
+        except CheckpointError as e:
+            return str(e)
+        finally:
+            mgr.close()
+        return "saved"
+
+    out: dict[str, Any] = {}
+    for strategy in ("ddp", "fsdp"):
+        model = wrap(make_mlp(), strategy, world)
+        calls.clear()
+        out[strategy] = attempt(CheckpointManager(roots[strategy]), model, make_optim(model))
+        out[f"{strategy}_calls"] = dict(calls)
+    model = wrap(make_mlp(), "ddp", world)
+    if rank == 1:
+        real = snapshot.get_states
+
+        def broken(*a: Any, **k: Any) -> Any:
+            raise RuntimeError("state dict walk failed")
+
+        snapshot.get_states = broken  # type: ignore[assignment]
+    out["walk"] = attempt(CheckpointManager(roots["walk"]), model, make_optim(model))
+    if rank == 1:
+        snapshot.get_states = real  # type: ignore[assignment]
+    out["leased"] = attempt(CheckpointManager(roots["leased"]), model, make_optim(model))
+    out["leased_overlapped"] = attempt(CheckpointManager(roots["leased"], async_save=True, overlap_staging=True),
+                                       model, make_optim(model))
+    plain = make_mlp().double() if rank == 1 else make_mlp()
+    out["dtypes"] = attempt(CheckpointManager(roots["dtypes"]), plain, None)
+    dist.shutdown()
+    return out
