@@ -10,7 +10,8 @@ import uuid
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from dtrain.checkpoint import faultpoints
+from dtrain.checkpoint import directio, faultpoints
+from dtrain.checkpoint.directio import DirectWriter
 from dtrain.checkpoint.faultpoints import Hooked, fault_point
 from dtrain.checkpoint.writeback import WritebackFile
 from dtrain.errors import CheckpointError
@@ -27,11 +28,17 @@ IOV_MAX = _iov_max()  # buffers per preadv call
 
 
 @contextlib.contextmanager
-def open_write(path: str, url: str) -> Iterator[BinaryIO]:
-    """Write `path`; on success the bytes are durable (fsync), on an exception the file is removed."""
-    # 1 MiB buffer: small tensors go out in 1 MiB writes (4096 writes of 16 KiB: 31 ms one syscall
-    # each, 18 ms buffered); a piece bigger than the buffer is written straight from the tensor
-    f = WritebackFile(open(path, "wb", buffering=1 << 20))  # writeback starts while later pieces are written
+def open_write(path: str, url: str, size: int | None = None) -> Iterator[BinaryIO]:
+    """Write `path`; on success the bytes are durable (fsync), on an exception the file is removed.
+    A file of a known `size` of at least directio.MIN_BYTES is written with O_DIRECT where allowed."""
+    fd = directio.open_for_write(path) if size is not None and size >= directio.MIN_BYTES else None
+    f: DirectWriter | WritebackFile
+    if fd is not None:
+        f = DirectWriter(fd, url)
+    else:  # 1 MiB buffer: small tensors go out in 1 MiB writes (4096 writes of 16 KiB: 31 ms one
+        # syscall each, 18 ms buffered); a piece bigger than the buffer is written straight from
+        # the tensor, and writeback starts while later pieces are written
+        f = WritebackFile(open(path, "wb", buffering=1 << 20))
     try:
         yield Hooked(f, url) if faultpoints.active() else f  # type: ignore[misc]
         f.flush()

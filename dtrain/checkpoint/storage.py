@@ -114,14 +114,15 @@ def makedirs(url: str, storage_options: StorageOptions = None) -> None:
 
 
 @contextlib.contextmanager
-def open_write(url: str, storage_options: StorageOptions = None) -> Iterator[BinaryIO]:
+def open_write(url: str, storage_options: StorageOptions = None, size: int | None = None) -> Iterator[BinaryIO]:
     """Open `url` for writing; on success the bytes are durable (fsync) or committed (S3 close);
     on an exception nothing is left behind: the local file is removed, the S3 upload aborted
     (an s3fs file would commit the partial object if closed, as a `with fs.open()` block does).
-    S3 objects upload several multipart parts at once (s3upload.py)."""
+    S3 objects upload several multipart parts at once (s3upload.py). `size`, when known, lets a
+    big local file bypass the page cache (directio.py)."""
     fault_point("file_open", url)
     if is_local(url):
-        with localfs.open_write(local_path(url), url) as lf:
+        with localfs.open_write(local_path(url), url, size) as lf:
             yield lf
         return
     fs, path = filesystem(url, storage_options)

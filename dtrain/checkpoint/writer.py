@@ -68,8 +68,9 @@ def write_tensor_file(url: str, name: str, items: Sequence[tuple[Box, torch.Tens
     file_crc = crc32(header)
     chunks: list[tuple[str, Chunk]] = []
     crcs: list[BackgroundCrc | int] = []
+    size = entries[-1].end if entries else len(header)
     with ThreadPoolExecutor(1, thread_name_prefix="dtrain-crc") as pool, \
-            storage.open_write(url, storage_options) as f:
+            storage.open_write(url, storage_options, size) as f:
         f.write(header)
         for (box, t), entry in zip(items, entries, strict=True):
             tensor = t() if callable(t) else t
@@ -93,7 +94,6 @@ def write_tensor_file(url: str, name: str, items: Sequence[tuple[Box, torch.Tens
             file_crc = crc32_combine(file_crc, c, entry.end - entry.begin)
             chunks.append((box.key, Chunk(name, box.offsets, box.lengths, (entry.begin, entry.end),
                                           format_crc(c))))
-    size = entries[-1].end if entries else len(header)
     return FileEntry(name, size, format_crc(file_crc)), chunks
 
 

@@ -205,9 +205,9 @@ def test_async_save_snapshots_state_at_the_call(tmp_path, monkeypatch: pytest.Mo
     release = threading.Event()
     real = storage.open_write
 
-    def gated(url, storage_options=None):  # noqa: ANN001, ANN202
+    def gated(url, storage_options=None, size=None):  # noqa: ANN001, ANN202
         release.wait(30)
-        return real(url, storage_options)
+        return real(url, storage_options, size)
 
     monkeypatch.setattr(storage, "open_write", gated)
     m, o, s, c = make_all()

@@ -41,8 +41,8 @@ def test_bytes_stream_out_in_bounded_pieces(monkeypatch: pytest.MonkeyPatch, tmp
     real = storage.open_write
 
     @contextlib.contextmanager
-    def recording(url, storage_options=None):  # noqa: ANN001, ANN202
-        with real(url, storage_options) as f:
+    def recording(url, storage_options=None, size=None):  # noqa: ANN001, ANN202
+        with real(url, storage_options, size) as f:
             orig = f.write
             f.write = lambda b: (sizes.append(len(b)), orig(b))[1]  # type: ignore[method-assign]
             yield f

@@ -1,0 +1,150 @@
+"""Big local tensor files written with O_DIRECT: past the page cache, from aligned buffers.
+
+Measured on this machine's VM disk (1 GiB, paired rounds): a write + fsync ran at 0.25 GB/s
+through the page cache, early writeback included (writeback.py), and at 1.8 GB/s with O_DIRECT
+from two 4 MiB buffers, one filled while a thread writes the other; a whole 1 GiB save took 3.2x
+less time (paired median of 6 rounds). The page cache's own pages are what cost: each is
+allocated, filled, written back, and stays until memory is needed. Side effects: a save no longer
+pushes the training job's cached data (its dataset files) out of the page cache, and a load right
+after a save reads from the disk rather than from the cache. Reads stay buffered: O_DIRECT reads
+in 16 MiB requests plus a copy into place were no faster than the reader's buffered ones (0.95x,
+paired, 1 GiB, 6 rounds), and a file in the cache would be read from the disk again.
+
+Small files, filesystems that refuse O_DIRECT (fcntl or the first request fails with EINVAL),
+other systems and DTRAIN_DIRECT_IO=0 use the page cache as before.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+ALIGN = 4096  # file offsets, lengths and buffer addresses of direct requests: a multiple of any
+# disk's logical block size (512 or 4096 here)
+MIN_BYTES = 4 << 20  # smaller files gain nothing worth two buffers and a thread
+WRITE_BUFFER = 4 << 20  # two of these per file being written (4, 8 and 16 MiB wrote alike)
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+def enabled() -> bool:
+    return bool(_O_DIRECT) and os.environ.get("DTRAIN_DIRECT_IO", "1") != "0"
+
+
+def set_direct(fd: int, on: bool) -> bool:
+    """Turn O_DIRECT on or off for an open file (Linux allows both); False if refused."""
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | _O_DIRECT if on else flags & ~_O_DIRECT)
+    except OSError as e:
+        log.debug("O_DIRECT %s refused (%s); using the page cache", "on" if on else "off", e)
+        return False
+    return True
+
+
+def aligned_buffer(n: int) -> memoryview:
+    """`n` writable bytes at an ALIGN-aligned address (kept alive by the view)."""
+    raw = torch.empty(n + ALIGN, dtype=torch.uint8)
+    skip = -raw.data_ptr() % ALIGN
+    return raw[skip:skip + n].numpy().data  # the array holds the tensor, the view the array
+
+
+def open_for_write(path: str) -> int | None:
+    """A new file (truncated) with O_DIRECT on; None if this filesystem refuses it."""
+    if not enabled():
+        return None
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+    if not set_direct(fd, True):
+        os.close(fd)
+        return None
+    return fd
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done, refused = 0, False
+    while done < len(data):
+        try:
+            k = os.pwrite(fd, data[done:], offset + done)
+        except OSError as e:
+            if e.errno != errno.EINVAL or refused or not set_direct(fd, False):
+                raise
+            refused = True  # an alignment this filesystem wants bigger: the rest through the cache
+            continue
+        if not k:
+            raise OSError(errno.ENOSPC, "no bytes written")
+        done += k
+
+
+class DirectWriter:
+    """A write-only binary file: bytes gather in two aligned WRITE_BUFFER buffers, each written
+    with O_DIRECT on a thread while the other fills. `flush` ends the file: whole blocks directly,
+    the last partial block through the page cache (O_DIRECT needs whole blocks); the caller fsyncs."""
+
+    def __init__(self, fd: int, url: str) -> None:
+        self.fd, self.url = fd, url
+        self._bufs = [aligned_buffer(WRITE_BUFFER), aligned_buffer(WRITE_BUFFER)]
+        self._cur = self._fill = self._offset = 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="dtrain-write")
+        self._inflight: Future[None] | None = None
+        self._ended = False
+
+    def write(self, data: Any) -> int:
+        if self._ended:
+            raise ValueError(f"{self.url}: write after the end of the file")
+        mv = memoryview(data).cast("B")
+        pos = 0
+        while pos < len(mv):
+            buf = self._bufs[self._cur]
+            take = min(len(buf) - self._fill, len(mv) - pos)
+            buf[self._fill:self._fill + take] = mv[pos:pos + take]
+            self._fill, pos = self._fill + take, pos + take
+            if self._fill == len(buf):
+                self._hand_off(self._fill)
+        return len(mv)
+
+    def _hand_off(self, n: int) -> None:
+        """Write the first `n` (whole blocks) bytes of the current buffer on the thread; switch."""
+        self._wait()
+        self._inflight = self._pool.submit(_pwrite_all, self.fd, self._bufs[self._cur][:n], self._offset)
+        self._offset += n
+        self._cur ^= 1
+        self._fill = 0
+
+    def _wait(self) -> None:
+        pending, self._inflight = self._inflight, None
+        if pending is not None:
+            pending.result()
+
+    def flush(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        tail = self._bufs[self._cur][self._fill - self._fill % ALIGN:self._fill]
+        if self._fill >= ALIGN:
+            self._hand_off(self._fill - len(tail))
+        self._wait()
+        if len(tail):
+            set_direct(self.fd, False)
+            _pwrite_all(self.fd, tail, self._offset)
+            self._offset += len(tail)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        """Release the thread, the buffers and the descriptor (a write in flight is waited for;
+        after a failure its error no longer matters: the file is being removed)."""
+        try:
+            if self._inflight is not None:
+                self._inflight.exception()
+        finally:
+            self._inflight = None
+            self._pool.shutdown()
+            self._bufs = []
+            os.close(self.fd)
