@@ -28,6 +28,7 @@ benchmarks/results/checkpoint_io.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -62,6 +63,7 @@ TENSOR = int(os.environ.get("CKPT_BENCH_TENSOR_BYTES", 16 << 20))
 QUIET_S = 3.0  # see the module docstring
 WARMUP = "warmup.bin"  # an old file of the run's directory, read cold before every timed cold read
 WARMUP_BYTES = 32 << 20
+DIRECT_REQUEST = 16 << 20  # raw-direct's requests
 S3_OPTIONS = {"key": "testing", "secret": "testing"}
 
 
@@ -133,6 +135,13 @@ def _bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
+def _aligned(n: int) -> memoryview:
+    """`n` bytes at a 4096-aligned address, as O_DIRECT needs."""
+    raw = torch.zeros(n + 4096, dtype=torch.uint8)
+    skip = -raw.data_ptr() % 4096
+    return _bytes(raw[skip:skip + n])
+
+
 def _touch(tensors: dict[str, torch.Tensor]) -> None:
     """Read one byte per page: mmap-backed tensors (safetensors load_file) are loaded only then."""
     for t in tensors.values():
@@ -150,6 +159,26 @@ def save_fn(method: str, state: dict[str, torch.Tensor], d: str, ctx: dict[str, 
                     f.write(_bytes(t))
                 os.fsync(f.fileno())
         return raw
+    if method == "raw-direct":  # past the page cache, as dtrain writes big files (directio.py)
+        def raw_direct() -> None:
+            buf, fill, off = _aligned(DIRECT_REQUEST), 0, 0
+            fd = os.open(os.path.join(d, "raw-direct.bin"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT)
+            try:
+                for t in state.values():
+                    mv = _bytes(t)
+                    while len(mv):
+                        take = min(len(mv), len(buf) - fill)
+                        buf[fill:fill + take], mv, fill = mv[:take], mv[take:], fill + take
+                        if fill == len(buf):
+                            off, fill = off + os.pwrite(fd, buf, off), 0
+                whole = fill - fill % 4096
+                off += os.pwrite(fd, buf[:whole], off) if whole else 0
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                os.pwrite(fd, buf[whole:fill], off)  # O_DIRECT writes whole blocks only
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return raw_direct
     if method == "raw-2r":  # the floor for a replicated state: each rank writes every world-th tensor
         def raw_share() -> None:
             with open(os.path.join(d, f"raw-{ctx['rank']}.bin"), "wb", buffering=0) as f:
@@ -198,6 +227,25 @@ def load_fn(method: str, dest: dict[str, torch.Tensor], d: str, ctx: dict[str, A
             with open(os.path.join(d, "raw.bin"), "rb", buffering=0) as f:
                 return readinto(f)
         return raw
+    if method == "raw-direct":  # O_DIRECT reads of 16 MiB into an aligned buffer, copied into place
+        def raw_direct() -> dict[str, torch.Tensor]:
+            buf, fd = _aligned(DIRECT_REQUEST), os.open(os.path.join(d, "raw-direct.bin"), os.O_RDONLY | os.O_DIRECT)
+            try:
+                off, have, pos = 0, 0, 0  # file offset of buf, bytes in buf, next byte of buf to copy
+                for t in dest.values():
+                    mv = _bytes(t)
+                    while len(mv):
+                        if pos == have:
+                            off, pos = off + have, 0
+                            have = os.preadv(fd, [buf], off)
+                            if not have:
+                                raise EOFError("short read")
+                        take = min(len(mv), have - pos)
+                        mv[:take], mv, pos = buf[pos:pos + take], mv[take:], pos + take
+            finally:
+                os.close(fd)
+            return dest
+        return raw_direct
     if method == "raw-2r":  # ... and each rank reads all of it back (every rank needs the whole state)
         def raw_all() -> dict[str, torch.Tensor]:
             tensors = list(dest.values())
