@@ -38,6 +38,7 @@ test-gpu: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check dtrain tests benchmarks examples
 	$(VENV)/bin/mypy dtrain
+	$(VENV)/bin/mypy --explicit-package-bases benchmarks
 
 bench: $(STAMP)
 	$(PY) benchmarks/checkpoint_io.py

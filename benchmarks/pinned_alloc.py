@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,7 +61,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.gib, args.tensor_mib)))
         return
-    rows = {}
+    rows: dict[str, dict[str, Any]] = {}
     for name, conf in SETTINGS.items():
         env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF=conf) if conf else {
             k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
@@ -88,7 +89,7 @@ def main() -> None:
     plot(rows, Path(args.out).with_suffix(".png"), f"{args.gib} GiB pinned staging on {gpu}")
 
 
-def plot(rows: dict[str, dict[str, float]], path: Path, title: str) -> None:
+def plot(rows: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     try:
         import matplotlib
 
