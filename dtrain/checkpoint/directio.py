@@ -20,6 +20,7 @@ import errno
 import fcntl
 import logging
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -29,7 +30,9 @@ log = logging.getLogger(__name__)
 ALIGN = 4096  # file offsets, lengths and buffer addresses of direct requests: a multiple of any
 # disk's logical block size (512 or 4096 here)
 MIN_BYTES = 4 << 20  # smaller files gain nothing worth two buffers and a thread
-WRITE_BUFFER = 4 << 20  # two of these per file being written (4, 8 and 16 MiB wrote alike)
+WRITE_BUFFER = 4 << 20  # two buffers per file being written, each 1/32 of the file but at least
+MIN_BUFFER = 256 << 10  # MIN_BUFFER and at most WRITE_BUFFER (4, 8 and 16 MiB wrote 1 GiB alike):
+# 1/16 of the file in all, or 512 KiB
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
@@ -46,6 +49,36 @@ def set_direct(fd: int, on: bool) -> bool:
         log.debug("O_DIRECT %s refused (%s); using the page cache", "on" if on else "off", e)
         return False
     return True
+
+
+def buffer_bytes(size: int) -> int:
+    """The size of each of the two write buffers for a file of `size` bytes."""
+    return min(WRITE_BUFFER, max(MIN_BUFFER, -(-size // 32 // ALIGN) * ALIGN))
+
+
+_spare_lock = threading.Lock()
+_spare: list[memoryview] = []  # the last file's two buffers, for the next file (every save
+# writes one to three files; allocating afresh each time left the freed ones counted in the
+# process's memory: 16 MiB more at the peak of two async saves instead of 8)
+
+
+def _take_buffers(n: int) -> list[memoryview]:
+    """Two aligned buffers of at least `n` bytes: the spares if they are big enough; else the
+    spares are dropped before new ones are allocated (never both at once)."""
+    global _spare
+    with _spare_lock:
+        spare, _spare = _spare, []
+    if len(spare) == 2 and min(len(b) for b in spare) >= n:
+        return spare
+    del spare
+    return [aligned_buffer(n), aligned_buffer(n)]
+
+
+def _give_buffers(bufs: list[memoryview]) -> None:
+    global _spare
+    with _spare_lock:
+        if not _spare:
+            _spare = bufs
 
 
 def aligned_buffer(n: int) -> memoryview:
@@ -82,13 +115,16 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 
 class DirectWriter:
-    """A write-only binary file: bytes gather in two aligned WRITE_BUFFER buffers, each written
+    """A write-only binary file of `size` bytes: bytes gather in two aligned buffers, each written
     with O_DIRECT on a thread while the other fills. `flush` ends the file: whole blocks directly,
-    the last partial block through the page cache (O_DIRECT needs whole blocks); the caller fsyncs."""
+    the last partial block through the page cache (O_DIRECT needs whole blocks); the caller fsyncs.
+    The buffers are kept for the next file (at most 2 x WRITE_BUFFER per process)."""
 
-    def __init__(self, fd: int, url: str) -> None:
+    def __init__(self, fd: int, url: str, size: int) -> None:
         self.fd, self.url = fd, url
-        self._bufs = [aligned_buffer(WRITE_BUFFER), aligned_buffer(WRITE_BUFFER)]
+        n = buffer_bytes(size)
+        self._whole = _take_buffers(n)
+        self._bufs = [b[:n] for b in self._whole]
         self._cur = self._fill = self._offset = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="dtrain-write")
         self._inflight: Future[None] | None = None
@@ -146,5 +182,6 @@ class DirectWriter:
         finally:
             self._inflight = None
             self._pool.shutdown()
-            self._bufs = []
+            _give_buffers(self._whole)
+            self._bufs = self._whole = []
             os.close(self.fd)

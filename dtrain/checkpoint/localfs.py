@@ -33,8 +33,8 @@ def open_write(path: str, url: str, size: int | None = None) -> Iterator[BinaryI
     A file of a known `size` of at least directio.MIN_BYTES is written with O_DIRECT where allowed."""
     fd = directio.open_for_write(path) if size is not None and size >= directio.MIN_BYTES else None
     f: DirectWriter | WritebackFile
-    if fd is not None:
-        f = DirectWriter(fd, url)
+    if fd is not None and size is not None:
+        f = DirectWriter(fd, url, size)
     else:  # 1 MiB buffer: small tensors go out in 1 MiB writes (4096 writes of 16 KiB: 31 ms one
         # syscall each, 18 ms buffered); a piece bigger than the buffer is written straight from
         # the tensor, and writeback starts while later pieces are written

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from dtrain.checkpoint import directio, storage
-from dtrain.checkpoint.directio import ALIGN, MIN_BYTES, WRITE_BUFFER
+from dtrain.checkpoint.directio import ALIGN, MIN_BUFFER, MIN_BYTES, WRITE_BUFFER, buffer_bytes
 from dtrain.checkpoint.plan import local_boxes
 from dtrain.checkpoint.writer import write_tensor_file
 
@@ -48,15 +48,24 @@ def write_pieces(url: str, pieces: list[bytes], size: int | None) -> None:
             f.write(memoryview(p))
 
 
+B = MIN_BUFFER  # the buffer size of every file of 4-8 MiB
+
+
 @needs_direct
-@pytest.mark.parametrize("size", [MIN_BYTES, 2 * WRITE_BUFFER, 2 * WRITE_BUFFER + 1, 3 * WRITE_BUFFER - 1,
-                                  3 * WRITE_BUFFER + ALIGN, 3 * WRITE_BUFFER + ALIGN + 17])
+@pytest.mark.parametrize("size", [MIN_BYTES, 20 * B, 20 * B + 1, 21 * B - 1, 21 * B + ALIGN, 21 * B + ALIGN + 17])
 def test_bytes_are_those_written_at_every_edge(tmp_path: Path, size: int) -> None:
+    assert buffer_bytes(size) == B
     data = os.urandom(size)
-    cuts = sorted({c for c in (0, 1, 4095, 100_000, WRITE_BUFFER - 3, WRITE_BUFFER + 5000, size) if c <= size})
+    cuts = sorted({c for c in (0, 1, 4095, 100_000, B - 3, B + 5000, 7 * B, size) if c <= size})
     pieces = [data[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
     write_pieces(str(tmp_path / "direct.bin"), pieces, size)
     assert (tmp_path / "direct.bin").read_bytes() == data
+
+
+def test_the_two_buffers_stay_within_a_sixteenth_of_the_file_or_two_minimal_ones() -> None:
+    for size in (MIN_BYTES, 5 << 20, 64 << 20, 100 << 20, 1 << 30, 16 << 30):
+        assert MIN_BUFFER <= buffer_bytes(size) <= WRITE_BUFFER and buffer_bytes(size) % ALIGN == 0
+        assert 2 * buffer_bytes(size) <= max(size / 16 + 2 * ALIGN, 2 * MIN_BUFFER)
 
 
 @needs_direct
@@ -104,10 +113,10 @@ def test_a_refused_direct_write_is_redone_through_the_cache(tmp_path: Path, monk
         return real(fd, data, offset)
 
     monkeypatch.setattr(os, "pwrite", pwrite)
-    data = os.urandom(3 * WRITE_BUFFER + 999)
+    data = os.urandom(20 * B + 999)
     write_pieces(str(tmp_path / "f.bin"), [data], len(data))
     assert (tmp_path / "f.bin").read_bytes() == data
-    assert calls[1] == calls[2] == WRITE_BUFFER  # retried once, at the same place
+    assert calls[1] == calls[2] == B  # retried once, at the same place
 
 
 @needs_direct
@@ -117,7 +126,7 @@ def test_a_failed_write_raises_and_leaves_no_file(tmp_path: Path, monkeypatch: p
 
     monkeypatch.setattr(os, "pwrite", pwrite)
     with pytest.raises(OSError, match="No space left"):
-        write_pieces(str(tmp_path / "f.bin"), [os.urandom(3 * WRITE_BUFFER)], 3 * WRITE_BUFFER)
+        write_pieces(str(tmp_path / "f.bin"), [os.urandom(20 * B)], 20 * B)
     assert not (tmp_path / "f.bin").exists()
 
 
@@ -128,3 +137,19 @@ def test_small_files_and_unknown_sizes_go_through_the_cache(tmp_path: Path, monk
     write_pieces(str(tmp_path / "small.bin"), [b"x" * 100], MIN_BYTES - 1)
     write_pieces(str(tmp_path / "unknown.bin"), [b"x" * 100], None)
     assert opened == [] and (tmp_path / "small.bin").read_bytes() == b"x" * 100
+
+
+@needs_direct
+def test_files_reuse_the_last_files_buffers_and_bigger_ones_replace_them(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    allocated: list[int] = []
+    real = directio.aligned_buffer
+    monkeypatch.setattr(directio, "aligned_buffer", lambda n: (allocated.append(n), real(n))[1])
+    monkeypatch.setattr(directio, "_spare", [])
+    small, big = MIN_BYTES, 64 * WRITE_BUFFER  # buffers of MIN_BUFFER and of WRITE_BUFFER
+    for i, size in enumerate((small, small, big, small, big)):
+        data = os.urandom(size)
+        write_pieces(str(tmp_path / f"{i}.bin"), [data], size)
+        assert (tmp_path / f"{i}.bin").read_bytes() == data
+        (tmp_path / f"{i}.bin").unlink()
+    assert allocated == [MIN_BUFFER, MIN_BUFFER, WRITE_BUFFER, WRITE_BUFFER]
