@@ -8,6 +8,7 @@ same way, and `restore_latest` on every rank falls back to the same older checkp
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -65,7 +66,8 @@ def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.o
         stored = {k for k in manifest.tensors if optimizers or k.startswith(MODEL)}
         if strict:
             check_keys(wanted, stored, "tensor", dir_url)
-        reader = ChunkReader(dir_url, manifest, storage_options, defer_checks=True)
+        reader = ChunkReader(dir_url, manifest, storage_options, defer_checks=True, first_file=comm.rank(group),
+                             shared=_read_by_peers(tensors, group))
         try:
             _fill_all(reader, tensors, sorted(wanted & stored), storage.is_local(dir_url))
             reader.finish()
@@ -208,6 +210,15 @@ def _fill_all(reader: ChunkReader, tensors: dict[str, torch.Tensor], keys: list[
     with ThreadPoolExecutor(_REMOTE_TENSORS_IN_FLIGHT, thread_name_prefix="dtrain-fetch") as pool:
         for _ in pool.map(lambda k: fill_tensor(reader, k, tensors[k]), keys):
             pass
+
+
+def _read_by_peers(tensors: dict[str, torch.Tensor], group: comm.ProcessGroup) -> bool:
+    """Whether other ranks on this host read the same bytes: a replicated state (DDP: no DTensor)
+    with several ranks per host (LOCAL_WORLD_SIZE, else the whole world is taken as one host).
+    Those reads go through the page cache, which then serves each byte from the disk once."""
+    world = comm.world(group)
+    peers = min(world, int(os.environ.get("LOCAL_WORLD_SIZE") or world))
+    return peers > 1 and not any(isinstance(t, DTensor) for t in tensors.values())
 
 
 def _read_rng(dir_url: str, manifest: Manifest, group: comm.ProcessGroup,
