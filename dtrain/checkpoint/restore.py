@@ -66,7 +66,7 @@ def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.o
         stored = {k for k in manifest.tensors if optimizers or k.startswith(MODEL)}
         if strict:
             check_keys(wanted, stored, "tensor", dir_url)
-        reader = ChunkReader(dir_url, manifest, storage_options, defer_checks=True, first_file=comm.rank(group),
+        reader = ChunkReader(dir_url, manifest, storage_options, defer_checks=True,
                              shared=_read_by_peers(tensors, group))
         try:
             _fill_all(reader, tensors, sorted(wanted & stored), storage.is_local(dir_url))

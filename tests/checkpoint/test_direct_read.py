@@ -187,33 +187,6 @@ def test_a_windowed_read_of_a_resharded_chunk_is_exact(saved: Path) -> None:
         reader.close()
 
 
-def test_ranks_start_on_different_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rank r begins with the r-th file (mod the count), so ranks loading the same files do not
-    all queue for the same blocks."""
-    from dtrain.checkpoint.plan import Box
-    from dtrain.checkpoint.writer import RankReport, build_manifest, write_tensor_file
-
-    w = torch.randn(8, 6)
-    boxes = [Box("model/w", "F32", (8, 6), (0, 0), (4, 6)), Box("model/w", "F32", (8, 6), (4, 0), (4, 6))]
-    reports = []
-    for rank, (box, rows) in enumerate(zip(boxes, (w[:4], w[4:]), strict=True)):
-        name = f"model-{rank:05d}-of-00002.safetensors"
-        entry, chunks = write_tensor_file(str(tmp_path / name), name, [(box, rows)])
-        reports.append(RankReport(rank, [entry], chunks))
-    man = build_manifest(reports, {"model/w": boxes[0]}, step=1, world_size=2, strategy="fsdp", metrics={},
-                         reason="test", versions={})
-    for first, want in ((0, ["00000", "00001"]), (1, ["00001", "00000"]), (3, ["00001", "00000"])):
-        reader = ChunkReader(str(tmp_path), man, first_file=first)
-        order: list[str] = []
-        real = reader._read_local
-        monkeypatch.setattr(reader, "_read_local", lambda url, segs, real=real, order=order: (
-            order.append(url.split("model-")[1][:5]), real(url, segs))[1])
-        out = torch.empty(8, 6)
-        fill_tensor(reader, "model/w", out)
-        reader.close()
-        assert order == want and torch.equal(out, w)
-
-
 def test_reads_shared_with_other_ranks_on_the_host_go_through_the_page_cache(
         saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _count_requests(monkeypatch)
