@@ -19,18 +19,9 @@ from dtrain.checkpoint.fill import fill_tensor
 from dtrain.checkpoint.reader import ChunkReader, read_manifest
 from dtrain.errors import CheckpointError
 from tests.checkpoint.models import assert_same
+from tests.checkpoint.test_reader import Mixed  # tensor sizes that are not multiples of a block
 
 REQUEST = 3 * directio.ALIGN  # small requests: many of them, and pieces across their edges
-
-
-class Odd(torch.nn.Module):
-    """Tensors whose sizes are not multiples of a block, so pieces straddle blocks and requests."""
-
-    def __init__(self, seed: int) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        sizes = [3001, 7, 1, 9000, 513, 0, 4096, 12, 5000]
-        self.ws = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(n, generator=g)) for n in sizes])
 
 
 def _direct_ok(directory: Path) -> bool:
@@ -55,13 +46,13 @@ def _drop(directory: Path) -> None:
 
 @pytest.fixture
 def saved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An Odd model saved, every file big enough for direct reads, dropped from the page cache;
+    """An Mixed model saved, every file big enough for direct reads, dropped from the page cache;
     requests of three blocks."""
     if not directio.enabled() or not _direct_ok(tmp_path):
         pytest.skip("no O_DIRECT here")
     monkeypatch.setattr(directio, "MIN_BYTES", 1)
     monkeypatch.setattr(reader_mod, "DIRECT_REQUEST", REQUEST)
-    CheckpointManager(str(tmp_path)).save(1, model=Odd(seed=1))
+    CheckpointManager(str(tmp_path)).save(1, model=Mixed(seed=1))
     _drop(tmp_path)
     return tmp_path / "step-000000001"
 
@@ -81,9 +72,9 @@ def _count_requests(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
 def test_a_cold_file_is_read_in_aligned_direct_requests_and_every_tensor_is_exact(
         saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _count_requests(monkeypatch)
-    dst = Odd(seed=2)
+    dst = Mixed(seed=2)
     CheckpointManager(str(saved.parent)).load(saved.name, model=dst)
-    assert_same(dst.state_dict(), Odd(seed=1).state_dict())
+    assert_same(dst.state_dict(), Mixed(seed=1).state_dict())
     man = read_manifest(str(saved))
     spans = sorted(c.data_offsets for t in man.tensors.values() for c in t.chunks if c.data_offsets[1] > c.data_offsets[0])
     first, last = spans[0][0], spans[-1][1]
@@ -102,7 +93,7 @@ def test_a_corrupt_byte_read_directly_is_blamed_on_its_own_tensor(saved: Path, m
     f.write_bytes(bytes(raw))
     _drop(saved)
     with pytest.raises(CheckpointDamagedError, match=r"checksum mismatch in tensor 'model/ws\.3'"):
-        CheckpointManager(str(saved.parent)).load(saved.name, model=Odd(seed=2))
+        CheckpointManager(str(saved.parent)).load(saved.name, model=Mixed(seed=2))
     assert calls
 
 
@@ -110,9 +101,9 @@ def test_a_file_in_the_page_cache_is_read_through_it(saved: Path, monkeypatch: p
     for f in saved.iterdir():
         f.read_bytes()  # now cached
     calls = _count_requests(monkeypatch)
-    dst = Odd(seed=2)
+    dst = Mixed(seed=2)
     CheckpointManager(str(saved.parent)).load(saved.name, model=dst)
-    assert_same(dst.state_dict(), Odd(seed=1).state_dict())
+    assert_same(dst.state_dict(), Mixed(seed=1).state_dict())
     assert calls == []
     fd = os.open(saved / "model-00000-of-00001.safetensors", os.O_RDONLY)
     try:
@@ -126,9 +117,9 @@ def test_a_file_in_the_page_cache_is_read_through_it(saved: Path, monkeypatch: p
 def test_direct_io_off_reads_through_the_cache(saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DTRAIN_DIRECT_IO", "0")
     calls = _count_requests(monkeypatch)
-    dst = Odd(seed=2)
+    dst = Mixed(seed=2)
     CheckpointManager(str(saved.parent)).load(saved.name, model=dst)
-    assert_same(dst.state_dict(), Odd(seed=1).state_dict()) and not calls
+    assert_same(dst.state_dict(), Mixed(seed=1).state_dict()) and not calls
 
 
 def test_a_refused_direct_request_is_redone_through_the_cache(saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -151,9 +142,9 @@ def test_a_refused_direct_request_is_redone_through_the_cache(saved: Path, monke
         return fd
     monkeypatch.setattr(directio, "open_for_read", open_for_read)
     monkeypatch.setattr(directio.os, "preadv", preadv)
-    dst = Odd(seed=2)
+    dst = Mixed(seed=2)
     CheckpointManager(str(saved.parent)).load(saved.name, model=dst)
-    assert_same(dst.state_dict(), Odd(seed=1).state_dict())
+    assert_same(dst.state_dict(), Mixed(seed=1).state_dict())
     assert refused
 
 
@@ -179,9 +170,9 @@ def test_a_windowed_read_of_a_resharded_chunk_is_exact(saved: Path) -> None:
     man = read_manifest(str(saved))
     reader = ChunkReader(str(saved), man)
     try:
-        dest = torch.empty(9000, 2)[:, 0]  # every other float: not a contiguous run, so windowed
+        dest = torch.empty(40_000, 2)[:, 0]  # every other float: not a contiguous run, so windowed
         fill_tensor(reader, "model/ws.3", dest)
-        assert torch.equal(dest, Odd(seed=1).ws[3].detach())
+        assert torch.equal(dest, Mixed(seed=1).ws[3].detach())
         assert reader._direct and all(fd is not None for fd in reader._direct.values())
     finally:
         reader.close()
@@ -192,9 +183,9 @@ def test_reads_shared_with_other_ranks_on_the_host_go_through_the_page_cache(
     calls = _count_requests(monkeypatch)
     reader = ChunkReader(str(saved), read_manifest(str(saved)), shared=True)
     try:
-        out = torch.empty(9000)
+        out = torch.empty(40_000)
         fill_tensor(reader, "model/ws.3", out)
-        assert torch.equal(out, Odd(seed=1).ws[3].detach()) and calls == []
+        assert torch.equal(out, Mixed(seed=1).ws[3].detach()) and calls == []
     finally:
         reader.close()
 
