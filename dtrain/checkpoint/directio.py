@@ -138,11 +138,13 @@ def cached_fraction(fd: int, size: int) -> float | None:
         if _libc is None:
             _libc = ctypes.CDLL(None, use_errno=True)
             _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        vec = np.zeros(-(-size // mmap.PAGESIZE), np.uint8)
         with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as m:
-            arr = np.frombuffer(m, np.uint8)  # only for its address
-            vec = np.zeros(-(-size // mmap.PAGESIZE), np.uint8)
-            rc = _libc.mincore(arr.ctypes.data, size, vec.ctypes.data)
-            del arr
+            arr = np.frombuffer(m, np.uint8)  # only for its address; gone before the map closes
+            try:
+                rc = _libc.mincore(arr.ctypes.data, size, vec.ctypes.data)
+            finally:
+                del arr
         if rc != 0:
             return None
         return float(np.count_nonzero(vec & 1)) / len(vec)

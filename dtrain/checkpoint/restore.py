@@ -217,7 +217,8 @@ def _read_by_peers(tensors: dict[str, torch.Tensor], group: comm.ProcessGroup) -
     with several ranks per host (LOCAL_WORLD_SIZE, else the whole world is taken as one host).
     Those reads go through the page cache, which then serves each byte from the disk once."""
     world = comm.world(group)
-    peers = min(world, int(os.environ.get("LOCAL_WORLD_SIZE") or world))
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    peers = min(world, int(local)) if local.isdigit() else world
     return peers > 1 and not any(isinstance(t, DTensor) for t in tensors.values())
 
 

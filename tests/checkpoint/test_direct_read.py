@@ -207,3 +207,5 @@ def test_a_replicated_load_is_shared_when_other_ranks_run_on_the_host(monkeypatc
     assert not restore._read_by_peers(plain, None)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert restore._read_by_peers(plain, None)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "two")  # not a number: taken as one host, no error
+    assert restore._read_by_peers(plain, None)
