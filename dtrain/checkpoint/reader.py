@@ -189,7 +189,8 @@ class ChunkReader:
         for url in sorted(local):
             group = sorted(local[url], key=lambda j: j[1].data_offsets[0])
             reads.append((url, group, self._read_local(url, [(c.data_offsets[0], mv) for _, c, mv in group])))
-        _wait_all([src for _, _, hashes in reads for parts in hashes for src, _, _ in parts])  # bytes in place
+        _wait_all([src for url, _, hashes in reads if self._direct.get(url) is not None
+                   for parts in hashes for src, _, _ in parts])  # direct reads: bytes in place
         for url, group, hashes in reads:
             for (key, chunk, _), parts in zip(group, hashes, strict=True):
                 if self.defer_checks:
