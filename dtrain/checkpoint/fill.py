@@ -13,8 +13,8 @@ from collections.abc import Iterable
 
 import torch
 
-from dtrain.checkpoint.format import Chunk
-from dtrain.checkpoint.plan import local_box
+from dtrain.checkpoint.format import Chunk, Manifest
+from dtrain.checkpoint.plan import Box, local_box
 from dtrain.checkpoint.reader import ChunkReader
 from dtrain.checkpoint.stfile import DTYPES
 from dtrain.errors import CheckpointError
@@ -46,10 +46,7 @@ def fill_tensors(reader: ChunkReader, items: Iterable[tuple[str, torch.Tensor]])
     windowed: list[tuple[str, Chunk, torch.dtype, tuple[tuple[int, int], ...], torch.Tensor]] = []
     for key, dest in items:
         entry = reader.manifest.tensors[key]
-        box, local = local_box(key, dest)
-        if entry.dtype != box.dtype or entry.shape != box.shape:
-            raise CheckpointError(f"{reader.dir_url}: tensor {key!r}: checkpoint has {entry.dtype}{list(entry.shape)}, "
-                                  f"the model expects {box.dtype}{list(box.shape)}; the model config does not match")
+        box, local = checked_box(reader.dir_url, reader.manifest, key, dest)
         if math.prod(box.lengths) == 0:
             continue  # an empty shard (uneven sharding) or an empty tensor: nothing to read
         if (len(entry.chunks) == 1 and entry.chunks[0].lengths == box.lengths
@@ -69,6 +66,17 @@ def fill_tensors(reader: ChunkReader, items: Iterable[tuple[str, torch.Tensor]])
     reader.read_many(direct)
     for args in windowed:
         reader.stream(*args)
+
+
+def checked_box(dir_url: str, manifest: Manifest, key: str, dest: torch.Tensor) -> tuple[Box, torch.Tensor]:
+    """This rank's box of `key` and the local data that fills it; raises if the checkpoint's
+    dtype or global shape differs from the destination's."""
+    entry = manifest.tensors[key]
+    box, local = local_box(key, dest)
+    if entry.dtype != box.dtype or entry.shape != box.shape:
+        raise CheckpointError(f"{dir_url}: tensor {key!r}: checkpoint has {entry.dtype}{list(entry.shape)}, "
+                              f"the model expects {box.dtype}{list(box.shape)}; the model config does not match")
+    return box, local
 
 
 def check_keys(wanted: set[str], stored: set[str], what: str, where: str) -> None:

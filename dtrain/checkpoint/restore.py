@@ -1,23 +1,26 @@
 """Load a committed checkpoint into a model, optimizers and components, on any world size.
 
-Every rank reads what its own shards need, then the ranks agree (one small all-reduce) that all of
-them succeeded before any state is set, so a damaged file seen by one rank fails every rank the
-same way, and `restore_latest` on every rank falls back to the same older checkpoint.
+Every rank reads what its own shards need (ranks of one host that load the same replicated state
+split it between them and copy the rest from each other: peers.py), then the ranks agree (one
+small all-reduce) that all of them succeeded before any state is set, so a damaged file seen by
+one rank fails every rank the same way, and `restore_latest` on every rank falls back to the same
+older checkpoint. Every collective is reached by every rank, failed or not (`_Outcome`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from dtrain.checkpoint import comm, rng, storage
-from dtrain.checkpoint.fill import check_keys, fill_tensor, fill_tensors
+from dtrain.checkpoint import comm, peers, rng, storage
+from dtrain.checkpoint.fill import check_keys, checked_box, fill_tensor, fill_tensors
 from dtrain.checkpoint.format import CheckpointDamagedError, Manifest, rng_file
 from dtrain.checkpoint.gcpause import gc_paused
 from dtrain.checkpoint.plan import MODEL, OPTIM
@@ -39,6 +42,45 @@ _OK, _DAMAGED, _FAILED = 0, 1, 2
 _REMOTE_TENSORS_IN_FLIGHT = 8
 _INIT_BUCKET_BYTES = 64 << 20
 _warned_rng = False
+T = TypeVar("T")
+
+
+@dataclass
+class _Outcome:
+    """This rank's status so far: the first error ends the work, not the collectives that follow
+    (every rank must reach each of them, failed or not)."""
+
+    code: int = _OK
+    error: CheckpointError | None = None
+
+    def run(self, fn: Callable[[], T], dir_url: str) -> T | None:
+        if self.code != _OK:
+            return None
+        try:
+            return fn()
+        except CheckpointDamagedError as e:
+            self.code, self.error = _DAMAGED, e
+        except CheckpointError as e:
+            self.code, self.error = _FAILED, e
+        except Exception as e:
+            log.exception("loading %s failed", dir_url)
+            self.code, self.error = _FAILED, CheckpointError(f"{dir_url}: {type(e).__name__}: {e}")
+        return None
+
+
+@dataclass
+class _Target:
+    """What this rank loads into: the state dicts, their tensors and non-tensor leaves, and which
+    keys to read."""
+
+    manifest: Manifest
+    state: dict[str, Any]
+    model_sd: dict[str, Any]
+    optim_sd: dict[str, Any] | None
+    tensors: dict[str, torch.Tensor]
+    leaves: dict[str, Any]
+    never_stepped: dict[int, tuple[str, ...]]
+    keys: list[str]
 
 
 @gc_paused()
@@ -48,61 +90,94 @@ def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.o
                     restore_rng: bool = True, manifest: Manifest | None = None) -> tuple[Manifest, dict[str, Any]]:
     """Collective over `group`. Returns the manifest and the saved `extra` dict. `manifest`: the
     directory's manifest when the caller has just read and validated it (else it is read here)."""
-    code = _OK
-    error: CheckpointError | None = None
-    try:
-        if manifest is None:
-            manifest = read_manifest(dir_url, storage_options)
-        state = read_state(dir_url, manifest, storage_options)
-        init_optimizer_state(optimizers)
-        model_sd, optim_sd = get_states(model, optimizers)
-        tensors, leaves = flatten(model_sd, optim_sd)
-        never_stepped = _saved_before_first_step(optimizers, optim_sd, manifest, state)
-        if never_stepped:  # saved before their first step: only their param_groups load
-            skip = tuple(p for prefixes in never_stepped.values() for p in prefixes)
-            tensors = {k: v for k, v in tensors.items() if not k.startswith(skip)}
-            leaves = {k: v for k, v in leaves.items() if not k.startswith(skip)}
-        wanted = {k for k in tensors if optimizers or k.startswith(MODEL)}
-        stored = {k for k in manifest.tensors if optimizers or k.startswith(MODEL)}
-        if strict:
-            check_keys(wanted, stored, "tensor", dir_url)
-        reader = ChunkReader(dir_url, manifest, storage_options, defer_checks=True,
-                             shared=_read_by_peers(tensors, group))
+    out = _Outcome()
+    target = out.run(lambda: _target(dir_url, model, optimizers, strict, storage_options, manifest), dir_url)
+    split, on_host = peers.plan(target.keys if target else [], target.tensors if target else {},
+                                target.manifest if target else None, target is not None, group)
+    read, copied = 0, 0
+    if target is not None:
+        reader = ChunkReader(dir_url, target.manifest, storage_options, defer_checks=True,
+                             shared=split is None and on_host > 1 and not _sharded(target.tensors))
         try:
-            _fill_all(reader, tensors, sorted(wanted & stored), storage.is_local(dir_url))
-            reader.finish()
+            mine = target.keys if split is None else split.mine()
+            out.run(lambda: _read(reader, target.tensors, mine, storage.is_local(dir_url)), dir_url)
+            if split is not None:  # every rank gets here: the exchange is a collective
+                rows = peers.exchange(split, target.tensors, out.code, group)
+                if out.code == _OK and all(rows[r][0] == _OK for r in split.pids):
+                    left, copied = peers.copy_from_peers(split, rows, target.tensors)
+                    out.run(lambda: _read(reader, target.tensors, sorted(left), storage.is_local(dir_url)), dir_url)
+            read = reader.bytes_read
         finally:
             reader.close()
-        apply_json_state(state.get("model_optim") or {}, leaves, optim_sd, strict, dir_url)
-        rng_state = _read_rng(dir_url, manifest, group, storage_options) if restore_rng else None
-        missing = [n for n in (stateful or {}) if n not in (state.get("stateful") or {})]
-        if strict and missing:  # checked before anything is set, like every other mismatch
-            raise CheckpointError(f"{dir_url}: no state for component(s) {missing} in the checkpoint "
-                                  f"(it has {sorted(state.get('stateful') or {})}); pass strict=False to skip them")
-    except CheckpointDamagedError as e:
-        code, error = _DAMAGED, e
-    except CheckpointError as e:
-        code, error = _FAILED, e
-    except Exception as e:
-        log.exception("loading %s failed", dir_url)
-        code, error = _FAILED, CheckpointError(f"{dir_url}: {type(e).__name__}: {e}")
-    codes = comm.agree_codes(code, group)
+    elif split is not None:
+        peers.exchange(split, {}, out.code, group)
+    rng_state = out.run(lambda: _finish_reading(dir_url, target, stateful, strict, group, storage_options,
+                                                restore_rng), dir_url)
+    codes = comm.agree_codes(out.code, group)
     if any(codes):
-        if error is not None:
-            raise error
+        if out.error is not None:
+            raise out.error
         bad = [r for r, c in enumerate(codes) if c]
         cls = CheckpointError if _FAILED in codes else CheckpointDamagedError
         raise cls(f"{dir_url}: rank(s) {bad} could not load this checkpoint (see their log)")
-    assert manifest is not None  # every rank got this far without an error
-    set_states(model, optimizers, model_sd, optim_sd, strict)
-    clear_optimizer_state([optimizers[i] for i in never_stepped])
-    load_stateful(stateful or {}, state.get("stateful") or {}, strict, dir_url)
-    if rng_state is not None:
+    assert target is not None  # every rank got this far without an error
+    set_states(model, optimizers, target.model_sd, target.optim_sd, strict)
+    clear_optimizer_state([optimizers[i] for i in target.never_stepped])
+    load_stateful(stateful or {}, target.state.get("stateful") or {}, strict, dir_url)
+    if rng_state:
         rng.restore(rng_state, dir_url)
-    log.info("loaded %s (step %d, saved by %d rank(s) with %s; %.1f MiB read on this rank)", dir_url,
-             manifest.step, manifest.world_size, manifest.strategy, reader.bytes_read / 2**20)
-    extra = state.get("extra") or {}
+    manifest = target.manifest
+    log.info("loaded %s (step %d, saved by %d rank(s) with %s; %.1f MiB read on this rank, %.1f MiB copied "
+             "from ranks on its host)", dir_url, manifest.step, manifest.world_size, manifest.strategy,
+             read / 2**20, copied / 2**20)
+    extra = target.state.get("extra") or {}
     return manifest, extra if isinstance(extra, dict) else {}
+
+
+def _target(dir_url: str, model: nn.Module, optimizers: tuple[torch.optim.Optimizer, ...], strict: bool,
+            storage_options: storage.StorageOptions, manifest: Manifest | None) -> _Target:
+    """Read the manifest and the JSON state, give the optimizers their state tensors, and list the
+    keys to read (checked against the checkpoint's when `strict`)."""
+    if manifest is None:
+        manifest = read_manifest(dir_url, storage_options)
+    state = read_state(dir_url, manifest, storage_options)
+    init_optimizer_state(optimizers)
+    model_sd, optim_sd = get_states(model, optimizers)
+    tensors, leaves = flatten(model_sd, optim_sd)
+    never_stepped = _saved_before_first_step(optimizers, optim_sd, manifest, state)
+    if never_stepped:  # saved before their first step: only their param_groups load
+        skip = tuple(p for prefixes in never_stepped.values() for p in prefixes)
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(skip)}
+        leaves = {k: v for k, v in leaves.items() if not k.startswith(skip)}
+    wanted = {k for k in tensors if optimizers or k.startswith(MODEL)}
+    stored = {k for k in manifest.tensors if optimizers or k.startswith(MODEL)}
+    if strict:
+        check_keys(wanted, stored, "tensor", dir_url)
+    keys = sorted(wanted & stored)
+    for k in keys:  # before any read: a peer's copy into a tensor relies on its size
+        checked_box(dir_url, manifest, k, tensors[k])
+    return _Target(manifest, state, model_sd, optim_sd, tensors, leaves, never_stepped, keys)
+
+
+def _read(reader: ChunkReader, tensors: dict[str, torch.Tensor], keys: list[str], local: bool) -> None:
+    """Fill `keys` and check every byte read (a peer copies from these tensors only after this)."""
+    _fill_all(reader, tensors, keys, local)
+    reader.finish()
+
+
+def _finish_reading(dir_url: str, target: _Target | None, stateful: dict[str, Stateful] | None, strict: bool,
+                    group: comm.ProcessGroup, storage_options: storage.StorageOptions,
+                    restore_rng: bool) -> dict[str, Any] | None:
+    """The JSON leaves into their state dicts, and this rank's RNG states; checks, before any state
+    is set, that every component to load has its state in the checkpoint."""
+    assert target is not None
+    apply_json_state(target.state.get("model_optim") or {}, target.leaves, target.optim_sd, strict, dir_url)
+    rng_state = _read_rng(dir_url, target.manifest, group, storage_options) if restore_rng else None
+    missing = [n for n in (stateful or {}) if n not in (target.state.get("stateful") or {})]
+    if strict and missing:  # checked before anything is set, like every other mismatch
+        raise CheckpointError(f"{dir_url}: no state for component(s) {missing} in the checkpoint "
+                              f"(it has {sorted(target.state.get('stateful') or {})}); pass strict=False to skip them")
+    return rng_state
 
 
 def init_optimizer_state(optimizers: tuple[torch.optim.Optimizer, ...],
@@ -212,14 +287,10 @@ def _fill_all(reader: ChunkReader, tensors: dict[str, torch.Tensor], keys: list[
             pass
 
 
-def _read_by_peers(tensors: dict[str, torch.Tensor], group: comm.ProcessGroup) -> bool:
-    """Whether other ranks on this host read the same bytes: a replicated state (DDP: no DTensor)
-    with several ranks per host (LOCAL_WORLD_SIZE, else the whole world is taken as one host).
-    Those reads go through the page cache, which then serves each byte from the disk once."""
-    world = comm.world(group)
-    local = os.environ.get("LOCAL_WORLD_SIZE", "")
-    peers = min(world, int(local)) if local.isdigit() else world
-    return peers > 1 and not any(isinstance(t, DTensor) for t in tensors.values())
+def _sharded(tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether this rank loads shards (FSDP) rather than the whole replicated state (DDP), which
+    the other ranks of its host read too."""
+    return any(isinstance(t, DTensor) for t in tensors.values())
 
 
 def _read_rng(dir_url: str, manifest: Manifest, group: comm.ProcessGroup,

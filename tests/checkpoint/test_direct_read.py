@@ -188,24 +188,3 @@ def test_reads_shared_with_other_ranks_on_the_host_go_through_the_page_cache(
         assert torch.equal(out, Mixed(seed=1).ws[3].detach()) and calls == []
     finally:
         reader.close()
-
-
-def test_a_replicated_load_is_shared_when_other_ranks_run_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
-    """DDP ranks on one host read the same bytes (through the page cache); FSDP shards, one rank
-    per host, or one process read their own (directly)."""
-    from dtrain.checkpoint import restore
-
-    plain = {"model/w": torch.zeros(2)}
-    sharded = {"model/w": torch.nn.Parameter(torch.zeros(2))}
-    monkeypatch.setattr(restore, "DTensor", torch.nn.Parameter)  # stands in for a DTensor shard
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert not restore._read_by_peers(plain, None)  # one process
-    monkeypatch.setattr(restore.comm, "world", lambda group: 4)
-    assert restore._read_by_peers(plain, None)  # no LOCAL_WORLD_SIZE: taken as one host
-    assert not restore._read_by_peers(sharded, None)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one rank per host
-    assert not restore._read_by_peers(plain, None)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert restore._read_by_peers(plain, None)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "two")  # not a number: taken as one host, no error
-    assert restore._read_by_peers(plain, None)

@@ -221,3 +221,103 @@ def save_agreement(rank: int, world: int, roots: dict[str, str]) -> dict[str, An
     out["dtypes"] = attempt(CheckpointManager(roots["dtypes"]), plain, None)
     dist.shutdown()
     return out
+
+
+def _loaded_bytes(mgr: CheckpointManager, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[float, float, bool]:
+    """Load the newest checkpoint; (MiB read from the files, MiB copied from the other rank) as
+    the load logs them, and whether its reads were marked as shared with the other rank."""
+    import logging
+
+    seen: list[tuple[Any, ...]] = []
+
+    class Grab(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.msg.startswith("loaded "):
+                seen.append(record.args)  # type: ignore[arg-type]
+
+    from dtrain.checkpoint import restore
+
+    real = restore.ChunkReader
+    shared: list[bool] = []
+
+    def reader(*a: Any, **k: Any) -> Any:
+        shared.append(k["shared"])
+        return real(*a, **k)
+
+    restore.ChunkReader = reader  # type: ignore[assignment,misc]
+    log = logging.getLogger("dtrain.checkpoint.restore")
+    grab, level = Grab(), log.level
+    log.addHandler(grab)
+    log.setLevel(logging.INFO)
+    try:
+        mgr.load(mgr.latest_committed(), model=model, optimizer=opt)  # type: ignore[arg-type]
+    finally:
+        restore.ChunkReader = real  # type: ignore[misc]
+        log.removeHandler(grab)
+        log.setLevel(level)
+    *_, read, copied = seen[-1]
+    return read, copied, shared[-1]
+
+
+def peer_loads(rank: int, world: int, root: str) -> dict[str, Any]:
+    """DDP ranks of one host loading the same state: split between them and copied from each
+    other; with the copy turned off; with the copy refused on rank 0; and with a damaged byte in
+    the share rank 1 reads (every rank must raise)."""
+    import os
+
+    from dtrain.checkpoint import peers
+    from dtrain.checkpoint.format import CheckpointDamagedError
+
+    dist.init(timeout_s=60, backend="gloo")
+
+    def big(seed: int) -> nn.Module:  # ~12 MiB with AdamW's state: files big enough for O_DIRECT
+        torch.manual_seed(seed)
+        return wrap(nn.Sequential(nn.Linear(512, 1024), nn.Linear(1024, 512), nn.Linear(512, 256)), "ddp", world)
+
+    model = big(0)
+    opt = make_optim(model)
+    model(torch.randn(4, 512)).sum().backward()
+    opt.step()
+    mgr = CheckpointManager(root)
+    mgr.save(1, model=model, optimizer=opt)
+    out: dict[str, Any] = {"saved": full_state(model, opt)}
+    for case in ("split", "off", "refused"):
+        fresh = big(1)
+        fresh_opt = make_optim(fresh)
+        real = peers._readv
+        if case == "off":
+            os.environ["DTRAIN_PEER_COPY"] = "0"
+        if case == "refused" and rank == 0:
+            def refused(pid: int, copies: Any) -> None:
+                raise PermissionError(1, "Operation not permitted")
+            peers._readv = refused  # type: ignore[assignment]
+        try:
+            out[case] = {"bytes": _loaded_bytes(mgr, fresh, fresh_opt), "state": full_state(fresh, fresh_opt)}
+        finally:
+            os.environ.pop("DTRAIN_PEER_COPY", None)
+            peers._readv = real  # type: ignore[assignment]
+    info = mgr.latest_committed()
+    assert info is not None
+    if rank == 0:  # a byte in the middle of the biggest tensor rank 1 reads
+        from dtrain.checkpoint.reader import read_manifest
+
+        manifest = read_manifest(info.url)
+        split = peers.shares([sum(c.data_offsets[1] - c.data_offsets[0] for c in manifest.tensors[k].chunks)
+                              for k in peers._sizes(sorted(manifest.tensors), manifest)], world)
+        theirs = [k for k, o in zip(peers._sizes(sorted(manifest.tensors), manifest), split, strict=True) if o == 1]
+        chunk = max((manifest.tensors[k].chunks[0] for k in theirs), key=lambda c: c.data_offsets[1] - c.data_offsets[0])
+        with open(os.path.join(info.url, chunk.file), "r+b") as f:
+            f.seek(sum(chunk.data_offsets) // 2)
+            byte = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    dist.barrier()
+    try:
+        fresh = big(1)
+        mgr.load(info, model=fresh, optimizer=make_optim(fresh))
+        out["damaged"] = "loaded"
+    except CheckpointDamagedError as e:
+        out["damaged"] = str(e)
+    mgr.close()
+    dist.shutdown()
+    return out
