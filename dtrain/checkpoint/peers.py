@@ -115,14 +115,31 @@ def shares(sizes: list[int], n: int) -> list[int]:
     return out
 
 
-def exchange(split: Split, tensors: dict[str, torch.Tensor], code: int, group: comm.ProcessGroup) -> list[list[int]]:
-    """Collective over `group` (every rank with a split calls it): each rank's status code, then the
-    address of each key it read (0 where it read none, or its tensor is not one run of host memory)."""
-    words = [code] + [_address(tensors[k]) if split.owner[k] == split.me else 0 for k in split.keys]
-    return comm.agree_words(words, group)
+@dataclass
+class Published:
+    """What the ranks told each other after reading their shares: each rank's status code and the
+    address of its table of tensor addresses (which must stay alive until every peer has copied)."""
+
+    codes: dict[int, int]  # group rank -> status code, for this host's ranks
+    tables: dict[int, int]  # group rank -> address of its table
+    table: torch.Tensor  # this rank's
+
+    def ok(self) -> bool:
+        return not any(self.codes.values())
 
 
-def copy_from_peers(split: Split, rows: list[list[int]], tensors: dict[str, torch.Tensor]) -> tuple[list[str], int]:
+def exchange(split: Split, tensors: dict[str, torch.Tensor], code: int, group: comm.ProcessGroup) -> Published:
+    """Collective over `group` (every rank with a split calls it): each rank's status code and the
+    address of its table, which holds for each of `split.keys` the address of the tensor it read (0
+    where it read none, or its tensor is not one run of host memory). Peers read the table with
+    the same cross-memory copy, so the collective stays two words per rank whatever the key count."""
+    table = torch.tensor([_address(tensors[k]) if split.owner[k] == split.me else 0 for k in split.keys] or [0],
+                         dtype=torch.int64)
+    rows = comm.agree_words([code, table.data_ptr()], group)
+    return Published({r: rows[r][0] for r in split.pids}, {r: rows[r][1] for r in split.pids}, table)
+
+
+def copy_from_peers(split: Split, published: Published, tensors: dict[str, torch.Tensor]) -> tuple[list[str], int]:
     """Copy every key a peer read into this rank's tensors. Returns the keys to read here instead
     (the peer's tensor or this one is not one run of host memory, or the copy was refused) and
     the bytes copied."""
@@ -131,22 +148,24 @@ def copy_from_peers(split: Split, rows: list[list[int]], tensors: dict[str, torc
     for peer, pid in split.pids.items():
         if peer == split.me:
             continue
+        theirs = [(i, k) for i, k in enumerate(split.keys) if split.owner[k] == peer]
         todo = []
-        for i, key in enumerate(split.keys):
-            if split.owner[key] != peer:
-                continue
-            src, dst = rows[peer][1 + i], _address(tensors[key])
-            if src and dst:
-                todo.append((key, dst, src, tensors[key].nbytes))
-            else:
-                left.append(key)
         try:
+            table = torch.zeros(max(1, len(split.keys)), dtype=torch.int64)
+            _readv(pid, [(table.data_ptr(), published.tables[peer], table.nbytes)])
+            for i, key in theirs:
+                src, dst = int(table[i]), _address(tensors[key])
+                if src and dst:
+                    todo.append((key, dst, src, tensors[key].nbytes))
+                else:
+                    left.append(key)
             _readv(pid, [(dst, src, n) for _, dst, src, n in todo])
             copied += sum(n for *_, n in todo)
         except OSError as e:
             _warn_once(f"copying the checkpoint's tensors from rank {peer} (pid {pid}) was refused ({e}); "
                        f"this rank reads them itself (set DTRAIN_PEER_COPY=0 to skip trying)")
-            left += [key for key, *_ in todo]
+            done = set(left)
+            left += [k for _, k in theirs if k not in done]
     return left, copied
 
 

@@ -101,19 +101,17 @@ def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.o
         try:
             mine = target.keys if split is None else split.mine()
             out.run(lambda: _read(reader, target.tensors, mine, storage.is_local(dir_url)), dir_url)
-            if split is not None:  # every rank gets here: the exchange is a collective
-                rows = peers.exchange(split, target.tensors, out.code, group)
-                if out.code == _OK and all(rows[r][0] == _OK for r in split.pids):
-                    left, copied = peers.copy_from_peers(split, rows, target.tensors)
+            if split is not None:  # on every rank (a split needs every rank's target): a collective
+                published = peers.exchange(split, target.tensors, out.code, group)
+                if out.code == _OK and published.ok():
+                    left, copied = peers.copy_from_peers(split, published, target.tensors)
                     out.run(lambda: _read(reader, target.tensors, sorted(left), storage.is_local(dir_url)), dir_url)
             read = reader.bytes_read
         finally:
             reader.close()
-    elif split is not None:
-        peers.exchange(split, {}, out.code, group)
     rng_state = out.run(lambda: _finish_reading(dir_url, target, stateful, strict, group, storage_options,
                                                 restore_rng), dir_url)
-    codes = comm.agree_codes(out.code, group)
+    codes = comm.agree_codes(out.code, group)  # peers have copied from this rank once it returns
     if any(codes):
         if out.error is not None:
             raise out.error

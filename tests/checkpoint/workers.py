@@ -235,7 +235,7 @@ def _loaded_bytes(mgr: CheckpointManager, model: nn.Module, opt: torch.optim.Opt
             if record.msg.startswith("loaded "):
                 seen.append(record.args)  # type: ignore[arg-type]
 
-    from dtrain.checkpoint import restore
+    from dtrain.checkpoint import comm, restore
 
     real = restore.ChunkReader
     shared: list[bool] = []
@@ -245,6 +245,14 @@ def _loaded_bytes(mgr: CheckpointManager, model: nn.Module, opt: torch.optim.Opt
         return real(*a, **k)
 
     restore.ChunkReader = reader  # type: ignore[assignment,misc]
+    real_words = comm.agree_words
+    words: list[int] = []
+
+    def agree_words(w: list[int], group: Any) -> Any:
+        words.append(len(w))
+        return real_words(w, group)
+
+    comm.agree_words = agree_words  # type: ignore[assignment]
     log = logging.getLogger("dtrain.checkpoint.restore")
     grab, level = Grab(), log.level
     log.addHandler(grab)
@@ -253,9 +261,11 @@ def _loaded_bytes(mgr: CheckpointManager, model: nn.Module, opt: torch.optim.Opt
         mgr.load(mgr.latest_committed(), model=model, optimizer=opt)  # type: ignore[arg-type]
     finally:
         restore.ChunkReader = real  # type: ignore[misc]
+        comm.agree_words = real_words  # type: ignore[assignment]
         log.removeHandler(grab)
         log.setLevel(level)
     *_, read, copied = seen[-1]
+    assert max(words) <= 4, words  # every collective of the load: a few words per rank, whatever the key count
     return read, copied, shared[-1]
 
 
