@@ -67,5 +67,7 @@ def test_ddp_ranks_split_the_load_and_copy_the_rest_from_each_other(tmp_path) ->
         assert r["off"]["bytes"] == (pytest.approx(total), 0, True)
     assert ranks[0]["refused"]["bytes"] == (pytest.approx(total), 0, False)  # refused: rank 0 read it all
     assert ranks[1]["refused"]["bytes"] == pytest.approx(ranks[1]["split"]["bytes"])
+    mismatch = [r["mismatch"] for r in ranks]
+    assert "the model expects F32[128]" in mismatch[1] and "rank(s) [1] could not load" in mismatch[0], mismatch
     damaged = [r["damaged"] for r in ranks]
     assert "checksum mismatch" in damaged[1] and "rank(s) [1] could not load" in damaged[0], damaged

@@ -271,8 +271,8 @@ def _loaded_bytes(mgr: CheckpointManager, model: nn.Module, opt: torch.optim.Opt
 
 def peer_loads(rank: int, world: int, root: str) -> dict[str, Any]:
     """DDP ranks of one host loading the same state: split between them and copied from each
-    other; with the copy turned off; with the copy refused on rank 0; and with a damaged byte in
-    the share rank 1 reads (every rank must raise)."""
+    other; with the copy turned off; with the copy refused on rank 0; with a model that does not
+    match on rank 1; and with a damaged byte in the share rank 1 reads (every rank must raise)."""
     import os
 
     from dtrain.checkpoint import peers
@@ -308,6 +308,14 @@ def peer_loads(rank: int, world: int, root: str) -> dict[str, Any]:
             peers._readv = real  # type: ignore[assignment]
     info = mgr.latest_committed()
     assert info is not None
+    try:  # rank 1's model does not match: it fails before the split, and every rank must say so
+        torch.manual_seed(2)
+        layers = [nn.Linear(512, 1024), nn.Linear(1024, 512), nn.Linear(512, 256 if rank == 0 else 128)]
+        odd = nn.Sequential(*layers)  # not DDP, which would refuse the mismatch itself
+        mgr.load(info, model=odd, optimizer=make_optim(odd))
+        out["mismatch"] = "loaded"
+    except CheckpointError as e:
+        out["mismatch"] = str(e)
     if rank == 0:  # a byte in the middle of the biggest tensor rank 1 reads
         from dtrain.checkpoint.reader import read_manifest
 
