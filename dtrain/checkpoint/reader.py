@@ -104,9 +104,9 @@ class _ByteBudget:
 class ChunkReader:
     """Reads and verifies chunks of one checkpoint; checks each file's size once.
 
-    Local files of at least `directio.MIN_BYTES` that are not mostly in the page cache, and that
-    no other process on this host reads too (`shared`), are read with O_DIRECT (numbers in
-    directio.py): `DIRECT_REQUEST`-aligned requests, trimmed to the blocks that hold wanted bytes,
+    Local files of at least `directio.MIN_BYTES` that are not mostly in the page cache are read
+    with O_DIRECT, unless the caller says not to (`direct`; restore.py does for small loads and
+    for bytes other ranks of the host read too) (numbers in directio.py): `DIRECT_REQUEST`-aligned requests, trimmed to the blocks that hold wanted bytes,
     `DIRECT_IN_FLIGHT` at once on a pool of threads, each into its own aligned buffer, whose
     pieces are hashed and copied into their destinations there.
     Other local files are read front to back with one descriptor per file (kept until `close`), in
@@ -121,8 +121,8 @@ class ChunkReader:
     last request's on both threads), and the CRCs are combined per chunk. With `defer_checks`
     the hashes are checked in `finish`, so hashing overlaps reading to the end; nothing read may
     be used before `finish` returns. Ranks of one host that read the same files read them through
-    the page cache (`shared`): each byte comes from the disk once, the other ranks copy it from
-    memory; with O_DIRECT each rank would read every byte from the disk again (two ranks each
+    the page cache (not `direct`): each byte comes from the disk once, the other ranks copy it
+    from memory; with O_DIRECT each rank would read every byte from the disk again (two ranks each
     loading a replicated 2 GiB: 2.34 s against 1.68 s through the cache, medians of 4 rounds).
     Object stores are read in `REMOTE_PIECE` ranged GETs on a few threads (each GET has a fixed
     cost), hashed as they land. Bytes go straight into the destination when a chunk is one
@@ -143,7 +143,7 @@ class ChunkReader:
     _hasher: ThreadPoolExecutor | None = None
     _pending: list[tuple[str, str, Chunk, list[Part]]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    shared: bool = False  # other processes on this host read the same bytes: never O_DIRECT
+    direct: bool = True  # big files not in the page cache may be read with O_DIRECT
     _direct: dict[str, int | None] = field(default_factory=dict)  # local file url -> O_DIRECT descriptor
     _io: ThreadPoolExecutor | None = None
     _buffers: queue.SimpleQueue[memoryview] = field(default_factory=queue.SimpleQueue)
@@ -163,7 +163,7 @@ class ChunkReader:
         with self._lock:  # the descriptor is there before the name is marked checked (others skip the lock)
             if storage.is_local(url) and url not in self._fds:
                 self._fds[url] = fd = storage.open_local(url)
-                self._direct[url] = None if self.shared else _open_direct(url, fd, got)
+                self._direct[url] = _open_direct(url, fd, got) if self.direct else None
             self._sizes_ok.add(name)
         return url
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from dtrain.checkpoint import comm, peers, rng, storage
+from dtrain.checkpoint import comm, directio, peers, rng, storage
 from dtrain.checkpoint.fill import check_keys, checked_box, fill_tensor, fill_tensors
 from dtrain.checkpoint.format import CheckpointDamagedError, Manifest, rng_file
 from dtrain.checkpoint.gcpause import gc_paused
@@ -96,10 +96,11 @@ def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.o
                                 target.manifest if target else None, target is not None, group)
     read, copied = 0, 0
     if target is not None:
+        mine = target.keys if split is None else split.mine()
+        shared = split is None and on_host > 1 and not _sharded(target.tensors)
         reader = ChunkReader(dir_url, target.manifest, storage_options, defer_checks=True,
-                             shared=split is None and on_host > 1 and not _sharded(target.tensors))
+                             direct=not shared and _stored_bytes(target.manifest, mine) >= directio.MIN_LOAD)
         try:
-            mine = target.keys if split is None else split.mine()
             out.run(lambda: _read(reader, target.tensors, mine, storage.is_local(dir_url)), dir_url)
             if split is not None:  # on every rank (a split needs every rank's target): a collective
                 published = peers.exchange(split, target.tensors, out.code, group)
@@ -283,6 +284,11 @@ def _fill_all(reader: ChunkReader, tensors: dict[str, torch.Tensor], keys: list[
     with ThreadPoolExecutor(_REMOTE_TENSORS_IN_FLIGHT, thread_name_prefix="dtrain-fetch") as pool:
         for _ in pool.map(lambda k: fill_tensor(reader, k, tensors[k]), keys):
             pass
+
+
+def _stored_bytes(manifest: Manifest, keys: list[str]) -> int:
+    """The bytes stored for `keys` (a sharded rank reads only part of them)."""
+    return sum(c.data_offsets[1] - c.data_offsets[0] for k in keys for c in manifest.tensors[k].chunks)
 
 
 def _sharded(tensors: dict[str, torch.Tensor]) -> bool:

@@ -51,6 +51,7 @@ def saved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     if not directio.enabled() or not _direct_ok(tmp_path):
         pytest.skip("no O_DIRECT here")
     monkeypatch.setattr(directio, "MIN_BYTES", 1)
+    monkeypatch.setattr(directio, "MIN_LOAD", 0)
     monkeypatch.setattr(reader_mod, "DIRECT_REQUEST", REQUEST)
     CheckpointManager(str(tmp_path)).save(1, model=Mixed(seed=1))
     _drop(tmp_path)
@@ -112,6 +113,20 @@ def test_a_file_in_the_page_cache_is_read_through_it(saved: Path, monkeypatch: p
         assert directio.cached_fraction(fd, os.fstat(fd).st_size) == 0.0
     finally:
         os.close(fd)
+
+
+def test_a_small_load_reads_through_the_cache(saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below directio.MIN_LOAD bytes in all, cold big files too are read through the page cache."""
+    monkeypatch.setattr(directio, "MIN_LOAD", read_manifest(str(saved)).total_bytes + 1)
+    calls = _count_requests(monkeypatch)
+    dst = Mixed(seed=2)
+    CheckpointManager(str(saved.parent)).load(saved.name, model=dst)
+    assert_same(dst.state_dict(), Mixed(seed=1).state_dict())
+    assert calls == []
+    monkeypatch.setattr(directio, "MIN_LOAD", read_manifest(str(saved)).total_bytes // 2)
+    _drop(saved)  # the load above left the files in the cache
+    CheckpointManager(str(saved.parent)).load(saved.name, model=dst)
+    assert calls  # the same load, now big enough
 
 
 def test_direct_io_off_reads_through_the_cache(saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -181,7 +196,7 @@ def test_a_windowed_read_of_a_resharded_chunk_is_exact(saved: Path) -> None:
 def test_reads_shared_with_other_ranks_on_the_host_go_through_the_page_cache(
         saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _count_requests(monkeypatch)
-    reader = ChunkReader(str(saved), read_manifest(str(saved)), shared=True)
+    reader = ChunkReader(str(saved), read_manifest(str(saved)), direct=False)
     try:
         out = torch.empty(40_000)
         fill_tensor(reader, "model/ws.3", out)

@@ -54,7 +54,7 @@ def test_address_is_only_given_for_one_run_of_host_memory() -> None:
 def test_ddp_ranks_split_the_load_and_copy_the_rest_from_each_other(tmp_path) -> None:
     ranks = run_ranks(peer_loads, 2, str(tmp_path / "ckpt"))
     for r in ranks:
-        for case in ("split", "off", "refused"):
+        for case in ("split", "off", "refused", "small"):
             assert_equal_states(r[case]["state"], r["saved"])
     total = sum(ranks[0]["off"]["bytes"][:2])
     assert total > 10  # MiB: big enough that the shares are read with O_DIRECT
@@ -65,6 +65,7 @@ def test_ddp_ranks_split_the_load_and_copy_the_rest_from_each_other(tmp_path) ->
         # DTRAIN_PEER_COPY=0: every rank reads it all, through the page cache (which each byte
         # then comes from the disk once)
         assert r["off"]["bytes"] == (pytest.approx(total), 0, True)
+        assert r["small"]["bytes"] == (pytest.approx(total), 0, True)  # below peers.MIN_BYTES: the same
     assert ranks[0]["refused"]["bytes"] == (pytest.approx(total), 0, False)  # refused: rank 0 read it all
     assert ranks[1]["refused"]["bytes"] == pytest.approx(ranks[1]["split"]["bytes"])
     mismatch = [r["mismatch"] for r in ranks]

@@ -241,7 +241,7 @@ def _loaded_bytes(mgr: CheckpointManager, model: nn.Module, opt: torch.optim.Opt
     shared: list[bool] = []
 
     def reader(*a: Any, **k: Any) -> Any:
-        shared.append(k["shared"])
+        shared.append(not k["direct"])
         return real(*a, **k)
 
     restore.ChunkReader = reader  # type: ignore[assignment,misc]
@@ -271,14 +271,16 @@ def _loaded_bytes(mgr: CheckpointManager, model: nn.Module, opt: torch.optim.Opt
 
 def peer_loads(rank: int, world: int, root: str) -> dict[str, Any]:
     """DDP ranks of one host loading the same state: split between them and copied from each
-    other; with the copy turned off; with the copy refused on rank 0; with a model that does not
-    match on rank 1; and with a damaged byte in the share rank 1 reads (every rank must raise)."""
+    other; with the copy turned off; with the copy refused on rank 0; below peers.MIN_BYTES; with
+    a model that does not match on rank 1; and with a damaged byte in the share rank 1 reads
+    (every rank must raise)."""
     import os
 
-    from dtrain.checkpoint import peers
+    from dtrain.checkpoint import directio, peers
     from dtrain.checkpoint.format import CheckpointDamagedError
 
     dist.init(timeout_s=60, backend="gloo")
+    peers.MIN_BYTES = directio.MIN_LOAD = 0  # this small state is split, and its shares read directly
 
     def big(seed: int) -> nn.Module:  # ~12 MiB with AdamW's state: files big enough for O_DIRECT
         torch.manual_seed(seed)
@@ -291,12 +293,14 @@ def peer_loads(rank: int, world: int, root: str) -> dict[str, Any]:
     mgr = CheckpointManager(root)
     mgr.save(1, model=model, optimizer=opt)
     out: dict[str, Any] = {"saved": full_state(model, opt)}
-    for case in ("split", "off", "refused"):
+    for case in ("split", "off", "refused", "small"):
         fresh = big(1)
         fresh_opt = make_optim(fresh)
         real = peers._readv
         if case == "off":
             os.environ["DTRAIN_PEER_COPY"] = "0"
+        if case == "small":
+            peers.MIN_BYTES = 128 << 20
         if case == "refused" and rank == 0:
             def refused(pid: int, copies: Any) -> None:
                 raise PermissionError(1, "Operation not permitted")
@@ -306,6 +310,7 @@ def peer_loads(rank: int, world: int, root: str) -> dict[str, Any]:
         finally:
             os.environ.pop("DTRAIN_PEER_COPY", None)
             peers._readv = real  # type: ignore[assignment]
+            peers.MIN_BYTES = 0
     info = mgr.latest_committed()
     assert info is not None
     try:  # rank 1's model does not match: it fails before the split, and every rank must say so
