@@ -23,6 +23,7 @@ import hashlib
 import logging
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,8 +102,9 @@ def plan(keys: list[str], tensors: dict[str, torch.Tensor], manifest: Manifest |
                              flags], group)
     host = [r for r, row in enumerate(rows) if row[0] == rows[me][0]]
     every = _OK_BIT | _HOST_REPLICA_BIT | _ENABLED_BIT
-    if (sum(sizes.values()) < MIN_BYTES or any(row[0] == 0 or row[3] != every or row[2] != rows[me][2] for row in rows)
-            or all(sum(row[0] == other[0] for other in rows) == 1 for row in rows)):
+    per_host = Counter(row[0] for row in rows)
+    if (sum(sizes.values()) < MIN_BYTES or max(per_host.values()) == 1
+            or any(row[0] == 0 or row[3] != every or row[2] != rows[me][2] for row in rows)):
         return None, len(host)
     owner = dict(zip(sizes, (host[i] for i in shares(list(sizes.values()), len(host))), strict=True))
     return Split(tuple(sizes), owner, {r: rows[r][1] for r in host}, me), len(host)

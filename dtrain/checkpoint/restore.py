@@ -105,7 +105,8 @@ def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.o
             if split is not None:  # on every rank (a split needs every rank's target): a collective
                 published = peers.exchange(split, target.tensors, out.code, group)
                 if out.code == _OK and published.ok():
-                    left, copied = peers.copy_from_peers(split, published, target.tensors)
+                    done = out.run(lambda: peers.copy_from_peers(split, published, target.tensors), dir_url)
+                    left, copied = done if done is not None else ([], 0)
                     out.run(lambda: _read(reader, target.tensors, sorted(left), storage.is_local(dir_url)), dir_url)
             read = reader.bytes_read
         finally:
@@ -123,7 +124,7 @@ def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.o
     set_states(model, optimizers, target.model_sd, target.optim_sd, strict)
     clear_optimizer_state([optimizers[i] for i in target.never_stepped])
     load_stateful(stateful or {}, target.state.get("stateful") or {}, strict, dir_url)
-    if rng_state:
+    if rng_state is not None:
         rng.restore(rng_state, dir_url)
     manifest = target.manifest
     log.info("loaded %s (step %d, saved by %d rank(s) with %s; %.1f MiB read on this rank, %.1f MiB copied "
