@@ -53,6 +53,11 @@ class TensorEntry:
     shape: tuple[int, ...]  # global shape
     chunks: tuple[Chunk, ...]
 
+    @property
+    def stored_bytes(self) -> int:
+        """The bytes of all its chunks in the files."""
+        return sum(c.data_offsets[1] - c.data_offsets[0] for c in self.chunks)
+
 
 @dataclass(frozen=True, slots=True)
 class Manifest:

@@ -105,10 +105,11 @@ class ChunkReader:
     """Reads and verifies chunks of one checkpoint; checks each file's size once.
 
     Local files of at least `directio.MIN_BYTES` that are not mostly in the page cache are read
-    with O_DIRECT, unless the caller says not to (`direct`; restore.py does for small loads and
-    for bytes other ranks of the host read too) (numbers in directio.py): `DIRECT_REQUEST`-aligned requests, trimmed to the blocks that hold wanted bytes,
-    `DIRECT_IN_FLIGHT` at once on a pool of threads, each into its own aligned buffer, whose
-    pieces are hashed and copied into their destinations there.
+    with O_DIRECT (numbers in directio.py), unless the caller says not to (`direct`: restore.py
+    does for small loads and for bytes other ranks of the host read too): `DIRECT_REQUEST`-aligned
+    requests, trimmed to the blocks that hold wanted bytes, `DIRECT_IN_FLIGHT` at once on a pool
+    of threads, each into its own aligned buffer, whose pieces are hashed and copied into their
+    destinations there.
     Other local files are read front to back with one descriptor per file (kept until `close`), in
     requests that cover `SPAN` bytes at `SPAN`-aligned file offsets whatever the tensors are: one
     preadv scatters a request's bytes into every destination it covers (the tail of one tensor,

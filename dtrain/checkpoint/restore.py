@@ -289,7 +289,7 @@ def _fill_all(reader: ChunkReader, tensors: dict[str, torch.Tensor], keys: list[
 
 def _stored_bytes(manifest: Manifest, keys: list[str]) -> int:
     """The bytes stored for `keys` (a sharded rank reads only part of them)."""
-    return sum(c.data_offsets[1] - c.data_offsets[0] for k in keys for c in manifest.tensors[k].chunks)
+    return sum(manifest.tensors[k].stored_bytes for k in keys)
 
 
 def _sharded(tensors: dict[str, torch.Tensor]) -> bool:

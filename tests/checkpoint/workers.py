@@ -325,9 +325,9 @@ def peer_loads(rank: int, world: int, root: str) -> dict[str, Any]:
         from dtrain.checkpoint.reader import read_manifest
 
         manifest = read_manifest(info.url)
-        split = peers.shares([sum(c.data_offsets[1] - c.data_offsets[0] for c in manifest.tensors[k].chunks)
-                              for k in peers._sizes(sorted(manifest.tensors), manifest)], world)
-        theirs = [k for k, o in zip(peers._sizes(sorted(manifest.tensors), manifest), split, strict=True) if o == 1]
+        sizes = peers._sizes(sorted(manifest.tensors), manifest)
+        split = peers.shares(list(sizes.values()), world)
+        theirs = [k for k, o in zip(sizes, split, strict=True) if o == 1]
         chunk = max((manifest.tensors[k].chunks[0] for k in theirs), key=lambda c: c.data_offsets[1] - c.data_offsets[0])
         with open(os.path.join(info.url, chunk.file), "r+b") as f:
             f.seek(sum(chunk.data_offsets) // 2)
