@@ -92,12 +92,14 @@ def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.o
     directory's manifest when the caller has just read and validated it (else it is read here)."""
     out = _Outcome()
     target = out.run(lambda: _target(dir_url, model, optimizers, strict, storage_options, manifest), dir_url)
-    split, on_host = peers.plan(target.keys if target else [], target.tensors if target else {},
-                                target.manifest if target else None, target is not None, group)
+    plan = peers.plan(target.keys if target else [], target.tensors if target else {},
+                      target.manifest if target else None, target is not None, group)
+    split = plan.split
     read, copied = 0, 0
     if target is not None:
         mine = target.keys if split is None else split.mine()
-        shared = split is None and on_host > 1 and not _sharded(target.tensors)
+        # not known yet (plan.on_host None): a small load, read through the cache whatever it is
+        shared = split is None and plan.on_host != 1 and not _sharded(target.tensors)
         reader = ChunkReader(dir_url, target.manifest, storage_options, defer_checks=True,
                              direct=not shared and _stored_bytes(target.manifest, mine) >= directio.MIN_LOAD)
         try:
@@ -113,6 +115,7 @@ def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.o
             reader.close()
     rng_state = out.run(lambda: _finish_reading(dir_url, target, stateful, strict, group, storage_options,
                                                 restore_rng), dir_url)
+    plan.settle()
     codes = comm.agree_codes(out.code, group)  # peers have copied from this rank once it returns
     if any(codes):
         if out.error is not None:

@@ -245,14 +245,14 @@ def _loaded_bytes(mgr: CheckpointManager, model: nn.Module, opt: torch.optim.Opt
         return real(*a, **k)
 
     restore.ChunkReader = reader  # type: ignore[assignment,misc]
-    real_words = comm.agree_words
+    real_words = comm.start_agree_words
     words: list[int] = []
 
     def agree_words(w: list[int], group: Any) -> Any:
         words.append(len(w))
         return real_words(w, group)
 
-    comm.agree_words = agree_words  # type: ignore[assignment]
+    comm.start_agree_words = agree_words  # type: ignore[assignment]
     log = logging.getLogger("dtrain.checkpoint.restore")
     grab, level = Grab(), log.level
     log.addHandler(grab)
@@ -261,7 +261,7 @@ def _loaded_bytes(mgr: CheckpointManager, model: nn.Module, opt: torch.optim.Opt
         mgr.load(mgr.latest_committed(), model=model, optimizer=opt)  # type: ignore[arg-type]
     finally:
         restore.ChunkReader = real  # type: ignore[misc]
-        comm.agree_words = real_words  # type: ignore[assignment]
+        comm.start_agree_words = real_words  # type: ignore[assignment]
         log.removeHandler(grab)
         log.setLevel(level)
     *_, read, copied = seen[-1]
