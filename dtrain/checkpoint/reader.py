@@ -136,7 +136,7 @@ class ChunkReader:
     storage_options: storage.StorageOptions = None
     workers: int = 4
     bytes_read: int = 0
-    _sizes_ok: set[str] = field(default_factory=set)
+    _checked: dict[str, str] = field(default_factory=dict)  # file name -> url, once its size is checked
     _pool: ThreadPoolExecutor | None = None
     _remote: _ByteBudget = field(default_factory=lambda: _ByteBudget(REMOTE_BYTES_IN_FLIGHT))
     defer_checks: bool = False
@@ -150,9 +150,10 @@ class ChunkReader:
     _buffers: queue.SimpleQueue[memoryview] = field(default_factory=queue.SimpleQueue)
 
     def _check_size(self, name: str) -> str:
-        url = storage.join(self.dir_url, name)
-        if name in self._sizes_ok:
+        url = self._checked.get(name)
+        if url is not None:
             return url
+        url = storage.join(self.dir_url, name)
         want = self.manifest.file(name).size
         try:
             got = storage.size(url, self.storage_options)
@@ -165,7 +166,7 @@ class ChunkReader:
             if storage.is_local(url) and url not in self._fds:
                 self._fds[url] = fd = storage.open_local(url)
                 self._direct[url] = _open_direct(url, fd, got) if self.direct else None
-            self._sizes_ok.add(name)
+            self._checked[name] = url
         return url
 
     def read(self, key: str, chunk: Chunk, out: torch.Tensor) -> None:

@@ -20,10 +20,10 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from dtrain.checkpoint import comm, directio, peers, rng, storage
-from dtrain.checkpoint.fill import check_keys, checked_box, fill_tensor, fill_tensors
+from dtrain.checkpoint.fill import check_keys, checked_box, fill_boxes
 from dtrain.checkpoint.format import CheckpointDamagedError, Manifest, rng_file
 from dtrain.checkpoint.gcpause import gc_paused
-from dtrain.checkpoint.plan import MODEL, OPTIM
+from dtrain.checkpoint.plan import MODEL, OPTIM, Box
 from dtrain.checkpoint.reader import ChunkReader, read_json_file, read_manifest, read_state
 from dtrain.checkpoint.state import (
     Stateful,
@@ -81,6 +81,7 @@ class _Target:
     leaves: dict[str, Any]
     never_stepped: dict[int, tuple[str, ...]]
     keys: list[str]
+    boxes: dict[str, tuple[Box, torch.Tensor]]  # key -> this rank's box and the local data that fills it
 
 
 @gc_paused()
@@ -103,13 +104,13 @@ def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.o
         reader = ChunkReader(dir_url, target.manifest, storage_options, defer_checks=True,
                              direct=not shared and _stored_bytes(target.manifest, mine) >= directio.MIN_LOAD)
         try:
-            out.run(lambda: _read(reader, target.tensors, mine, storage.is_local(dir_url)), dir_url)
+            out.run(lambda: _read(reader, target.boxes, mine, storage.is_local(dir_url)), dir_url)
             if split is not None:  # on every rank (a split needs every rank's target): a collective
                 published = peers.exchange(split, target.tensors, out.code, group)
                 if out.code == _OK and published.ok():
                     done = out.run(lambda: peers.copy_from_peers(split, published, target.tensors), dir_url)
                     left, copied = done if done is not None else ([], 0)
-                    out.run(lambda: _read(reader, target.tensors, sorted(left), storage.is_local(dir_url)), dir_url)
+                    out.run(lambda: _read(reader, target.boxes, sorted(left), storage.is_local(dir_url)), dir_url)
             read = reader.bytes_read
         finally:
             reader.close()
@@ -157,14 +158,14 @@ def _target(dir_url: str, model: nn.Module, optimizers: tuple[torch.optim.Optimi
     if strict:
         check_keys(wanted, stored, "tensor", dir_url)
     keys = sorted(wanted & stored)
-    for k in keys:  # before any read: a peer's copy into a tensor relies on its size
-        checked_box(dir_url, manifest, k, tensors[k])
-    return _Target(manifest, state, model_sd, optim_sd, tensors, leaves, never_stepped, keys)
+    # checked before any read: a peer's copy into a tensor relies on its size
+    boxes = {k: checked_box(dir_url, manifest, k, tensors[k]) for k in keys}
+    return _Target(manifest, state, model_sd, optim_sd, tensors, leaves, never_stepped, keys, boxes)
 
 
-def _read(reader: ChunkReader, tensors: dict[str, torch.Tensor], keys: list[str], local: bool) -> None:
+def _read(reader: ChunkReader, boxes: dict[str, tuple[Box, torch.Tensor]], keys: list[str], local: bool) -> None:
     """Fill `keys` and check every byte read (a peer copies from these tensors only after this)."""
-    _fill_all(reader, tensors, keys, local)
+    _fill_all(reader, boxes, keys, local)
     reader.finish()
 
 
@@ -277,16 +278,16 @@ def _saved_before_first_step(optimizers: tuple[torch.optim.Optimizer, ...], opti
     return out
 
 
-def _fill_all(reader: ChunkReader, tensors: dict[str, torch.Tensor], keys: list[str], local: bool) -> None:
+def _fill_all(reader: ChunkReader, boxes: dict[str, tuple[Box, torch.Tensor]], keys: list[str], local: bool) -> None:
     """A local disk is read by one thread, each file front to back (see ChunkReader); an object
     store gets several tensors in flight, in file order, since each GET costs a round trip."""
     if local:
-        fill_tensors(reader, [(k, tensors[k]) for k in keys])
+        fill_boxes(reader, [(k, *boxes[k]) for k in keys])
         return
     chunks = reader.manifest.tensors
     keys = sorted(keys, key=lambda k: min(((c.file, c.data_offsets[0]) for c in chunks[k].chunks), default=("", 0)))
     with ThreadPoolExecutor(_REMOTE_TENSORS_IN_FLIGHT, thread_name_prefix="dtrain-fetch") as pool:
-        for _ in pool.map(lambda k: fill_tensor(reader, k, tensors[k]), keys):
+        for _ in pool.map(lambda k: fill_boxes(reader, [(k, *boxes[k])]), keys):
             pass
 
 
