@@ -41,6 +41,7 @@ MIN_BYTES = 128 << 20  # smaller replicated loads are read by every rank through
 # ranks x 64 MiB took 0.82x and 0.86x the time of a plain read that way against 0.68x and 0.75x
 # split (medians of 8 and 6 rounds); 128 MiB 0.93x against 1.08x, 256 MiB 1.01x against 1.30x
 _OK_BIT, _HOST_REPLICA_BIT, _ENABLED_BIT = 1, 2, 4
+_YAMA = Path("/proc/sys/kernel/yama/ptrace_scope")
 _warned = False
 _process_vm_readv: Any = None  # libc's, looked up on first use
 
@@ -67,7 +68,7 @@ def enabled() -> bool:
     if not sys.platform.startswith("linux") or os.environ.get("DTRAIN_PEER_COPY", "1") == "0":
         return False
     try:
-        scope = Path("/proc/sys/kernel/yama/ptrace_scope").read_text().strip()
+        scope = _YAMA.read_text().strip()
     except OSError:
         return True  # no Yama: the same user may
     return scope == "0"

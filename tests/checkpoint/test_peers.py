@@ -43,6 +43,16 @@ def test_enabled_follows_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
                                or open("/proc/sys/kernel/yama/ptrace_scope").read().strip() == "0")
 
 
+def test_enabled_only_where_yama_lets_any_process_of_the_user_attach(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path) -> None:
+    scope = tmp_path / "ptrace_scope"
+    monkeypatch.setattr(peers, "_YAMA", scope)
+    assert peers.enabled()  # no Yama: the same user may
+    for value, allowed in (("0\n", True), ("1\n", False), ("2\n", False), ("3\n", False)):
+        scope.write_text(value)  # 1 (Ubuntu's default): only ancestors may; 2: admin only; 3: none
+        assert peers.enabled() == allowed, value
+
+
 def test_address_is_only_given_for_one_run_of_host_memory() -> None:
     t = torch.zeros(4, 4)
     assert peers._address(t) == t.data_ptr()
@@ -68,7 +78,8 @@ def test_ddp_ranks_split_the_load_and_copy_the_rest_from_each_other(tmp_path) ->
         assert r["small"]["bytes"] == (pytest.approx(total), 0, True)  # below peers.MIN_BYTES: the same
     assert ranks[0]["refused"]["bytes"] == (pytest.approx(total), 0, False)  # refused: rank 0 read it all
     assert ranks[1]["refused"]["bytes"] == pytest.approx(ranks[1]["split"]["bytes"])
-    mismatch = [r["mismatch"] for r in ranks]
-    assert "the model expects F32[128]" in mismatch[1] and "rank(s) [1] could not load" in mismatch[0], mismatch
+    for case in ("mismatch", "mismatch_small"):
+        mismatch = [r[case] for r in ranks]
+        assert "the model expects F32[128]" in mismatch[1] and "rank(s) [1] could not load" in mismatch[0], mismatch
     damaged = [r["damaged"] for r in ranks]
     assert "checksum mismatch" in damaged[1] and "rank(s) [1] could not load" in damaged[0], damaged

@@ -272,7 +272,7 @@ def _loaded_bytes(mgr: CheckpointManager, model: nn.Module, opt: torch.optim.Opt
 def peer_loads(rank: int, world: int, root: str) -> dict[str, Any]:
     """DDP ranks of one host loading the same state: split between them and copied from each
     other; with the copy turned off; with the copy refused on rank 0; below peers.MIN_BYTES; with
-    a model that does not match on rank 1; and with a damaged byte in the share rank 1 reads
+    a model that does not match on rank 1 (above and below peers.MIN_BYTES); and with a damaged byte in the share rank 1 reads
     (every rank must raise)."""
     import os
 
@@ -313,14 +313,20 @@ def peer_loads(rank: int, world: int, root: str) -> dict[str, Any]:
             peers.MIN_BYTES = 0
     info = mgr.latest_committed()
     assert info is not None
-    try:  # rank 1's model does not match: it fails before the split, and every rank must say so
-        torch.manual_seed(2)
-        layers = [nn.Linear(512, 1024), nn.Linear(1024, 512), nn.Linear(512, 256 if rank == 0 else 128)]
-        odd = nn.Sequential(*layers)  # not DDP, which would refuse the mismatch itself
-        mgr.load(info, model=odd, optimizer=make_optim(odd))
-        out["mismatch"] = "loaded"
-    except CheckpointError as e:
-        out["mismatch"] = str(e)
+    for case, least in (("mismatch", 0), ("mismatch_small", 128 << 20)):
+        # rank 1's model does not match: it fails before the split, and every rank must say so;
+        # below peers.MIN_BYTES each rank reads while the plan's all-reduce is under way
+        peers.MIN_BYTES = least
+        try:
+            torch.manual_seed(2)
+            layers = [nn.Linear(512, 1024), nn.Linear(1024, 512), nn.Linear(512, 256 if rank == 0 else 128)]
+            odd = nn.Sequential(*layers)  # not DDP, which would refuse the mismatch itself
+            mgr.load(info, model=odd, optimizer=make_optim(odd))
+            out[case] = "loaded"
+        except CheckpointError as e:
+            out[case] = str(e)
+        finally:
+            peers.MIN_BYTES = 0
     if rank == 0:  # a byte in the middle of the biggest tensor rank 1 reads
         from dtrain.checkpoint.reader import read_manifest
 
