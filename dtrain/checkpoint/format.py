@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dtrain.checkpoint.checksum import parse_crc
+from dtrain.checkpoint.gcpause import gc_paused
 from dtrain.checkpoint.stfile import DTYPES, itemsize
 from dtrain.errors import CheckpointError
 
@@ -112,6 +113,7 @@ def check_relative_path(path: object, where: str, field_name: str) -> str:
     return path
 
 
+@gc_paused()  # tens of thousands of entries, none in a cycle (16k tensors: 280 -> 150 ms)
 def parse_manifest(data: bytes, where: str) -> Manifest:
     """Validate manifest bytes read from `where`; every problem is a CheckpointError naming it."""
     try:
@@ -213,6 +215,35 @@ def _tensor(key: str, t: object, sizes: dict[str, int], where: str) -> TensorEnt
 
 def _chunk(c: object, tensor_name: str, j: int, dt: str, shape: tuple[int, ...], sizes: dict[str, int],
            where: str) -> Chunk:
+    if type(c) is dict:  # fast path, the same checks as `_checked_chunk` (which names what is wrong)
+        path: Any = c.get("file")
+        offsets: Any = c.get("offsets")
+        lengths: Any = c.get("lengths")
+        span: Any = c.get("data_offsets")
+        if (type(path) is str and path in sizes and _is_uints(offsets) and _is_uints(lengths)
+                and _is_uints(span) and len(offsets) == len(lengths) == len(shape) and len(span) == 2
+                and span[0] <= span[1] <= sizes[path]):
+            for o, n, d in zip(offsets, lengths, shape, strict=True):
+                if o + n > d:
+                    break
+            else:
+                checksum: Any = c.get("checksum")
+                if span[1] - span[0] == math.prod(lengths) * itemsize(dt) and parse_crc(checksum) is not None:
+                    return Chunk(path, tuple(offsets), tuple(lengths), (span[0], span[1]), checksum)
+    return _checked_chunk(c, tensor_name, j, dt, shape, sizes, where)
+
+
+def _is_uints(v: object) -> bool:
+    if type(v) is not list:
+        return False
+    for x in v:
+        if type(x) is not int or x < 0:
+            return False
+    return True
+
+
+def _checked_chunk(c: object, tensor_name: str, j: int, dt: str, shape: tuple[int, ...], sizes: dict[str, int],
+                   where: str) -> Chunk:
     name = f"{tensor_name}.chunks[{j}]"
     if not isinstance(c, dict):
         raise CheckpointError(f"{where}: field {name} must be an object")

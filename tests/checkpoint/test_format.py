@@ -72,6 +72,18 @@ BAD = {
     "wrong byte count": (mutate(CHUNK0 + ["data_offsets"], [100, 120]), "needs 16"),
     "incomplete coverage": (mutate(["tensors", "model/w", "shape"], [6, 2]), "cover 8 of 12"),
     "metric is a string": (mutate(["metrics", "val/loss"], "low"), "metrics"),
+    # each check of a chunk's fast path, which hands anything it does not accept to the checks
+    # that name the field
+    "chunk not an object": (mutate(CHUNK0, ["x"]), "chunks[0] must be an object"),
+    "offset is a bool": (mutate(CHUNK0 + ["offsets"], [False, 0]), "chunks[0].offsets"),
+    "negative length": (mutate(CHUNK0 + ["lengths"], [-2, 2]), "chunks[0].lengths"),
+    "lengths not a list": (mutate(CHUNK0 + ["lengths"], "2,2"), "chunks[0].lengths"),
+    "offsets of the wrong rank": (mutate(CHUNK0 + ["offsets"], [0]), "wrong rank"),
+    "reversed byte range": (mutate(CHUNK0 + ["data_offsets"], [116, 100]), "not inside"),
+    "three data offsets": (mutate(CHUNK0 + ["data_offsets"], [100, 116, 120]), "not inside"),
+    "data offset is a float": (mutate(CHUNK0 + ["data_offsets"], [100.0, 116]), "data_offsets"),
+    "bad chunk checksum": (mutate(CHUNK0 + ["checksum"], "crc32:123"), "chunks[0].checksum"),
+    "chunk checksum missing": (mutate(CHUNK0 + ["checksum"], KeyError), "chunks[0].checksum"),
 }
 
 
