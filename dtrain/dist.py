@@ -137,6 +137,27 @@ def _store_within(rank: int, world_size: int, timeout: datetime.timedelta) -> to
     return box["store"]  # type: ignore[return-value]
 
 
+def ranks_on_this_node() -> int:
+    """How many ranks of the job run on this machine, from the launcher's environment: torchrun's
+    LOCAL_WORLD_SIZE, else Slurm's tasks per node (`SLURM_STEP_TASKS_PER_NODE` inside a step, like
+    "4(x2),3": four on each of the first two nodes, three on the third) at this node's
+    `SLURM_NODEID`; 1 when neither says."""
+    if os.environ.get("LOCAL_WORLD_SIZE"):
+        return max(1, _int_env("LOCAL_WORLD_SIZE"))
+    tasks = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE")
+    if not tasks or "SLURM_PROCID" not in os.environ:
+        return 1
+    counts: list[int] = []
+    for part in tasks.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if m is None:
+            log.debug("cannot read SLURM tasks per node %r; assuming one rank on this node", tasks)
+            return 1
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    node = os.environ.get("SLURM_NODEID", "0")
+    return max(1, counts[int(node)]) if node.isdigit() and int(node) < len(counts) else 1
+
+
 def fast_pinned_memory() -> None:
     """Pin host memory with cudaHostRegister on several threads instead of cudaHostAlloc, unless
     the user set a pinned_* allocator option. An async save's first staging allocates pinned host
@@ -145,7 +166,7 @@ def fast_pinned_memory() -> None:
     names = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
     if any("pinned_" in os.environ.get(n, "") for n in names):
         return
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    local = ranks_on_this_node()
     threads = 1 << max(0, min(3, ((os.cpu_count() or 1) // max(local, 1)).bit_length() - 1))  # power of 2, <= 8
     if threads < 2:
         return

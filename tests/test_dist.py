@@ -142,3 +142,35 @@ def test_fast_pinned_memory_adds_threaded_host_register_unless_the_user_chose(
     dist.fast_pinned_memory()
     got = {n: os.environ[n] for n in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF") if n in os.environ}
     assert got == want
+
+
+@pytest.mark.parametrize(("env", "want"), [
+    ({}, 1),
+    ({"LOCAL_WORLD_SIZE": "4", "SLURM_PROCID": "0", "SLURM_TASKS_PER_NODE": "8"}, 4),  # torchrun inside Slurm
+    ({"SLURM_PROCID": "5", "SLURM_TASKS_PER_NODE": "4(x2),3", "SLURM_NODEID": "1"}, 4),
+    ({"SLURM_PROCID": "9", "SLURM_TASKS_PER_NODE": "4(x2),3", "SLURM_NODEID": "2"}, 3),
+    ({"SLURM_PROCID": "0", "SLURM_TASKS_PER_NODE": "8", "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_NODEID": "0"}, 2),
+    ({"SLURM_PROCID": "0", "SLURM_TASKS_PER_NODE": "garbled"}, 1),
+    ({"SLURM_PROCID": "0", "SLURM_TASKS_PER_NODE": "2", "SLURM_NODEID": "7"}, 1),
+    ({"SLURM_TASKS_PER_NODE": "4"}, 1),  # not a Slurm task (no SLURM_PROCID): an sbatch script itself
+])
+def test_ranks_on_this_node_from_torchrun_or_slurm(monkeypatch: pytest.MonkeyPatch, env: dict[str, str],
+                                                   want: int) -> None:
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_TASKS_PER_NODE", "SLURM_STEP_TASKS_PER_NODE",
+                 "SLURM_NODEID"):
+        monkeypatch.delenv(name, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert dist.ranks_on_this_node() == want
+
+
+def test_fast_pinned_memory_splits_the_cores_among_slurm_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """srun without torchrun sets no LOCAL_WORLD_SIZE: 8 tasks on a 16-core node get 2 threads each."""
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "LOCAL_WORLD_SIZE", "SLURM_STEP_TASKS_PER_NODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NODEID", "0")
+    monkeypatch.setenv("SLURM_TASKS_PER_NODE", "8")
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    dist.fast_pinned_memory()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "pinned_use_cuda_host_register:True,pinned_num_register_threads:2"
