@@ -133,8 +133,7 @@ def test_flags_carried_in_ddp_gradients_agree_without_collectives_of_their_own()
 ])
 def test_fast_pinned_memory_adds_threaded_host_register_unless_the_user_chose(
         monkeypatch: pytest.MonkeyPatch, env: dict[str, str], cpus: int, local: str, want: dict[str, str]) -> None:
-    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
-        monkeypatch.delenv(name, raising=False)
+    _clear_alloc_conf(monkeypatch)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
@@ -166,7 +165,8 @@ def test_ranks_on_this_node_from_torchrun_or_slurm(monkeypatch: pytest.MonkeyPat
 
 def test_fast_pinned_memory_splits_the_cores_among_slurm_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
     """srun without torchrun sets no LOCAL_WORLD_SIZE: 8 tasks on a 16-core node get 2 threads each."""
-    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "LOCAL_WORLD_SIZE", "SLURM_STEP_TASKS_PER_NODE"):
+    _clear_alloc_conf(monkeypatch)
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_STEP_TASKS_PER_NODE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_NODEID", "0")
@@ -174,3 +174,11 @@ def test_fast_pinned_memory_splits_the_cores_among_slurm_tasks(monkeypatch: pyte
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     dist.fast_pinned_memory()
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "pinned_use_cuda_host_register:True,pinned_num_register_threads:2"
+
+
+def _clear_alloc_conf(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset the allocator options, and have them restored after the test: fast_pinned_memory
+    sets them in os.environ itself (delenv of an unset name would restore nothing)."""
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
