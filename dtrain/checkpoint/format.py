@@ -59,6 +59,11 @@ class TensorEntry:
         """The bytes of all its chunks in the files."""
         return sum(c.data_offsets[1] - c.data_offsets[0] for c in self.chunks)
 
+    @property
+    def first_byte(self) -> tuple[str, int]:
+        """(file, offset) of its first stored chunk: sorting keys by it puts them in file order."""
+        return min(((c.file, c.data_offsets[0]) for c in self.chunks), default=("", 0))
+
 
 @dataclass(frozen=True, slots=True)
 class Manifest:

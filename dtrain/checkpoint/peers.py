@@ -201,11 +201,7 @@ def copy_from_peers(split: Split, published: Published, tensors: dict[str, torch
 def _sizes(keys: list[str], manifest: Manifest) -> dict[str, int]:
     """The bytes of each key, the keys in the order of their first chunk in the files."""
     entries = manifest.tensors
-
-    def where(k: str) -> tuple[str, int]:
-        return min(((c.file, c.data_offsets[0]) for c in entries[k].chunks), default=("", 0))
-
-    return {k: entries[k].stored_bytes for k in sorted(keys, key=where)}
+    return {k: entries[k].stored_bytes for k in sorted(keys, key=lambda k: entries[k].first_byte)}
 
 
 def _address(t: torch.Tensor) -> int:

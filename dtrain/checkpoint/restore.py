@@ -285,7 +285,7 @@ def _fill_all(reader: ChunkReader, boxes: dict[str, tuple[Box, torch.Tensor]], k
         fill_boxes(reader, [(k, *boxes[k]) for k in keys])
         return
     chunks = reader.manifest.tensors
-    keys = sorted(keys, key=lambda k: min(((c.file, c.data_offsets[0]) for c in chunks[k].chunks), default=("", 0)))
+    keys = sorted(keys, key=lambda k: chunks[k].first_byte)
     with ThreadPoolExecutor(_REMOTE_TENSORS_IN_FLIGHT, thread_name_prefix="dtrain-fetch") as pool:
         for _ in pool.map(lambda k: fill_boxes(reader, [(k, *boxes[k])]), keys):
             pass
