@@ -248,11 +248,11 @@ def _loaded_bytes(mgr: CheckpointManager, model: nn.Module, opt: torch.optim.Opt
     real_words = comm.start_agree_words
     words: list[int] = []
 
-    def agree_words(w: list[int], group: Any) -> Any:
+    def counted(w: list[int], group: Any) -> Any:
         words.append(len(w))
         return real_words(w, group)
 
-    comm.start_agree_words = agree_words  # type: ignore[assignment]
+    comm.start_agree_words = counted  # type: ignore[assignment]
     log = logging.getLogger("dtrain.checkpoint.restore")
     grab, level = Grab(), log.level
     log.addHandler(grab)
@@ -272,8 +272,8 @@ def _loaded_bytes(mgr: CheckpointManager, model: nn.Module, opt: torch.optim.Opt
 def peer_loads(rank: int, world: int, root: str) -> dict[str, Any]:
     """DDP ranks of one host loading the same state: split between them and copied from each
     other; with the copy turned off; with the copy refused on rank 0; below peers.MIN_BYTES; with
-    a model that does not match on rank 1 (above and below peers.MIN_BYTES); and with a damaged byte in the share rank 1 reads
-    (every rank must raise)."""
+    a model that does not match on rank 1 (above and below peers.MIN_BYTES); and with a damaged
+    byte in the share rank 1 reads (every rank must raise)."""
     import os
 
     from dtrain.checkpoint import directio, peers
