@@ -9,11 +9,15 @@ import pytest
 import torch
 
 from dtrain.checkpoint import CheckpointManager
+from dtrain.checkpoint.cli import main as ckpt_main
 from tests.checkpoint.workers import (
     failing_rank_save,
     full_state,
     make_mlp,
+    make_narrow,
     make_optim,
+    narrow_fsdp_load,
+    narrow_fsdp_save,
     overlapped_async_saves,
     reshard_scenarios,
     save_agreement,
@@ -104,6 +108,21 @@ def test_fsdp_save_before_the_first_step_leaves_the_optimizer_alone_and_resumes_
         assert out["untouched"], "the save initialised the optimizer state"
         assert out["reset"], "loading a never-stepped checkpoint left the stepped optimizer state in place"
         assert_equal_states(out["resumed"], out["reference"])
+
+
+def test_fsdp_shards_left_empty_on_some_ranks_reshard_from_4_to_3_ranks_and_to_1_process(tmp_path) -> None:
+    """Uneven FSDP2 shards, some of them empty: saved on 4 ranks, loaded on 3 (other uneven
+    shards) and in one process, bitwise; `dtrain ckpt verify` accepts the checkpoint."""
+    root = str(tmp_path / "narrow")
+    saved = run_ranks(narrow_fsdp_save, 4, root)
+    assert saved[3]["rows"]["0.weight"] == 0 and saved[0]["rows"]["0.weight"] == 1  # an empty shard was saved
+    for got in run_ranks(narrow_fsdp_load, 3, root):
+        assert_equal_states(got, saved[0]["saved"])
+    model = make_narrow(seed=5)
+    opt = make_optim(model)
+    CheckpointManager(root).restore_latest(model=model, optimizer=opt)
+    assert_equal_states(full_state(model, opt), saved[0]["saved"])
+    assert ckpt_main(["verify", os.path.join(root, "step-000000002")]) == 0
 
 
 def test_a_failing_rank_fails_every_rank_and_commits_nothing(tmp_path) -> None:

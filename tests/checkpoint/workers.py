@@ -116,6 +116,37 @@ def reshard_scenarios(rank: int, world: int, roots: dict[str, str]) -> dict[str,
     return out
 
 
+def make_narrow(seed: int = 0) -> nn.Sequential:
+    """Layers with fewer rows than 4 ranks have: FSDP2 leaves some ranks empty shards of them
+    (3 rows on 4 ranks: 1, 1, 1, 0), as a norm of 768 elements does on 1024 ranks."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 3), nn.ReLU(), nn.Linear(3, 5), nn.LayerNorm(5), nn.Linear(5, 4))
+
+
+def narrow_fsdp_save(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Train 2 steps of FSDP2 over `world` ranks, save; the state saved and this rank's shard rows."""
+    dist.init(timeout_s=60, backend="gloo")
+    model = wrap(make_narrow(), "fsdp", world)
+    opt = make_optim(model)
+    for s in (1, 2):
+        step(model, opt, rank, world, seed=s)
+    CheckpointManager(root).save(2, model=model, optimizer=opt)
+    rows = {n: p.to_local().shape[0] for n, p in model.named_parameters()}
+    out = {"saved": full_state(model, opt), "rows": rows}
+    dist.shutdown()
+    return out
+
+
+def narrow_fsdp_load(rank: int, world: int, root: str) -> dict[str, Any]:
+    dist.init(timeout_s=60, backend="gloo")
+    model = wrap(make_narrow(seed=9), "fsdp", world)
+    opt = make_optim(model)
+    CheckpointManager(root).restore_latest(model=model, optimizer=opt)
+    out = full_state(model, opt)
+    dist.shutdown()
+    return out
+
+
 def failing_rank_save(rank: int, world: int, roots: list[str]) -> list[str]:
     """Rank 1 cannot write (sync, then async save); every rank must raise, no manifest may appear."""
     dist.init(timeout_s=60, backend="gloo")
