@@ -83,12 +83,12 @@ def check_keys(wanted: set[str], stored: set[str], what: str, where: str) -> Non
     """Strict loading: the checkpoint and the model/optimizer must hold the same keys."""
     missing, unexpected = sorted(wanted - stored), sorted(stored - wanted)
     if missing:
-        raise CheckpointError(f"{where}: {what} key(s) missing from the checkpoint: {_few(missing)}; "
+        raise CheckpointError(f"{where}: {what} key(s) missing from the checkpoint: {few_keys(missing)}; "
                               f"pass strict=False to load the rest")
     if unexpected:
         raise CheckpointError(f"{where}: checkpoint has {what} key(s) the target does not: "
-                              f"{_few(unexpected)}; pass strict=False to ignore them")
+                              f"{few_keys(unexpected)}; pass strict=False to ignore them")
 
 
-def _few(keys: list[str]) -> str:
+def few_keys(keys: list[str]) -> str:
     return ", ".join(repr(k) for k in keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")

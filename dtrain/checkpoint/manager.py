@@ -27,7 +27,7 @@ from dtrain.checkpoint.faultpoints import fault_point
 from dtrain.checkpoint.format import MANIFEST, CheckpointDamagedError, Manifest
 from dtrain.checkpoint.gcpause import gc_paused
 from dtrain.checkpoint.lease import DEFAULT_TTL_S, Lease
-from dtrain.checkpoint.restore import load_checkpoint
+from dtrain.checkpoint.restore import KeyDiff, load_checkpoint
 from dtrain.checkpoint.retention import (
     NO_MANIFEST,
     CheckpointInfo,
@@ -202,7 +202,7 @@ class CheckpointManager:
         fault_point("load_begin")
         if self.check_finite:
             refuse_non_finite(url, self.storage_options)
-        _, extra = load_checkpoint(url, model=model, optimizers=as_tuple(optimizer), stateful=stateful,
+        _, extra, _ = load_checkpoint(url, model=model, optimizers=as_tuple(optimizer), stateful=stateful,
                                    strict=strict, group=self.group, storage_options=self.storage_options,
                                    manifest=manifest)
         fault_point("loaded")
@@ -247,9 +247,13 @@ class CheckpointManager:
                               f"{self.root}); see `dtrain ckpt ls {self.root}`")
 
 
-def load_model(url: str, model: nn.Module, *, storage_options: dict[str, Any] | None = None) -> None:
+def load_model(url: str, model: nn.Module, *, strict: bool = True,
+               storage_options: dict[str, Any] | None = None) -> KeyDiff:
     """Load only model weights, in a plain process: `url` is a checkpoint directory or a root
-    (then its newest committed checkpoint is used). Optimizer and RNG state are ignored."""
+    (then its newest committed checkpoint is used). Optimizer and RNG state are ignored.
+    `strict=False` loads the tensors the model and the checkpoint share (a pretrained body into
+    a model with a new head, say) and returns the keys left out, as torch's `load_state_dict`
+    does; a shared key whose shape or dtype differs is still an error."""
     target = url
     if not storage.exists(storage.join(url, MANIFEST), storage_options):
         committed = [i for i in scan(url, storage_options) if i.committed]
@@ -257,4 +261,6 @@ def load_model(url: str, model: nn.Module, *, storage_options: dict[str, Any] | 
             raise CheckpointError(f"{url} is neither a committed checkpoint nor a root holding one")
         target = committed[-1].url
     with torch.no_grad():
-        load_checkpoint(target, model=model, group=None, storage_options=storage_options, restore_rng=False)
+        _, _, diff = load_checkpoint(target, model=model, strict=strict, group=None,
+                                     storage_options=storage_options, restore_rng=False)
+    return diff

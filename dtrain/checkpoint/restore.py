@@ -13,14 +13,14 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from dtrain.checkpoint import comm, directio, peers, rng, storage
-from dtrain.checkpoint.fill import check_keys, checked_box, fill_boxes
+from dtrain.checkpoint.fill import check_keys, checked_box, few_keys, fill_boxes
 from dtrain.checkpoint.format import CheckpointDamagedError, Manifest, rng_file
 from dtrain.checkpoint.gcpause import gc_paused
 from dtrain.checkpoint.plan import MODEL, OPTIM, Box
@@ -68,6 +68,16 @@ class _Outcome:
         return None
 
 
+class KeyDiff(NamedTuple):
+    """What a non-strict load left out, as torch's `load_state_dict` reports it: tensor keys of
+    the model (and optimizer) the checkpoint has no tensor for, and checkpoint tensors the
+    model has no place for. Model keys are the model's own state_dict names; optimizer keys keep
+    the checkpoint's `optim/` names."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
 @dataclass
 class _Target:
     """What this rank loads into: the state dicts, their tensors and non-tensor leaves, and which
@@ -82,15 +92,18 @@ class _Target:
     never_stepped: dict[int, tuple[str, ...]]
     keys: list[str]
     boxes: dict[str, tuple[Box, torch.Tensor]]  # key -> this rank's box and the local data that fills it
+    diff: KeyDiff  # empty when strict (a difference is an error then)
 
 
 @gc_paused()
 def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.optim.Optimizer, ...] = (),
                     stateful: dict[str, Stateful] | None = None, strict: bool = True,
                     group: comm.ProcessGroup = None, storage_options: storage.StorageOptions = None,
-                    restore_rng: bool = True, manifest: Manifest | None = None) -> tuple[Manifest, dict[str, Any]]:
-    """Collective over `group`. Returns the manifest and the saved `extra` dict. `manifest`: the
-    directory's manifest when the caller has just read and validated it (else it is read here)."""
+                    restore_rng: bool = True, manifest: Manifest | None = None
+                    ) -> tuple[Manifest, dict[str, Any], KeyDiff]:
+    """Collective over `group`. Returns the manifest, the saved `extra` dict and the tensor keys a
+    non-strict load left out. `manifest`: the directory's manifest when the caller has just read
+    and validated it (else it is read here)."""
     out = _Outcome()
     target = out.run(lambda: _target(dir_url, model, optimizers, strict, storage_options, manifest), dir_url)
     plan = peers.plan(target.keys if target else [], target.tensors if target else {},
@@ -134,8 +147,12 @@ def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.o
     log.info("loaded %s (step %d, saved by %d rank(s) with %s; %.1f MiB read on this rank, %.1f MiB copied "
              "from ranks on its host)", dir_url, manifest.step, manifest.world_size, manifest.strategy,
              read / 2**20, copied / 2**20)
+    missing, unexpected = target.diff
+    if missing or unexpected:
+        log.info("loaded %s with strict=False; left as they were (not in the checkpoint): %s; not loaded (not in "
+                 "the target): %s", dir_url, few_keys(missing) or "none", few_keys(unexpected) or "none")
     extra = target.state.get("extra") or {}
-    return manifest, extra if isinstance(extra, dict) else {}
+    return manifest, extra if isinstance(extra, dict) else {}, target.diff
 
 
 def _target(dir_url: str, model: nn.Module, optimizers: tuple[torch.optim.Optimizer, ...], strict: bool,
@@ -158,9 +175,15 @@ def _target(dir_url: str, model: nn.Module, optimizers: tuple[torch.optim.Optimi
     if strict:
         check_keys(wanted, stored, "tensor", dir_url)
     keys = sorted(wanted & stored)
+    diff = KeyDiff([_user_key(k) for k in sorted(wanted - stored)], [_user_key(k) for k in sorted(stored - wanted)])
     # checked before any read: a peer's copy into a tensor relies on its size
     boxes = {k: checked_box(dir_url, manifest, k, tensors[k]) for k in keys}
-    return _Target(manifest, state, model_sd, optim_sd, tensors, leaves, never_stepped, keys, boxes)
+    return _Target(manifest, state, model_sd, optim_sd, tensors, leaves, never_stepped, keys, boxes, diff)
+
+
+def _user_key(key: str) -> str:
+    """A model tensor's key as the model's state_dict names it; optimizer keys as stored."""
+    return key[len(MODEL):] if key.startswith(MODEL) else key
 
 
 def _read(reader: ChunkReader, boxes: dict[str, tuple[Box, torch.Tensor]], keys: list[str], local: bool) -> None:

@@ -134,6 +134,30 @@ def test_model_only_load_and_load_model_from_root(tmp_path) -> None:
     assert_same(fresh2.state_dict(), m.state_dict())
 
 
+def test_load_model_non_strict_loads_the_shared_tensors_and_names_the_rest(tmp_path, caplog) -> None:
+    """Fine-tuning: a pretrained body into a model whose head differs. strict=True names the keys
+    and says to pass strict=False, which load_model takes; the keys left out come back."""
+    _, m, *_ = saved_run(str(tmp_path), steps=(2,))
+    body = list(make_model(seed=9))[:4]
+    new_head = torch.nn.Sequential(*body, torch.nn.Linear(16, 4), torch.nn.Linear(4, 3))  # 4 matches, 5 is new
+    with pytest.raises(CheckpointError, match=r"missing from the checkpoint: 'model/5\.bias'.*pass strict=False"):
+        load_model(str(tmp_path), new_head)
+    head_before = new_head[5].weight.detach().clone()
+    with caplog.at_level(logging.INFO, logger="dtrain.checkpoint.restore"):
+        diff = load_model(str(tmp_path), new_head, strict=False)
+    assert diff.missing_keys == ["5.bias", "5.weight"] and diff.unexpected_keys == []
+    assert "not in the checkpoint): '5.bias', '5.weight'; not loaded (not in the target): none" in caplog.text
+    loaded = {k: v for k, v in new_head.state_dict().items() if not k.startswith("5.")}
+    assert_same(loaded, m.state_dict())
+    assert torch.equal(new_head[5].weight, head_before)  # left as it was
+    headless = torch.nn.Sequential(*list(make_model(seed=9))[:2])
+    diff = load_model(str(tmp_path), headless, strict=False)
+    assert diff.missing_keys == [] and diff.unexpected_keys == ["4.bias", "4.weight"]
+    assert load_model(str(tmp_path), make_model(seed=9)) == ([], [])
+    with pytest.raises(CheckpointError, match=r"tensor 'model/0\.bias'.*F32\[16\].*F32\[32\]"):
+        load_model(str(tmp_path), make_model(hidden=32), strict=False)  # a shared key of another shape
+
+
 def test_manifest_pointing_outside_is_refused(tmp_path) -> None:
     mgr, *_ = saved_run(str(tmp_path))
     mpath = tmp_path / "step-000000002" / "manifest.json"
