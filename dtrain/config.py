@@ -84,6 +84,10 @@ class CheckpointConfig:
     lease_ttl_s: float = 60.0  # a crashed job's lease expires this long after its last renewal
     job_id: str = ""  # "" = DTRAIN_JOB_ID, torchrun's run id or SLURM_JOB_ID from the environment
     check_finite: bool = False  # loads refuse NaN/inf tensors and fall back to the previous checkpoint
+    # fine-tuning: a fresh run's model weights come from this checkpoint (directory or root); ignored
+    # once the run has checkpoints of its own (a restart resumes from those)
+    init_from: str = ""
+    init_strict: bool = True  # false: load the tensors both have (a new head), log the rest
 
 
 @dataclass

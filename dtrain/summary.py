@@ -29,6 +29,7 @@ class Outcome:
     exit_code: int = exitcodes.OK
     last_step: int = 0
     resumed_from: str | None = None
+    initialised_from: str | None = None  # checkpoint.init_from, resolved (a fresh fine-tuning run)
     final_metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -55,6 +56,7 @@ def write_summary(outcome: Outcome, *, run_dir: Path, env: DistEnv, cfg: JobConf
         "best_metric": es.best if es and es.best is not None and math.isfinite(es.best) else None,
         "best_checkpoint": best.url if best else None,
         "resumed_from": outcome.resumed_from,
+        "initialised_from": outcome.initialised_from,
         "final_metrics": outcome.final_metrics,
         "world_size": env.world_size,
         "strategy": cfg.parallel.strategy,

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from dtrain import __version__, dist, exitcodes
 from dtrain.agreement import Flag, StepAgreement
 from dtrain.checkpoint import CheckpointManager
+from dtrain.checkpoint.manager import load_weights
 from dtrain.config import JobConfig, check_world_size, to_dict
 from dtrain.data import ResumableDistributedSampler
 from dtrain.early_stopping import EarlyStopping
@@ -150,6 +151,23 @@ class Trainer:
         log.info("resumed from %s at step %d%s", url, self.step, note)
         return url
 
+    def init_weights(self) -> str | None:
+        """A fresh run's model weights from `checkpoint.init_from` (fine-tuning): the model only,
+        on any world size and strategy; optimizer, schedule, data order and step start fresh.
+        Returns the checkpoint directory loaded, or None without `init_from`."""
+        url = self.cfg.checkpoint.init_from
+        if not url:
+            return None
+        try:
+            loaded, (missing, unexpected) = load_weights(
+                url, self.model, strict=self.cfg.checkpoint.init_strict, group=self.checkpoints.group,
+                storage_options=dict(self.cfg.checkpoint.storage_options) or None)
+        except CheckpointError as e:
+            raise CheckpointError(f"cannot initialise the model from checkpoint.init_from={url}: {e}") from e
+        left = f"; {len(missing)} tensor(s) not in it kept their initial values" if missing else ""
+        log.info("initialised the model weights from %s%s", loaded, left)
+        return loaded
+
     # ---- the loop -------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         mode = self.cfg.train.autocast
@@ -192,12 +210,16 @@ class Trainer:
         """Resume, train until max_steps or an agreed stop, save, write summary.json; returns the exit code."""
         outcome = Outcome()
         outcome.resumed_from = self.resume()
+        if outcome.resumed_from is None:
+            outcome.initialised_from = self.init_weights()
         self.startup["resumed"] = time.time()
         metrics_log = MetricsLogger(self.run_dir, enabled=self.env.is_main, progress=self.cfg.logging.progress,
                                     tensorboard=self.cfg.logging.tensorboard, max_steps=self.cfg.train.max_steps,
                                     start_step=self.step)
         if outcome.resumed_from:
             metrics_log.log(self.step, {"event": "resume", "from": outcome.resumed_from})
+        if outcome.initialised_from:
+            metrics_log.log(self.step, {"event": "init", "from": outcome.initialised_from})
         loader = DataLoader(self.train_ds, batch_sampler=self.sampler, num_workers=self.cfg.data.num_workers)
         batches = iter(loader)
         finished = self._already_stopped(outcome)

@@ -160,3 +160,34 @@ def test_checkpoint_lease_keys_decide_who_may_use_a_root(tmp_path: Path) -> None
         held.release()
     bad = dtrain([*base, "checkpoint.lease_ttl_s=0"])
     assert bad.returncode == 2 and "checkpoint.lease_ttl_s=0" in bad.stderr
+
+
+@pytest.mark.timeout(240)
+def test_init_from_starts_a_fresh_run_from_another_runs_weights_and_restarts_resume_its_own(tmp_path: Path) -> None:
+    """checkpoint.init_from (fine-tuning): a 2-rank run starts from the weights a 1-process run
+    saved (with lr=0 they stay bitwise those), at step 0 with a fresh optimizer; a restart of it
+    resumes from its own checkpoints, not from init_from; a bad init_from fails naming the key."""
+    from safetensors.torch import load_file
+
+    from dtrain.checkpoint import export
+
+    pre = tmp_path / "pretrain"
+    job = ["train", *FAST, "train.eval_every=10", "early_stopping.enabled=false"]
+    _ok(dtrain([*job, f"run_dir={pre}", "train.max_steps=20"]))
+    tune = tmp_path / "tune"
+    tuned = [*job, f"run_dir={tune}", f"checkpoint.init_from={pre / 'checkpoints'}", "optim.lr=0"]
+    _ok(dtrain([*tuned, "train.max_steps=10"], nproc=2))
+    s = summary(tune)
+    assert s["initialised_from"] == str(pre / "checkpoints" / "step-000000020") and s["resumed_from"] is None
+    assert s["last_step"] == 10 and s["world_size"] == 2
+    weights = {}
+    for name, step_dir in (("pre", pre / "checkpoints" / "step-000000020"), ("tune", tune / "checkpoints" / "step-000000010")):
+        export(str(step_dir), str(tmp_path / f"{name}.safetensors"))
+        weights[name] = load_file(str(tmp_path / f"{name}.safetensors"))
+    assert weights["pre"].keys() == weights["tune"].keys()
+    assert all(torch.equal(weights["pre"][k], weights["tune"][k]) for k in weights["pre"])
+    _ok(dtrain([*tuned, "train.max_steps=20"], nproc=2))
+    s = summary(tune)
+    assert s["resumed_from"] == str(tune / "checkpoints" / "step-000000010") and s["initialised_from"] is None
+    bad = dtrain([*job, f"run_dir={tmp_path / 'bad'}", f"checkpoint.init_from={tmp_path / 'nowhere'}", "train.max_steps=5"])
+    assert bad.returncode != 0 and "checkpoint.init_from=" in bad.stderr and "nowhere" in bad.stderr, bad.stderr[-2000:]

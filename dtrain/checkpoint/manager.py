@@ -254,6 +254,14 @@ def load_model(url: str, model: nn.Module, *, strict: bool = True,
     `strict=False` loads the tensors the model and the checkpoint share (a pretrained body into
     a model with a new head, say) and returns the keys left out, as torch's `load_state_dict`
     does; a shared key whose shape or dtype differs is still an error."""
+    return load_weights(url, model, strict=strict, storage_options=storage_options)[1]
+
+
+def load_weights(url: str, model: nn.Module, *, strict: bool = True, group: comm.ProcessGroup = None,
+                 storage_options: dict[str, Any] | None = None) -> tuple[str, KeyDiff]:
+    """`load_model` as a collective over `group` (each rank gets its shards; the trainer's
+    `checkpoint.init_from`). Returns the checkpoint directory loaded and the keys left out. A
+    root is resolved on every rank: it must not be written to meanwhile."""
     target = url
     if not storage.exists(storage.join(url, MANIFEST), storage_options):
         committed = [i for i in scan(url, storage_options) if i.committed]
@@ -261,6 +269,6 @@ def load_model(url: str, model: nn.Module, *, strict: bool = True,
             raise CheckpointError(f"{url} is neither a committed checkpoint nor a root holding one")
         target = committed[-1].url
     with torch.no_grad():
-        _, _, diff = load_checkpoint(target, model=model, strict=strict, group=None,
+        _, _, diff = load_checkpoint(target, model=model, strict=strict, group=group,
                                      storage_options=storage_options, restore_rng=False)
-    return diff
+    return target, diff
