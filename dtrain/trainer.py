@@ -159,12 +159,12 @@ class Trainer:
         if not url:
             return None
         try:
-            loaded, (missing, unexpected) = load_weights(
+            loaded, diff = load_weights(
                 url, self.model, strict=self.cfg.checkpoint.init_strict, group=self.checkpoints.group,
                 storage_options=dict(self.cfg.checkpoint.storage_options) or None)
         except CheckpointError as e:
             raise CheckpointError(f"cannot initialise the model from checkpoint.init_from={url}: {e}") from e
-        left = f"; {len(missing)} tensor(s) not in it kept their initial values" if missing else ""
+        left = f"; {len(diff.missing_keys)} tensor(s) not in it kept their initial values" if diff.missing_keys else ""
         log.info("initialised the model weights from %s%s", loaded, left)
         return loaded
 

@@ -203,8 +203,8 @@ class CheckpointManager:
         if self.check_finite:
             refuse_non_finite(url, self.storage_options)
         _, extra, _ = load_checkpoint(url, model=model, optimizers=as_tuple(optimizer), stateful=stateful,
-                                   strict=strict, group=self.group, storage_options=self.storage_options,
-                                   manifest=manifest)
+                                      strict=strict, group=self.group, storage_options=self.storage_options,
+                                      manifest=manifest)
         fault_point("loaded")
         return extra
 
