@@ -38,6 +38,8 @@ from dtrain.summary import Outcome, write_summary
 from dtrain.tasks import Task, get_task, make_options, to_device
 
 log = logging.getLogger(__name__)
+# early stopping may be turned on for a job whose checkpoints were saved without it: it starts fresh
+_OPTIONAL = ("early_stopping",)
 
 
 def seed_everything(seed: int) -> None:
@@ -126,14 +128,14 @@ class Trainer:
         try:
             if mode == "auto":
                 found = self.checkpoints.restore_latest(model=self.model, optimizer=self.optimizer,
-                                                        stateful=self._stateful())
+                                                        stateful=self._stateful(), optional=_OPTIONAL)
                 if found is None:
                     return None
                 info, extra = found
                 url = info.url
             else:
                 extra = self.checkpoints.load(mode, model=self.model, optimizer=self.optimizer,
-                                              stateful=self._stateful())
+                                              stateful=self._stateful(), optional=_OPTIONAL)
                 url = mode
         except CheckpointError as e:
             raise CheckpointError(

@@ -191,3 +191,16 @@ def test_init_from_starts_a_fresh_run_from_another_runs_weights_and_restarts_res
     assert s["resumed_from"] == str(tune / "checkpoints" / "step-000000010") and s["initialised_from"] is None
     bad = dtrain([*job, f"run_dir={tmp_path / 'bad'}", f"checkpoint.init_from={tmp_path / 'nowhere'}", "train.max_steps=5"])
     assert bad.returncode != 0 and "checkpoint.init_from=" in bad.stderr and "nowhere" in bad.stderr, bad.stderr[-2000:]
+
+
+@pytest.mark.timeout(120)
+def test_early_stopping_turned_on_for_a_running_job_resumes_and_starts_fresh(tmp_path: Path) -> None:
+    """Checkpoints saved without early stopping: a restart with it enabled resumes (its state
+    starts fresh, with a warning) instead of refusing the checkpoint."""
+    job = ["train", *FAST, f"run_dir={tmp_path / 'run'}", "train.eval_every=5"]
+    _ok(dtrain([*job, "train.max_steps=10", "early_stopping.enabled=false"]))
+    proc = dtrain([*job, "train.max_steps=20", "early_stopping.enabled=true"])
+    _ok(proc)
+    assert "no state for component 'early_stopping'" in proc.stderr
+    s = summary(tmp_path / "run")
+    assert s["resumed_from"].endswith("step-000000010") and s["last_step"] == 20 and s["best_step"] in (15, 20)

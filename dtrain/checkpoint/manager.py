@@ -192,26 +192,30 @@ class CheckpointManager:
 
     # ---- loading --------------------------------------------------------------------------------
     def load(self, ckpt: CheckpointInfo | str, *, model: nn.Module, optimizer: Optimizers = None,
-             stateful: dict[str, Stateful] | None = None, strict: bool = True) -> dict[str, Any]:
-        """Collective: load a checkpoint into the given components; returns its `extra` dict."""
+             stateful: dict[str, Stateful] | None = None, strict: bool = True,
+             optional: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Collective: load a checkpoint into the given components; returns its `extra` dict.
+        `optional`: components of `stateful` the checkpoint may lack (saved before they existed,
+        as early stopping turned on for a running job): they keep their state, with a warning."""
         self.wait()  # never let a load's collectives interleave with a background save's
-        return self._load(self._resolve(ckpt), None, model, optimizer, stateful, strict)
+        return self._load(self._resolve(ckpt), None, model, optimizer, stateful, strict, optional)
 
     def _load(self, url: str, manifest: Manifest | None, model: nn.Module, optimizer: Optimizers,
-              stateful: dict[str, Stateful] | None, strict: bool) -> dict[str, Any]:
+              stateful: dict[str, Stateful] | None, strict: bool, optional: tuple[str, ...] = ()) -> dict[str, Any]:
         fault_point("load_begin")
         if self.check_finite:
             refuse_non_finite(url, self.storage_options)
         _, extra, _ = load_checkpoint(url, model=model, optimizers=as_tuple(optimizer), stateful=stateful,
                                       strict=strict, group=self.group, storage_options=self.storage_options,
-                                      manifest=manifest)
+                                      manifest=manifest, optional=optional)
         fault_point("loaded")
         return extra
 
     def restore_latest(self, *, model: nn.Module, optimizer: Optimizers = None,
-                       stateful: dict[str, Stateful] | None = None) -> tuple[CheckpointInfo, dict[str, Any]] | None:
+                       stateful: dict[str, Stateful] | None = None, optional: tuple[str, ...] = ()
+                       ) -> tuple[CheckpointInfo, dict[str, Any]] | None:
         """Load the newest committed checkpoint; if it is damaged, warn why and try the one before.
-        None if there is no committed checkpoint at all. Manifests are read newest first and only
+        None if there is no committed checkpoint at all. `optional`: as in `load`. Manifests are read newest first and only
         as far back as needed, and the one loaded is parsed once (a manifest of 16k tensors takes
         0.14 s to parse; the scan of every kept checkpoint parsed each, then the load the newest again)."""
         self.wait()
@@ -223,7 +227,7 @@ class CheckpointManager:
                 log.log(level, "ignoring %s, newer than the newest committed checkpoint: %s", url, info.problem)
                 continue
             try:
-                extra = self._load(url, manifest, model, optimizer, stateful, True)
+                extra = self._load(url, manifest, model, optimizer, stateful, True, optional)
             except CheckpointDamagedError as e:
                 log.warning("checkpoint %s is damaged, falling back to the previous committed one: %s", url, e)
                 damaged.append(url)

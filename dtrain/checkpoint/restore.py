@@ -99,11 +99,12 @@ class _Target:
 def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.optim.Optimizer, ...] = (),
                     stateful: dict[str, Stateful] | None = None, strict: bool = True,
                     group: comm.ProcessGroup = None, storage_options: storage.StorageOptions = None,
-                    restore_rng: bool = True, manifest: Manifest | None = None
+                    restore_rng: bool = True, manifest: Manifest | None = None, optional: tuple[str, ...] = ()
                     ) -> tuple[Manifest, dict[str, Any], KeyDiff]:
     """Collective over `group`. Returns the manifest, the saved `extra` dict and the tensor keys a
     non-strict load left out. `manifest`: the directory's manifest when the caller has just read
-    and validated it (else it is read here)."""
+    and validated it (else it is read here). `optional`: components of `stateful` the checkpoint
+    may lack even when `strict` (saved before they existed): they keep their state, with a warning."""
     out = _Outcome()
     target = out.run(lambda: _target(dir_url, model, optimizers, strict, storage_options, manifest), dir_url)
     plan = peers.plan(target.keys if target else [], target.tensors if target else {},
@@ -128,7 +129,7 @@ def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.o
         finally:
             reader.close()
     rng_state = out.run(lambda: _finish_reading(dir_url, target, stateful, strict, group, storage_options,
-                                                restore_rng), dir_url)
+                                                restore_rng, optional), dir_url)
     plan.settle()
     codes = comm.agree_codes(out.code, group)  # peers have copied from this rank once it returns
     if any(codes):
@@ -140,7 +141,7 @@ def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.o
     assert target is not None  # every rank got this far without an error
     set_states(model, optimizers, target.model_sd, target.optim_sd, strict)
     clear_optimizer_state([optimizers[i] for i in target.never_stepped])
-    load_stateful(stateful or {}, target.state.get("stateful") or {}, strict, dir_url)
+    load_stateful(stateful or {}, target.state.get("stateful") or {}, strict, dir_url, optional)
     if rng_state is not None:
         rng.restore(rng_state, dir_url)
     manifest = target.manifest
@@ -194,13 +195,13 @@ def _read(reader: ChunkReader, boxes: dict[str, tuple[Box, torch.Tensor]], keys:
 
 def _finish_reading(dir_url: str, target: _Target | None, stateful: dict[str, Stateful] | None, strict: bool,
                     group: comm.ProcessGroup, storage_options: storage.StorageOptions,
-                    restore_rng: bool) -> dict[str, Any] | None:
+                    restore_rng: bool, optional: tuple[str, ...]) -> dict[str, Any] | None:
     """The JSON leaves into their state dicts, and this rank's RNG states; checks, before any state
     is set, that every component to load has its state in the checkpoint."""
     assert target is not None
     apply_json_state(target.state.get("model_optim") or {}, target.leaves, target.optim_sd, strict, dir_url)
     rng_state = _read_rng(dir_url, target.manifest, group, storage_options) if restore_rng else None
-    missing = [n for n in (stateful or {}) if n not in (target.state.get("stateful") or {})]
+    missing = [n for n in (stateful or {}) if n not in (target.state.get("stateful") or {}) and n not in optional]
     if strict and missing:  # checked before anything is set, like every other mismatch
         raise CheckpointError(f"{dir_url}: no state for component(s) {missing} in the checkpoint "
                               f"(it has {sorted(target.state.get('stateful') or {})}); pass strict=False to skip them")

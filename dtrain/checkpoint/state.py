@@ -157,10 +157,12 @@ def stateful_states(stateful: dict[str, Stateful]) -> dict[str, Any]:
     return out
 
 
-def load_stateful(stateful: dict[str, Stateful], saved: dict[str, Any], strict: bool, where: str) -> None:
+def load_stateful(stateful: dict[str, Stateful], saved: dict[str, Any], strict: bool, where: str,
+                  optional: tuple[str, ...] = ()) -> None:
+    """Each component's saved state into it; `optional` ones may be missing even when `strict`."""
     for name, obj in stateful.items():
         if name not in saved:
-            if strict:
+            if strict and name not in optional:
                 raise CheckpointError(f"{where}: no state for component {name!r} in the checkpoint "
                                       f"(it has {sorted(saved)}); pass strict=False to skip it")
             log.warning("%s: no state for component %r; it keeps its current state", where, name)

@@ -124,6 +124,21 @@ def test_model_mismatch_names_the_tensor(tmp_path) -> None:
         mgr.load(mgr.latest_committed(), model=make_model(), stateful={"sampler": make_all()[3]})
 
 
+def test_an_optional_component_missing_from_the_checkpoint_keeps_its_state(tmp_path, caplog) -> None:
+    """`optional`: a component added after the checkpoint was saved (early stopping turned on for
+    a running job) keeps its state, with a warning, while strict still covers everything else."""
+    mgr, *_ = saved_run(str(tmp_path))
+    late = make_all()[3]
+    late.seen = 7
+    with caplog.at_level(logging.WARNING):
+        found = mgr.restore_latest(model=make_model(), stateful={"late": late}, optional=("late",))
+    assert found is not None and late.seen == 7
+    assert "no state for component 'late'; it keeps its current state" in caplog.text
+    with pytest.raises(CheckpointError, match=r"no state for component\(s\) \['other'\]"):
+        mgr.load(mgr.latest_committed(), model=make_model(), stateful={"late": late, "other": make_all()[3]},
+                 optional=("late",))
+
+
 def test_model_only_load_and_load_model_from_root(tmp_path) -> None:
     _, m, *_ = saved_run(str(tmp_path), steps=(2, 3))
     fresh = make_model(seed=9)
