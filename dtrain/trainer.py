@@ -138,9 +138,13 @@ class Trainer:
                                               stateful=self._stateful(), optional=_OPTIONAL)
                 url = mode
         except CheckpointError as e:
+            root = self.cfg.checkpoint_root
             raise CheckpointError(
-                f"cannot resume: {e}. To start fresh instead, pass resume=never or another run_dir "
-                f"(the checkpoints under {self.cfg.checkpoint_root} are left untouched)"
+                f"cannot resume: {e}. The trainer resumes strictly (the config must build the model and "
+                f"optimizer that saved it). To keep only the model weights (another optimizer, a new head), "
+                f"start a run from them: checkpoint.init_from={root} with another run_dir or resume=never "
+                f"(checkpoint.init_strict=false for a new head). To start fresh instead, pass resume=never or "
+                f"another run_dir (the checkpoints under {root} are left untouched)"
             ) from e
         self.step = self.last_saved_step = int(extra["step"])
         window = extra.get("loss_window", [0.0, 0])
