@@ -113,15 +113,43 @@ def local_boxes(tensors: dict[str, torch.Tensor]) -> tuple[list[Box], dict[str, 
     return boxes, data
 
 
-def digest(boxes: list[Box]) -> int:
-    """A signed 64-bit hash of a box list: ranks that hold the same boxes (DDP: all of them) learn
-    it from one small all-reduce instead of sending each other the lists."""
+def same_memory(t: torch.Tensor) -> tuple[object, ...] | None:
+    """Equal for two tensors that are the same view of the same memory (tied weights: a GPT's
+    output head and its token embedding), None for an empty tensor."""
+    if not t.numel():
+        return None
+    return t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride()
+
+
+def tied_boxes(boxes: list[Box], data: dict[str, torch.Tensor]) -> dict[tuple[Any, ...], tuple[Any, ...]]:
+    """Box id -> the id of the first box (in `boxes`' order) whose data is the same memory: tied
+    weights, which the writer stores once when one rank writes both."""
+    first: dict[tuple[object, ...], tuple[Any, ...]] = {}
+    tied = {}
+    for b in boxes:
+        mem = same_memory(data[b.key])
+        if mem is None:
+            continue
+        if mem in first:
+            tied[b.id] = first[mem]
+        else:
+            first[mem] = b.id
+    return tied
+
+
+def digest(boxes: list[Box], tied: dict[tuple[Any, ...], tuple[Any, ...]] | None = None) -> int:
+    """A signed 64-bit hash of a box list and its ties: ranks that hold the same boxes (DDP: all of
+    them) learn it from one small all-reduce instead of sending each other the lists."""
     text = "\n".join(f"{b.key}\t{b.dtype}\t{b.shape}\t{b.offsets}\t{b.lengths}" for b in boxes)
+    text += "".join(f"\n{a!r}={p!r}" for a, p in sorted((tied or {}).items()))
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
 
 
-def assign(per_rank: list[list[Box]]) -> tuple[dict[tuple[Any, ...], int], dict[str, Box]]:
-    """Owner rank of every distinct box, and one Box per key (for dtype and global shape).
+def assign(per_rank: list[list[Box]], tied: dict[tuple[Any, ...], tuple[Any, ...]] | None = None
+           ) -> tuple[dict[tuple[Any, ...], int], dict[str, Box]]:
+    """Owner rank of every distinct box, and one Box per key (for dtype and global shape). A box
+    `tied` to another (the same memory on every rank that holds it) goes to that box's owner, so
+    its bytes are written once.
 
     Raises if ranks disagree about a tensor's dtype or global shape."""
     holders: dict[tuple[Any, ...], list[int]] = {}
@@ -144,6 +172,10 @@ def assign(per_rank: list[list[Box]]) -> tuple[dict[tuple[Any, ...], int], dict[
     shared = sorted((bid for bid in holders if len(holders[bid]) > 1),
                     key=lambda bid: (-boxes[bid].nbytes, bid))
     for bid in shared:
+        primary = tied.get(bid) if tied else None
+        if primary is not None and primary in owner and owner[primary] in holders[bid]:
+            owner[bid] = owner[primary]
+            continue
         r = min(holders[bid], key=lambda x: (load[x], x))
         owner[bid] = r
         load[r] += boxes[bid].nbytes

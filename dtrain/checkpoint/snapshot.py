@@ -19,7 +19,7 @@ from torch import nn
 from dtrain.checkpoint import comm, rng, storage
 from dtrain.checkpoint.format import MANIFEST, STATE, Manifest, rng_file
 from dtrain.checkpoint.jsoncodec import encode
-from dtrain.checkpoint.plan import Box, assign, digest, local_boxes
+from dtrain.checkpoint.plan import Box, assign, digest, local_boxes, same_memory, tied_boxes
 from dtrain.checkpoint.state import (
     Stateful,
     flatten,
@@ -99,11 +99,13 @@ def prepare(dir_url: str, step: int, captured: Captured, *, model: nn.Module,
     error, skip, head = captured.error, False, None
     boxes: list[Box] = []
     data: dict[str, torch.Tensor] = {}
+    tied: dict[tuple[Any, ...], tuple[Any, ...]] = {}
     try:
         if error is None:
             model_sd, optim_sd = get_states(model, optimizers, for_save=True)
             tensors, leaves = flatten(model_sd, optim_sd)
             boxes, data = local_boxes(tensors)
+            tied = tied_boxes(boxes, data)
             if rank == 0:
                 skip = _prepare_directory(dir_url, storage_options)
                 head = {"model_optim": encode(json_state(leaves, optim_sd), "$.optimizer"),
@@ -113,7 +115,7 @@ def prepare(dir_url: str, step: int, captured: Captured, *, model: nn.Module,
         error = f"rank {rank}: {type(e).__name__}: {e}"
     # one small all-reduce: [failed, skip, hash of the box list] per rank; the messages and the box
     # lists themselves travel only when ranks differ (a failure; sharded state)
-    table = comm.agree_words([error is not None, skip, digest(boxes)], group)
+    table = comm.agree_words([error is not None, skip, digest(boxes, tied)], group)
     if any(failed for failed, _, _ in table):
         errors = [e for e in comm.all_gather_object(error, group) if e]
         raise CheckpointError(f"cannot save checkpoint {dir_url}: " + "; ".join(errors))
@@ -122,7 +124,8 @@ def prepare(dir_url: str, step: int, captured: Captured, *, model: nn.Module,
         prep.skip = True
         return prep
     same = all(h == table[0][2] for _, _, h in table)
-    owner, prep.meta = assign([boxes] * world if same else comm.all_gather_object(boxes, group))
+    # ties are known to hold on every rank only when every rank hashed the same boxes and ties
+    owner, prep.meta = assign([boxes] * world, tied) if same else assign(comm.all_gather_object(boxes, group))
     prep.items = [(b, data[b.key]) for b in boxes if owner[b.id] == rank]
     prep.manifest_fields = {"step": step, "strategy": head["strategy"] if head else None,
                             "metrics": _clean_metrics(metrics), "reason": reason, "versions": versions()}
@@ -147,9 +150,20 @@ def _prepare_directory(dir_url: str, storage_options: storage.StorageOptions) ->
 
 
 def stage(prep: PreparedSave, cache: dict[Hashable, torch.Tensor] | None = None) -> PreparedSave:
-    """Host copies of this rank's share (pinned for device tensors) so training can go on."""
-    copies = stage_copies([(box.id, t) for box, t in prep.items], cache)
-    return replace(prep, items=[(box, host) for (box, _), host in zip(prep.items, copies, strict=True)])
+    """Host copies of this rank's share (pinned for device tensors) so training can go on. Items
+    that are the same memory (tied weights) share one copy, which the writer then writes once."""
+    first: dict[tuple[object, ...], int] = {}
+    unique: list[tuple[Hashable, torch.Tensor]] = []
+    source: list[int] = []  # for each item, its copy among `unique`
+    for box, t in prep.items:
+        mem = same_memory(t)
+        if mem is None or mem not in first:
+            if mem is not None:
+                first[mem] = len(unique)
+            unique.append((box.id, t))
+        source.append(first[mem] if mem is not None else len(unique) - 1)
+    copies = stage_copies(unique, cache)
+    return replace(prep, items=[(box, copies[j]) for (box, _), j in zip(prep.items, source, strict=True)])
 
 
 def stage_copies(tensors: list[tuple[Hashable, torch.Tensor]], cache: dict[Hashable, torch.Tensor] | None = None

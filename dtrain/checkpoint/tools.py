@@ -157,7 +157,9 @@ def _verify_tensor_file(furl: str, size: int, checksum: str, chunks: list[tuple[
             return [str(e)]
         crc = crc32(read_range(0, header.data_start))
         spans = {(e.begin, e.end): e for e in header.entries.values()}
+        at: dict[tuple[int, int], list[tuple[str, Chunk]]] = {}  # byte range -> chunks there (tied: several)
         for key, c in sorted(chunks, key=lambda kc: kc[1].data_offsets):
+            at.setdefault(c.data_offsets, []).append((key, c))
             st = spans.get(c.data_offsets)
             if st is None or st.shape != c.lengths:
                 problems.append(f"{furl}: tensor {key!r} bytes {list(c.data_offsets)} do not match the file header")
@@ -169,8 +171,7 @@ def _verify_tensor_file(furl: str, size: int, checksum: str, chunks: list[tuple[
                 part = crc32(f.read(min(_PIECE, end - off)), part)
             crc = crc32_combine(crc, part, end - begin)
             pos = end
-            match = [(k, c) for k, c in chunks if c.data_offsets == (begin, end)]
-            for key, c in match:
+            for key, c in at.get((begin, end), []):
                 if parse_crc(c.checksum) != part:
                     problems.append(f"{furl}: checksum mismatch in tensor {key!r} ({format_crc(part)}, "
                                     f"manifest says {c.checksum})")

@@ -20,7 +20,7 @@ import torch
 from dtrain.checkpoint import comm, retention, storage
 from dtrain.checkpoint.checksum import INLINE, BackgroundCrc, crc32, crc32_combine, format_crc
 from dtrain.checkpoint.format import MANIFEST, Chunk, FileEntry, Manifest, TensorEntry, parse_manifest
-from dtrain.checkpoint.plan import MODEL, Box
+from dtrain.checkpoint.plan import MODEL, Box, same_memory
 from dtrain.checkpoint.stfile import encode_header
 from dtrain.errors import CheckpointError
 
@@ -63,8 +63,22 @@ def write_tensor_file(url: str, name: str, items: Sequence[tuple[Box, torch.Tens
                       storage_options: storage.StorageOptions = None, metadata: dict[str, str] | None = None,
                       ) -> tuple[FileEntry, list[tuple[str, Chunk]]]:
     """Stream `items` into a safetensors file at `url`; return its entry and each chunk's record.
-    A callable item is called just before its bytes are written (export builds tensors lazily)."""
-    header, entries = encode_header([(b.key, b.dtype, b.lengths) for b, _ in items], metadata)
+    A callable item is called just before its bytes are written (export builds tensors lazily).
+
+    Items that are the same memory as an earlier one (tied weights) are written once: the file's
+    header names the first, and the others' chunks point at its bytes (a safetensors header may
+    not name one byte range twice; the manifest may)."""
+    first: dict[tuple[object, ...], Box] = {}
+    alias: dict[int, Box] = {}  # item index -> the box whose bytes it shares
+    for i, (box, t) in enumerate(items):
+        mem = None if callable(t) else same_memory(t)
+        if mem is not None:
+            if mem in first:
+                alias[i] = first[mem]
+            else:
+                first[mem] = box
+    written = [it for i, it in enumerate(items) if i not in alias]
+    header, entries = encode_header([(b.key, b.dtype, b.lengths) for b, _ in written], metadata)
     file_crc = crc32(header)
     chunks: list[tuple[str, Chunk]] = []
     crcs: list[BackgroundCrc | int] = []
@@ -72,7 +86,7 @@ def write_tensor_file(url: str, name: str, items: Sequence[tuple[Box, torch.Tens
     with ThreadPoolExecutor(1, thread_name_prefix="dtrain-crc") as pool, \
             storage.open_write(url, storage_options, size) as f:
         f.write(header)
-        for (box, t), entry in zip(items, entries, strict=True):
+        for (box, t), entry in zip(written, entries, strict=True):
             tensor = t() if callable(t) else t
             if tensor.nbytes != entry.end - entry.begin:
                 raise CheckpointError(f"{name}: tensor {box.key!r} has {tensor.nbytes} bytes, expected "
@@ -89,11 +103,14 @@ def write_tensor_file(url: str, name: str, items: Sequence[tuple[Box, torch.Tens
                 crc.value()  # hashing is faster than writing: this costs nothing and keeps one piece alive
             crcs.append(crc)
             del tensor  # a lazily built tensor (export) is freed before the next one is built
-        for (box, _), entry, hashed in zip(items, entries, crcs, strict=True):
+        stored: dict[str, Chunk] = {}
+        for (box, _), entry, hashed in zip(written, entries, crcs, strict=True):
             c = hashed if isinstance(hashed, int) else hashed.value()
             file_crc = crc32_combine(file_crc, c, entry.end - entry.begin)
-            chunks.append((box.key, Chunk(name, box.offsets, box.lengths, (entry.begin, entry.end),
-                                          format_crc(c))))
+            stored[box.key] = Chunk(name, box.offsets, box.lengths, (entry.begin, entry.end), format_crc(c))
+        for i, (box, _) in enumerate(items):
+            chunk = stored[alias[i].key] if i in alias else stored[box.key]
+            chunks.append((box.key, Chunk(name, box.offsets, box.lengths, chunk.data_offsets, chunk.checksum)))
     return FileEntry(name, size, format_crc(file_crc)), chunks
 
 

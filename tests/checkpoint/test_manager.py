@@ -442,3 +442,29 @@ def test_async_manager_saves_again_after_close(tmp_path) -> None:
     mgr.save(2, model=m, optimizer=o)
     mgr.close()
     assert [i.step for i in mgr.list() if i.committed] == [1, 2]
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_tied_weights_are_stored_once_and_load_tied(tmp_path, async_save: bool) -> None:
+    from safetensors import safe_open
+
+    from tests.checkpoint.workers import Tied
+
+    model = Tied()
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.arange(6)).sum().backward()
+    opt.step()
+    mgr = CheckpointManager(str(tmp_path), async_save=async_save)
+    mgr.save(1, model=model, optimizer=opt)
+    mgr.save(2, model=model, optimizer=opt)  # async: the second save reuses the staging copies
+    mgr.close()
+    step_dir = tmp_path / "step-000000002"
+    with safe_open(str(step_dir / "model-00000-of-00001.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == ["model/emb.weight", "model/mid.bias", "model/mid.weight"]
+    fresh = Tied(seed=3)
+    fresh_opt = torch.optim.AdamW(fresh.parameters())
+    mgr.load(str(step_dir), model=fresh, optimizer=fresh_opt)
+    assert fresh.head.weight is fresh.emb.weight
+    assert_same(fresh.state_dict(), model.state_dict())
+    diff = load_model(str(step_dir), Tied(seed=4))
+    assert diff == ([], [])

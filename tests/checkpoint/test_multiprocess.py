@@ -11,6 +11,7 @@ import torch
 from dtrain.checkpoint import CheckpointManager
 from dtrain.checkpoint.cli import main as ckpt_main
 from tests.checkpoint.workers import (
+    Tied,
     failing_rank_save,
     full_state,
     make_mlp,
@@ -44,7 +45,7 @@ def assert_equal_states(a: dict, b: dict) -> None:
 @pytest.fixture(scope="module")
 def scenarios(tmp_path_factory: pytest.TempPathFactory) -> dict:
     base = tmp_path_factory.mktemp("reshard")
-    roots = {k: str(base / k) for k in ("single", "fsdp", "ddp", "fresh")}
+    roots = {k: str(base / k) for k in ("single", "fsdp", "ddp", "fresh", "tied")}
     model = make_mlp()
     opt = make_optim(model)
     for s in (1, 2):
@@ -100,6 +101,21 @@ def test_ddp_writes_replicas_once_spread_over_ranks_and_loads_in_one_process(sce
     info, extra = CheckpointManager(root).restore_latest(model=model, optimizer=opt)
     assert info.step == 2 and extra == {"tag": "ddp"}
     assert_equal_states(full_state(model, opt), scenarios["ranks"][0]["ddp_save"]["saved"])
+
+
+def test_ddp_writes_tied_weights_once_and_one_process_loads_them_tied(scenarios: dict) -> None:
+    """DDP: the tied pair goes to one rank, which writes its bytes once; both keys point at them."""
+    step_dir = os.path.join(scenarios["roots"]["tied"], "step-000000001")
+    chunks = {k: t["chunks"] for k, t in json.load(open(os.path.join(step_dir, "manifest.json")))["tensors"].items()}
+    emb, head = chunks["model/emb.weight"], chunks["model/head.weight"]
+    assert len(emb) == len(head) == 1
+    assert (emb[0]["file"], emb[0]["data_offsets"]) == (head[0]["file"], head[0]["data_offsets"])
+    model = Tied(seed=5)
+    opt = make_optim(model)
+    CheckpointManager(scenarios["roots"]["tied"]).restore_latest(model=model, optimizer=opt)
+    assert model.head.weight is model.emb.weight
+    assert_equal_states(full_state(model, opt), scenarios["ranks"][0]["tied_ddp"])
+    assert ckpt_main(["verify", step_dir]) == 0
 
 
 def test_fsdp_save_before_the_first_step_leaves_the_optimizer_alone_and_resumes_exactly(scenarios: dict) -> None:

@@ -83,3 +83,33 @@ def test_shards_go_to_their_holder_and_disagreement_is_an_error() -> None:
     assert owner[a.id] == 0 and owner[b.id] == 1
     with pytest.raises(CheckpointError, match="model/w"):
         assign([[a], [Box("model/w", "F16", (4,), (2,), (2,))]])
+
+
+def test_tied_tensors_are_written_once_and_both_chunks_point_at_those_bytes(tmp_path) -> None:
+    emb = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    other = torch.ones(5)
+    url = str(tmp_path / "x.safetensors")
+    items = [local_box("model/emb", emb), local_box("model/head", emb), local_box("model/other", other),
+             local_box("model/copy", emb.clone())]  # equal values, its own memory: written
+    entry, chunks = write_tensor_file(url, "x", items)
+    on_disk = load_file(url)
+    assert sorted(on_disk) == ["model/copy", "model/emb", "model/other"]  # one name per byte range
+    by_key = dict(chunks)
+    assert [k for k, _ in chunks] == ["model/emb", "model/head", "model/other", "model/copy"]
+    assert by_key["model/head"].data_offsets == by_key["model/emb"].data_offsets
+    assert by_key["model/head"].checksum == by_key["model/emb"].checksum
+    assert by_key["model/copy"].data_offsets != by_key["model/emb"].data_offsets
+    raw = (tmp_path / "x.safetensors").read_bytes()
+    assert entry.size == len(raw)
+    data = len(raw) - 8 - int.from_bytes(raw[:8], "little")
+    assert data == 2 * emb.nbytes + other.nbytes  # emb's bytes and its copy's, not a third time for head
+
+
+def test_a_tied_box_goes_to_the_owner_of_the_box_it_is_tied_to() -> None:
+    emb = Box("model/emb", "F32", (64,), (0,), (64,))
+    head = Box("model/head", "F32", (64,), (0,), (64,))
+    bias = Box("model/zbias", "F32", (8,), (0,), (8,))
+    untied, _ = assign([[emb, head, bias]] * 2)
+    assert untied[emb.id] != untied[head.id]  # balanced: the two big boxes land on different ranks
+    owner, _ = assign([[emb, head, bias]] * 2, {head.id: emb.id})
+    assert owner[head.id] == owner[emb.id] and owner[bias.id] != owner[emb.id]

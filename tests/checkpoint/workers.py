@@ -101,6 +101,31 @@ def fresh_fsdp_save_and_resume(rank: int, world: int, root: str) -> dict[str, An
             "resumed": full_state(other, other_opt)}
 
 
+class Tied(nn.Module):
+    """A GPT-style output head tied to its input embedding."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = nn.Embedding(6, 4)
+        self.mid = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 6, bias=False)
+        self.head.weight = self.emb.weight  # one Parameter under two names
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mid(self.emb(x)))
+
+
+def tied_ddp_save(rank: int, world: int, root: str) -> dict[str, Any]:
+    model = nn.parallel.DistributedDataParallel(Tied())
+    opt = make_optim(model)
+    g = torch.Generator().manual_seed(rank)
+    model(torch.randint(0, 6, (4,), generator=g)).pow(2).mean().backward()
+    opt.step()
+    CheckpointManager(root).save(1, model=model, optimizer=opt)
+    return full_state(model, opt)
+
+
 def reshard_scenarios(rank: int, world: int, roots: dict[str, str]) -> dict[str, Any]:
     """In one 2-rank job (process start-up dominates the cost): load a 1-process checkpoint into
     FSDP2; save from FSDP2 and load that into DDP; save from DDP (the parent loads it in 1 process)."""
@@ -111,6 +136,7 @@ def reshard_scenarios(rank: int, world: int, roots: dict[str, str]) -> dict[str,
         "fsdp_to_ddp": load_and_continue(wrap(make_mlp(seed=98), "ddp", world), rank, world, roots["fsdp"]),
         "ddp_save": train_and_save(wrap(make_mlp(), "ddp", world), rank, world, roots["ddp"], "ddp"),
         "fresh_fsdp": fresh_fsdp_save_and_resume(rank, world, roots["fresh"]),
+        "tied_ddp": tied_ddp_save(rank, world, roots["tied"]),
     }
     dist.shutdown()
     return out
