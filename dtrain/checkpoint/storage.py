@@ -235,6 +235,28 @@ def size(url: str, storage_options: StorageOptions = None) -> int:
 
 
 @_named_errors
+def identity(url: str, storage_options: StorageOptions = None) -> tuple[Any, ...] | None:
+    """What changes whenever the file at `url` is written anew, without reading it: (size,
+    mtime_ns, inode) locally (an atomic replace is a new inode), (size, ETag) or (size, modified
+    time) on object stores; a value equal to nothing else when the store reports neither. None if
+    the file is absent."""
+    if is_local(url):
+        try:
+            st = os.stat(local_path(url))
+        except FileNotFoundError:
+            return None
+        return st.st_size, st.st_mtime_ns, st.st_ino
+    fs, path = filesystem(url, storage_options)
+    fs.invalidate_cache(path)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return None
+    version = next((info[k] for k in ("ETag", "etag", "LastModified", "mtime", "created") if info.get(k)), None)
+    return (info.get("size"), str(version) if version is not None else object())
+
+
+@_named_errors
 def exists(url: str, storage_options: StorageOptions = None) -> bool:
     if is_local(url):
         return os.path.exists(local_path(url))

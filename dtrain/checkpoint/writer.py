@@ -109,8 +109,11 @@ def write_tensor_file(url: str, name: str, items: Sequence[tuple[Box, torch.Tens
             file_crc = crc32_combine(file_crc, c, entry.end - entry.begin)
             stored[box.key] = Chunk(name, box.offsets, box.lengths, (entry.begin, entry.end), format_crc(c))
         for i, (box, _) in enumerate(items):
-            chunk = stored[alias[i].key] if i in alias else stored[box.key]
-            chunks.append((box.key, Chunk(name, box.offsets, box.lengths, chunk.data_offsets, chunk.checksum)))
+            if i in alias:
+                shared = stored[alias[i].key]
+                chunks.append((box.key, Chunk(name, box.offsets, box.lengths, shared.data_offsets, shared.checksum)))
+            else:
+                chunks.append((box.key, stored[box.key]))
     return FileEntry(name, size, format_crc(file_crc)), chunks
 
 

@@ -211,12 +211,14 @@ def test_resume_parses_only_the_manifest_it_loads_and_only_once(tmp_path, monkey
     for mod in (retention, reader):
         monkeypatch.setattr(mod, "parse_manifest", counting)
     monkeypatch.setattr(retention, "_SEEN", {})  # a new process has validated nothing yet
+    monkeypatch.setattr(retention, "_BY_IDENTITY", {})
     m, o, s, c = make_all(seed=3)
     info, _ = CheckpointManager(str(tmp_path)).restore_latest(model=m, optimizer=o, stateful={"sched": s, "counter": c})
     assert info.step == 6 and info.committed and parsed == ["step-000000006"]
     corrupt_first_model_file(str(tmp_path / "step-000000006"), "flip")
     parsed.clear()
     monkeypatch.setattr(retention, "_SEEN", {})
+    monkeypatch.setattr(retention, "_BY_IDENTITY", {})
     fresh = CheckpointManager(str(tmp_path))
     info, _ = fresh.restore_latest(model=m, optimizer=o, stateful={"sched": s, "counter": c})
     assert info.step == 4 and parsed == ["step-000000006", "step-000000004"]

@@ -73,3 +73,49 @@ def test_scan_notices_a_manifest_damaged_after_it_was_read(tmp_path) -> None:
     infos = scan(str(tmp_path))
     assert [i.committed for i in infos] == [True, False] and "step 3" in (infos[1].problem or "")
     assert mgr.latest_committed().step == 1
+
+
+def _scan_reads(root: str, monkeypatch: pytest.MonkeyPatch, options: dict | None = None) -> tuple[list, list[str]]:
+    """scan(root) and the manifests it read."""
+    from dtrain.checkpoint import retention
+
+    read: list[str] = []
+    real = retention._manifest_bytes
+
+    def counting(url: str, so: object) -> bytes | None:
+        read.append(url.rsplit("/", 1)[-1])
+        return real(url, so)  # type: ignore[arg-type]
+    monkeypatch.setattr(retention, "_manifest_bytes", counting)
+    return scan(root, options), read
+
+
+def check_scan_reads_only_new_or_replaced_manifests(root: str, monkeypatch: pytest.MonkeyPatch,
+                                                    options: dict | None = None) -> None:
+    from dtrain.checkpoint import retention, storage
+
+    monkeypatch.setattr(retention, "_BY_IDENTITY", {})
+    m, o, s, c = make_all()
+    mgr = CheckpointManager(root, storage_options=options)
+    for step in (1, 2, 3):
+        train(m, o, s, c, 1, data_seed=step)
+        mgr.save(step, model=m, optimizer=o, metrics={"val/loss": 1.0 / step})
+    first, _ = _scan_reads(root, monkeypatch, options)
+    again, read = _scan_reads(root, monkeypatch, options)
+    assert read == [] and [(i.step, i.committed, i.metrics) for i in again] == [
+        (i.step, i.committed, i.metrics) for i in first]
+    # a manifest written anew (another job reusing the root, a hand edit): read again, new content seen
+    url = storage.join(root, "step-000000002", "manifest.json")
+    storage.write_atomic(url, storage.read_bytes(url, storage_options=options).replace(
+        b'"val/loss": 0.5', b'"val/loss": 0.25'), options)
+    later, read = _scan_reads(root, monkeypatch, options)
+    assert read == ["step-000000002"] and later[1].metrics == {"val/loss": 0.25}
+    storage.remove(storage.join(root, "step-000000003", "manifest.json"), options)
+    gone, read = _scan_reads(root, monkeypatch, options)
+    assert read == [] and not gone[2].committed and gone[2].problem == NO_MANIFEST
+    mgr.close()
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_scan_reads_only_new_or_replaced_manifests(tmp_path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    root = str(tmp_path / "ckpt") if where == "local" else f"memory://scan-{tmp_path.name}/ckpt"
+    check_scan_reads_only_new_or_replaced_manifests(root, monkeypatch)

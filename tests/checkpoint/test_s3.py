@@ -72,3 +72,10 @@ def test_failed_write_leaves_no_visible_checkpoint(s3_root: tuple, monkeypatch: 
     mgr.save(2, model=model)
     assert [(i.step, i.committed) for i in mgr.list()] == [(2, True)]  # old incomplete one collected
     mgr.close()
+
+
+def test_scan_on_s3_reads_only_new_or_replaced_manifests(s3_root: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.checkpoint.test_retention import check_scan_reads_only_new_or_replaced_manifests
+
+    root, options = s3_root
+    check_scan_reads_only_new_or_replaced_manifests(root, monkeypatch, options)
