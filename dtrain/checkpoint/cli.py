@@ -120,8 +120,14 @@ def cmd_inspect(args: argparse.Namespace, so: dict[str, Any]) -> int:
     print(f"\nfiles ({len(man.files)}, {human_bytes(man.total_bytes)}):")
     print(table(["FILE", "SIZE", "CHECKSUM"], [[f.path, human_bytes(f.size), f.checksum] for f in man.files]))
     print(f"\ntensors ({len(tensors)}):")
-    print(table(["TENSOR", "DTYPE", "SHAPE", "SIZE", "LAYOUT (file[box])"],
-                [[t.key, t.dtype, str(list(t.shape)), human_bytes(t.nbytes), tensor_layout(t)] for t in tensors]))
+    first: dict[tuple[tuple[str, tuple[int, int]], ...], str] = {}  # stored bytes -> the first key on them
+    rows = []
+    for t in tensors:
+        where = tuple((c.file, c.data_offsets) for c in t.chunks)
+        tied = first.setdefault(where, t.key) if where else t.key
+        layout = tensor_layout(t) if tied == t.key else f"the bytes of {tied} (tied)"
+        rows.append([t.key, t.dtype, str(list(t.shape)), human_bytes(t.nbytes), layout])
+    print(table(["TENSOR", "DTYPE", "SHAPE", "SIZE", "LAYOUT (file[box])"], rows))
     return 0
 
 

@@ -447,9 +447,10 @@ def test_async_manager_saves_again_after_close(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("async_save", [False, True])
-def test_tied_weights_are_stored_once_and_load_tied(tmp_path, async_save: bool) -> None:
+def test_tied_weights_are_stored_once_and_load_tied(tmp_path, capsys, async_save: bool) -> None:
     from safetensors import safe_open
 
+    from dtrain.checkpoint.cli import main as ckpt_main
     from tests.checkpoint.workers import Tied
 
     model = Tied()
@@ -470,3 +471,6 @@ def test_tied_weights_are_stored_once_and_load_tied(tmp_path, async_save: bool) 
     assert_same(fresh.state_dict(), model.state_dict())
     diff = load_model(str(step_dir), Tied(seed=4))
     assert diff == ([], [])
+    assert ckpt_main(["inspect", str(step_dir)]) == 0
+    head_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model/head.weight"))
+    assert head_row.endswith("the bytes of model/emb.weight (tied)")
