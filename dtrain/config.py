@@ -248,6 +248,40 @@ def to_dict(cfg: JobConfig) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
 
 
+# an optimizer's state_dict carries these in its param_groups, so a resume restores the saved values
+RESTORED_BY_OPTIMIZER = ("optim.lr", "optim.weight_decay", "optim.betas", "optim.momentum")
+_HOW_TO_RUN = ("run_dir", "resume", "logging.", "faults.")  # keys that say how to run, not what to train
+
+
+def changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs between a checkpoint's config and this run's, one `key: old -> new` line per
+    key (dotted), for the warning a resume gives; keys about how to run are left out."""
+    old, new = _dotted(saved), _dotted(now)
+    out = []
+    for key in sorted(old.keys() | new.keys()):
+        if key.startswith(_HOW_TO_RUN) or old.get(key) == new.get(key):
+            continue
+        note = " (not applied: the optimizer resumes with the checkpoint's value)" \
+            if key in RESTORED_BY_OPTIMIZER else ""
+        out.append(f"{key}: {_shown(old, key)} -> {_shown(new, key)}{note}")
+    return out
+
+
+def _shown(d: dict[str, Any], key: str) -> str:
+    return repr(d[key]) if key in d else "(absent)"
+
+
+def _dotted(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Leaves under dotted keys (an empty dict has none)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def to_yaml(cfg: JobConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 

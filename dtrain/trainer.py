@@ -23,7 +23,7 @@ from dtrain import __version__, dist, exitcodes
 from dtrain.agreement import Flag, StepAgreement
 from dtrain.checkpoint import CheckpointManager
 from dtrain.checkpoint.manager import load_weights
-from dtrain.config import JobConfig, check_world_size, to_dict
+from dtrain.config import JobConfig, changes, check_world_size, to_dict
 from dtrain.data import ResumableDistributedSampler
 from dtrain.early_stopping import EarlyStopping
 from dtrain.errors import CheckpointError
@@ -155,6 +155,10 @@ class Trainer:
             "order continues exactly, per-rank random streams are re-seeded)"
         )
         log.info("resumed from %s at step %d%s", url, self.step, note)
+        saved_cfg = extra.get("config")
+        changed = changes(saved_cfg, to_dict(self.cfg)) if isinstance(saved_cfg, dict) else []
+        if changed:
+            log.warning("the config differs from the one that saved %s:\n  %s", url, "\n  ".join(changed))
         return url
 
     def init_weights(self) -> str | None:

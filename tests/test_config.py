@@ -82,3 +82,18 @@ def test_round_trip_through_dict_and_yaml() -> None:
     assert from_dict(to_dict(cfg)) == cfg
     assert "lr: 0.5" in to_yaml(cfg)
     assert cfg.checkpoint_root.endswith("runs/default/checkpoints")
+
+
+def test_changes_lists_what_differs_and_which_values_the_optimizer_overrides() -> None:
+    from dtrain.config import changes
+
+    saved = {"run_dir": "a", "optim": {"lr": 0.001, "betas": [0.9, 0.999]}, "train": {"max_steps": 10},
+             "checkpoint": {"storage_options": {}}, "logging": {"level": "INFO"}}
+    now = {"run_dir": "b", "optim": {"lr": 0.001, "betas": [0.9, 0.95]}, "train": {"max_steps": 20},
+           "checkpoint": {"storage_options": {"anon": True}}, "logging": {"level": "DEBUG"}}
+    assert changes(saved, now) == [
+        "checkpoint.storage_options.anon: (absent) -> True",
+        "optim.betas: [0.9, 0.999] -> [0.9, 0.95] (not applied: the optimizer resumes with the checkpoint's value)",
+        "train.max_steps: 10 -> 20",
+    ]
+    assert changes(saved, saved) == []

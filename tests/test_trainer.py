@@ -10,7 +10,7 @@ import torch
 from dtrain import dist
 from dtrain.evaluation import evaluate
 from dtrain.models import digits
-from tests.launch import FAST, dtrain, losses, rank_summaries, summary
+from tests.launch import FAST, dtrain, losses, rank_summaries, read_jsonl, summary
 from tests.multiproc import run_ranks
 
 pytestmark = pytest.mark.multiprocess
@@ -196,11 +196,17 @@ def test_init_from_starts_a_fresh_run_from_another_runs_weights_and_restarts_res
 @pytest.mark.timeout(120)
 def test_early_stopping_turned_on_for_a_running_job_resumes_and_starts_fresh(tmp_path: Path) -> None:
     """Checkpoints saved without early stopping: a restart with it enabled resumes (its state
-    starts fresh, with a warning) instead of refusing the checkpoint."""
+    starts fresh, with a warning) instead of refusing the checkpoint. The restart also warns of
+    every config change, and says which ones the resumed optimizer overrides."""
     job = ["train", *FAST, f"run_dir={tmp_path / 'run'}", "train.eval_every=5"]
-    _ok(dtrain([*job, "train.max_steps=10", "early_stopping.enabled=false"]))
-    proc = dtrain([*job, "train.max_steps=20", "early_stopping.enabled=true"])
+    _ok(dtrain([*job, "train.max_steps=10", "early_stopping.enabled=false", "optim.lr=1e-3"]))
+    proc = dtrain([*job, "train.max_steps=20", "early_stopping.enabled=true", "optim.lr=1e-4"])
     _ok(proc)
     assert "no state for component 'early_stopping'" in proc.stderr
+    assert "early_stopping.enabled: False -> True\n" in proc.stderr
+    assert "optim.lr: 0.001 -> 0.0001 (not applied: the optimizer resumes with the checkpoint's value)" in proc.stderr
+    assert "train.max_steps: 10 -> 20" in proc.stderr and "run_dir" not in proc.stderr.split("config differs")[1]
+    lrs = {r["step"]: r["lr"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "lr" in r}
+    assert lrs[20] == lrs[10]  # the resumed optimizer's learning rate, as the warning says
     s = summary(tmp_path / "run")
     assert s["resumed_from"].endswith("step-000000010") and s["last_step"] == 20 and s["best_step"] in (15, 20)
