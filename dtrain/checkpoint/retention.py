@@ -78,11 +78,12 @@ def scan(root: str, storage_options: storage.StorageOptions = None) -> list[Chec
 def _scan_one(url: str, step: int, storage_options: storage.StorageOptions) -> CheckpointInfo:
     url_manifest = storage.join(url, MANIFEST)
     ident = storage.identity(url_manifest, storage_options)
-    info = _BY_IDENTITY.get((url, ident)) if ident is not None else None
+    known = ident is not None and storage.UNKNOWN not in ident  # else nothing to match it with
+    info = _BY_IDENTITY.get((url, ident)) if known else None
     if info is None:
         data = None if ident is None else _manifest_bytes(url, storage_options)
         info = CheckpointInfo(url, step, False, problem=NO_MANIFEST) if data is None else _info(url, step, data)
-        if data is not None:
+        if data is not None and known:
             if len(_BY_IDENTITY) >= 1024:
                 _BY_IDENTITY.clear()
             _BY_IDENTITY[(url, ident)] = info

@@ -234,12 +234,14 @@ def size(url: str, storage_options: StorageOptions = None) -> int:
     return int(fs.size(path))
 
 
+UNKNOWN = "unknown"  # in an identity: the store reports no version, so it matches no earlier one
+
+
 @_named_errors
 def identity(url: str, storage_options: StorageOptions = None) -> tuple[Any, ...] | None:
     """What changes whenever the file at `url` is written anew, without reading it: (size,
     mtime_ns, inode) locally (an atomic replace is a new inode), (size, ETag) or (size, modified
-    time) on object stores; a value equal to nothing else when the store reports neither. None if
-    the file is absent."""
+    time) on object stores, (size, UNKNOWN) when the store reports neither. None if absent."""
     if is_local(url):
         try:
             st = os.stat(local_path(url))
@@ -253,7 +255,7 @@ def identity(url: str, storage_options: StorageOptions = None) -> tuple[Any, ...
     except FileNotFoundError:
         return None
     version = next((info[k] for k in ("ETag", "etag", "LastModified", "mtime", "created") if info.get(k)), None)
-    return (info.get("size"), str(version) if version is not None else object())
+    return (info.get("size"), str(version) if version is not None else UNKNOWN)
 
 
 @_named_errors

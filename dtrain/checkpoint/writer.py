@@ -68,16 +68,16 @@ def write_tensor_file(url: str, name: str, items: Sequence[tuple[Box, torch.Tens
     Items that are the same memory as an earlier one (tied weights) are written once: the file's
     header names the first, and the others' chunks point at its bytes (a safetensors header may
     not name one byte range twice; the manifest may)."""
-    first: dict[tuple[object, ...], Box] = {}
-    alias: dict[int, Box] = {}  # item index -> the box whose bytes it shares
-    for i, (box, t) in enumerate(items):
+    first: dict[tuple[object, ...], int] = {}  # memory -> its index among `written`
+    where: list[int] = []  # item index -> the index among `written` of the bytes it is stored as
+    written: list[tuple[Box, torch.Tensor | Callable[[], torch.Tensor]]] = []
+    for box, t in items:
         mem = None if callable(t) else same_memory(t)
-        if mem is not None:
-            if mem in first:
-                alias[i] = first[mem]
-            else:
-                first[mem] = box
-    written = [it for i, it in enumerate(items) if i not in alias]
+        if mem is None or mem not in first:
+            if mem is not None:
+                first[mem] = len(written)
+            written.append((box, t))
+        where.append(first[mem] if mem is not None else len(written) - 1)
     header, entries = encode_header([(b.key, b.dtype, b.lengths) for b, _ in written], metadata)
     file_crc = crc32(header)
     chunks: list[tuple[str, Chunk]] = []
@@ -103,17 +103,15 @@ def write_tensor_file(url: str, name: str, items: Sequence[tuple[Box, torch.Tens
                 crc.value()  # hashing is faster than writing: this costs nothing and keeps one piece alive
             crcs.append(crc)
             del tensor  # a lazily built tensor (export) is freed before the next one is built
-        stored: dict[str, Chunk] = {}
+        stored: list[Chunk] = []
         for (box, _), entry, hashed in zip(written, entries, crcs, strict=True):
             c = hashed if isinstance(hashed, int) else hashed.value()
             file_crc = crc32_combine(file_crc, c, entry.end - entry.begin)
-            stored[box.key] = Chunk(name, box.offsets, box.lengths, (entry.begin, entry.end), format_crc(c))
-        for i, (box, _) in enumerate(items):
-            if i in alias:
-                shared = stored[alias[i].key]
-                chunks.append((box.key, Chunk(name, box.offsets, box.lengths, shared.data_offsets, shared.checksum)))
-            else:
-                chunks.append((box.key, stored[box.key]))
+            stored.append(Chunk(name, box.offsets, box.lengths, (entry.begin, entry.end), format_crc(c)))
+        for (box, _), j in zip(items, where, strict=True):
+            own = written[j][0] is box
+            chunks.append((box.key, stored[j] if own else
+                           Chunk(name, box.offsets, box.lengths, stored[j].data_offsets, stored[j].checksum)))
     return FileEntry(name, size, format_crc(file_crc)), chunks
 
 
