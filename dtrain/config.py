@@ -255,8 +255,9 @@ _HOW_TO_RUN = ("run_dir", "resume", "logging.", "faults.")  # keys that say how 
 
 def changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """What differs between a checkpoint's config and this run's, one `key: old -> new` line per
-    key (dotted), for the warning a resume gives; keys about how to run are left out."""
-    old, new = _dotted(saved), _dotted(now)
+    key (dotted), for the warning a resume gives; keys about how to run are left out. A key the
+    saved config lacks (an older dtrain's) counts as its default."""
+    old, new = {**_dotted(to_dict(JobConfig())), **_dotted(saved)}, _dotted(now)
     out = []
     for key in sorted(old.keys() | new.keys()):
         if key.startswith(_HOW_TO_RUN) or old.get(key) == new.get(key):

@@ -87,13 +87,22 @@ def test_round_trip_through_dict_and_yaml() -> None:
 def test_changes_lists_what_differs_and_which_values_the_optimizer_overrides() -> None:
     from dtrain.config import changes
 
-    saved = {"run_dir": "a", "optim": {"lr": 0.001, "betas": [0.9, 0.999]}, "train": {"max_steps": 10},
-             "checkpoint": {"storage_options": {}}, "logging": {"level": "INFO"}}
-    now = {"run_dir": "b", "optim": {"lr": 0.001, "betas": [0.9, 0.95]}, "train": {"max_steps": 20},
-           "checkpoint": {"storage_options": {"anon": True}}, "logging": {"level": "DEBUG"}}
+    def cfg(**over: dict) -> dict:
+        d = to_dict(JobConfig())
+        for section, values in over.items():
+            d[section] = {**d[section], **values} if isinstance(d[section], dict) else values
+        return d
+
+    saved = cfg(run_dir="a", optim={"lr": 0.001}, train={"max_steps": 10}, logging={"level": "INFO"})
+    now = cfg(run_dir="b", optim={"lr": 0.001, "betas": [0.9, 0.95]}, train={"max_steps": 20},
+              checkpoint={"storage_options": {"anon": True}}, logging={"level": "DEBUG"})
     assert changes(saved, now) == [
         "checkpoint.storage_options.anon: (absent) -> True",
         "optim.betas: [0.9, 0.999] -> [0.9, 0.95] (not applied: the optimizer resumes with the checkpoint's value)",
         "train.max_steps: 10 -> 20",
     ]
     assert changes(saved, saved) == []
+    older = cfg()  # a checkpoint of a dtrain without checkpoint.init_from: it counts as the default
+    del older["checkpoint"]["init_from"]
+    assert changes(older, cfg()) == []
+    assert changes(older, cfg(checkpoint={"init_from": "s3://b/r"})) == ["checkpoint.init_from: '' -> 's3://b/r'"]
