@@ -119,3 +119,22 @@ def check_scan_reads_only_new_or_replaced_manifests(root: str, monkeypatch: pyte
 def test_scan_reads_only_new_or_replaced_manifests(tmp_path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
     root = str(tmp_path / "ckpt") if where == "local" else f"memory://scan-{tmp_path.name}/ckpt"
     check_scan_reads_only_new_or_replaced_manifests(root, monkeypatch)
+
+
+def test_a_store_without_versions_is_read_on_every_scan(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ETag or modification time in a store's file info: nothing tells a rewritten manifest from
+    the one seen before, so each scan reads them all (correct, not faster)."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from dtrain.checkpoint import storage
+
+    real = MemoryFileSystem.info
+    monkeypatch.setattr(MemoryFileSystem, "info", lambda self, path, **kw: {
+        k: v for k, v in real(self, path, **kw).items() if k != "created"})
+    root = f"memory://noversion-{tmp_path.name}/ckpt"
+    m, o, s, c = make_all()
+    CheckpointManager(root).save(1, model=m, optimizer=o)
+    assert storage.identity(f"{root}/step-000000001/manifest.json")[1] == storage.UNKNOWN
+    for _ in range(2):
+        infos, read = _scan_reads(root, monkeypatch)
+        assert read == ["step-000000001"] and infos[0].committed
