@@ -15,5 +15,10 @@ class CheckpointError(DtrainError):
     """A checkpoint cannot be written, found, verified or loaded."""
 
 
+class CheckpointMismatchError(CheckpointError):
+    """A sound checkpoint that does not fit what it is loaded into: tensor keys, shapes or dtypes,
+    optimizer state or components differ (another model or optimizer config)."""
+
+
 class DistributedError(DtrainError):
     """The process group cannot be set up or a collective failed."""

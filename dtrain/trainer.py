@@ -26,7 +26,7 @@ from dtrain.checkpoint.manager import load_weights
 from dtrain.config import JobConfig, changes, check_world_size, to_dict
 from dtrain.data import ResumableDistributedSampler
 from dtrain.early_stopping import EarlyStopping
-from dtrain.errors import CheckpointError
+from dtrain.errors import CheckpointError, CheckpointMismatchError
 from dtrain.evaluation import evaluate
 from dtrain.faults import FaultInjector
 from dtrain.metrics import MetricsLogger
@@ -134,17 +134,21 @@ class Trainer:
                 info, extra = found
                 url = info.url
             else:
-                extra = self.checkpoints.load(mode, model=self.model, optimizer=self.optimizer,
+                url = self.checkpoints.resolve(mode)
+                extra = self.checkpoints.load(url, model=self.model, optimizer=self.optimizer,
                                               stateful=self._stateful(), optional=_OPTIONAL)
-                url = mode
         except CheckpointError as e:
             root = self.cfg.checkpoint_root
+            weights = ""
+            if isinstance(e, CheckpointMismatchError):
+                source = root if mode == "auto" else mode
+                weights = (f" The trainer resumes strictly (the config must build the model and optimizer that "
+                           f"saved it). To keep only the model weights (another optimizer, a new head), start a "
+                           f"run from them: checkpoint.init_from={source} with another run_dir or resume=never "
+                           f"(checkpoint.init_strict=false for a new head).")
             raise CheckpointError(
-                f"cannot resume: {e}. The trainer resumes strictly (the config must build the model and "
-                f"optimizer that saved it). To keep only the model weights (another optimizer, a new head), "
-                f"start a run from them: checkpoint.init_from={root} with another run_dir or resume=never "
-                f"(checkpoint.init_strict=false for a new head). To start fresh instead, pass resume=never or "
-                f"another run_dir (the checkpoints under {root} are left untouched)"
+                f"cannot resume: {e}.{weights} To start fresh instead, pass resume=never or another run_dir "
+                f"(the checkpoints under {root} are left untouched)"
             ) from e
         self.step = self.last_saved_step = int(extra["step"])
         window = extra.get("loss_window", [0.0, 0])

@@ -191,6 +191,13 @@ def test_changed_model_shapes_are_a_clear_error_and_lose_nothing(tmp_path: Path)
     proc = dtrain([*JOB, f"run_dir={run_dir}", "train.max_steps=10", "model.hidden=64"])
     assert proc.returncode == 1
     assert "model/fc1.bias" in proc.stderr and "resume=never" in proc.stderr
+    assert f"checkpoint.init_from={run_dir / 'checkpoints'} " in proc.stderr  # how to keep the weights
     assert "Traceback" not in proc.stderr
     committed = [i for i in list_checkpoints(str(run_dir / "checkpoints")) if i.committed]
     assert [i.step for i in committed] == [5] and verify(committed[0].url) == []
+    # resume=<another run's root>: its newest committed checkpoint; a wrong URL is no mismatch
+    other = tmp_path / "other"
+    _ok(dtrain([*JOB, f"run_dir={other}", "train.max_steps=10", f"resume={run_dir / 'checkpoints'}"]))
+    assert summary(other)["resumed_from"] == str(run_dir / "checkpoints" / "step-000000005")
+    bad = dtrain([*JOB, f"run_dir={tmp_path / 'bad'}", f"resume={tmp_path / 'nowhere'}"])
+    assert bad.returncode == 1 and "nowhere" in bad.stderr and "init_from" not in bad.stderr

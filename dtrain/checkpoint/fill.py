@@ -17,7 +17,7 @@ from dtrain.checkpoint.format import Chunk, Manifest
 from dtrain.checkpoint.plan import Box, local_box
 from dtrain.checkpoint.reader import ChunkReader
 from dtrain.checkpoint.stfile import DTYPES
-from dtrain.errors import CheckpointError
+from dtrain.errors import CheckpointMismatchError
 
 
 def _overlap(a_off: tuple[int, ...], a_len: tuple[int, ...], b_off: tuple[int, ...],
@@ -74,7 +74,7 @@ def checked_box(dir_url: str, manifest: Manifest, key: str, dest: torch.Tensor) 
     entry = manifest.tensors[key]
     box, local = local_box(key, dest)
     if entry.dtype != box.dtype or entry.shape != box.shape:
-        raise CheckpointError(f"{dir_url}: tensor {key!r}: checkpoint has {entry.dtype}{list(entry.shape)}, "
+        raise CheckpointMismatchError(f"{dir_url}: tensor {key!r}: checkpoint has {entry.dtype}{list(entry.shape)}, "
                               f"the model expects {box.dtype}{list(box.shape)}; the model config does not match")
     return box, local
 
@@ -83,10 +83,10 @@ def check_keys(wanted: set[str], stored: set[str], what: str, where: str) -> Non
     """Strict loading: the checkpoint and the model/optimizer must hold the same keys."""
     missing, unexpected = sorted(wanted - stored), sorted(stored - wanted)
     if missing:
-        raise CheckpointError(f"{where}: {what} key(s) missing from the checkpoint: {few_keys(missing)}; "
+        raise CheckpointMismatchError(f"{where}: {what} key(s) missing from the checkpoint: {few_keys(missing)}; "
                               f"pass strict=False to load the rest")
     if unexpected:
-        raise CheckpointError(f"{where}: checkpoint has {what} key(s) the target does not: "
+        raise CheckpointMismatchError(f"{where}: checkpoint has {what} key(s) the target does not: "
                               f"{few_keys(unexpected)}; pass strict=False to ignore them")
 
 

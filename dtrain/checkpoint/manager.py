@@ -198,7 +198,7 @@ class CheckpointManager:
         `optional`: components of `stateful` the checkpoint may lack (saved before they existed,
         as early stopping turned on for a running job): they keep their state, with a warning."""
         self.wait()  # never let a load's collectives interleave with a background save's
-        return self._load(self._resolve(ckpt), None, model, optimizer, stateful, strict, optional)
+        return self._load(self.resolve(ckpt), None, model, optimizer, stateful, strict, optional)
 
     def _load(self, url: str, manifest: Manifest | None, model: nn.Module, optimizer: Optimizers,
               stateful: dict[str, Stateful] | None, strict: bool, optional: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -238,7 +238,9 @@ class CheckpointManager:
                                   f"run `dtrain ckpt verify` on them, or remove them to start fresh")
         return None
 
-    def _resolve(self, ckpt: CheckpointInfo | str) -> str:
+    def resolve(self, ckpt: CheckpointInfo | str) -> str:
+        """The directory `load` reads for `ckpt`: a checkpoint directory (URL, or a step directory's
+        name under this root), or a root (its newest committed checkpoint)."""
         if isinstance(ckpt, CheckpointInfo):
             return ckpt.url
         if storage.exists(storage.join(ckpt, MANIFEST), self.storage_options):
@@ -247,8 +249,11 @@ class CheckpointManager:
         if "://" not in ckpt and not ckpt.startswith("/") and storage.exists(
                 storage.join(inside, MANIFEST), self.storage_options):
             return inside
-        raise CheckpointError(f"{ckpt} is not a committed checkpoint (no manifest.json there or under "
-                              f"{self.root}); see `dtrain ckpt ls {self.root}`")
+        try:
+            return retention.resolve(ckpt, self.storage_options)  # a root: its newest committed checkpoint
+        except CheckpointError:
+            raise CheckpointError(f"{ckpt} is not a committed checkpoint nor a root holding one (no manifest.json "
+                                  f"there, under it or under {self.root}); see `dtrain ckpt ls {self.root}`") from None
 
 
 def load_model(url: str, model: nn.Module, *, strict: bool = True,
@@ -266,12 +271,7 @@ def load_weights(url: str, model: nn.Module, *, strict: bool = True, group: comm
     """`load_model` as a collective over `group` (each rank gets its shards; the trainer's
     `checkpoint.init_from`). Returns the checkpoint directory loaded and the keys left out. A
     root is resolved on every rank: it must not be written to meanwhile."""
-    target = url
-    if not storage.exists(storage.join(url, MANIFEST), storage_options):
-        committed = [i for i in scan(url, storage_options) if i.committed]
-        if not committed:
-            raise CheckpointError(f"{url} is neither a committed checkpoint nor a root holding one")
-        target = committed[-1].url
+    target = retention.resolve(url, storage_options)
     with torch.no_grad():
         _, _, diff = load_checkpoint(target, model=model, strict=strict, group=group,
                                      storage_options=storage_options, restore_rng=False)

@@ -35,7 +35,7 @@ from dtrain.checkpoint.state import (
     optimizer_fqns,
     set_states,
 )
-from dtrain.errors import CheckpointError
+from dtrain.errors import CheckpointError, CheckpointMismatchError
 
 log = logging.getLogger(__name__)
 _OK, _DAMAGED, _FAILED = 0, 1, 2
@@ -203,7 +203,7 @@ def _finish_reading(dir_url: str, target: _Target | None, stateful: dict[str, St
     rng_state = _read_rng(dir_url, target.manifest, group, storage_options) if restore_rng else None
     missing = [n for n in (stateful or {}) if n not in (target.state.get("stateful") or {}) and n not in optional]
     if strict and missing:  # checked before anything is set, like every other mismatch
-        raise CheckpointError(f"{dir_url}: no state for component(s) {missing} in the checkpoint "
+        raise CheckpointMismatchError(f"{dir_url}: no state for component(s) {missing} in the checkpoint "
                               f"(it has {sorted(target.state.get('stateful') or {})}); pass strict=False to skip them")
     return rng_state
 

@@ -90,6 +90,16 @@ def _scan_one(url: str, step: int, storage_options: storage.StorageOptions) -> C
     return replace(info, metrics=dict(info.metrics))  # a copy: callers may change its metrics
 
 
+def resolve(url: str, storage_options: storage.StorageOptions = None) -> str:
+    """A checkpoint directory as given, or the newest committed one under a root."""
+    if storage.exists(storage.join(url, MANIFEST), storage_options):
+        return url
+    committed = [i for i in scan(url, storage_options) if i.committed]
+    if not committed:
+        raise CheckpointError(f"{url} is neither a committed checkpoint nor a root holding one")
+    return committed[-1].url
+
+
 def read_info(url: str, step: int, storage_options: storage.StorageOptions = None
               ) -> tuple[CheckpointInfo, Manifest | None]:
     """One checkpoint directory's info (a copy) and its parsed manifest, None when it has no valid

@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor
 from dtrain import __version__
 from dtrain.checkpoint.fill import check_keys
 from dtrain.checkpoint.plan import Leaf, flatten
-from dtrain.errors import CheckpointError
+from dtrain.errors import CheckpointError, CheckpointMismatchError
 
 log = logging.getLogger(__name__)
 Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None
@@ -129,7 +129,7 @@ def apply_json_state(saved: dict[str, Any], leaves: dict[str, Leaf], optim_sd: d
     groups = saved.get("param_groups")
     if groups is None:
         if strict:
-            raise CheckpointError(f"{where}: the checkpoint has no optimizer state; load without an "
+            raise CheckpointMismatchError(f"{where}: the checkpoint has no optimizer state; load without an "
                                   f"optimizer or pass strict=False")
         return
     if strict:
@@ -163,7 +163,7 @@ def load_stateful(stateful: dict[str, Stateful], saved: dict[str, Any], strict: 
     for name, obj in stateful.items():
         if name not in saved:
             if strict and name not in optional:
-                raise CheckpointError(f"{where}: no state for component {name!r} in the checkpoint "
+                raise CheckpointMismatchError(f"{where}: no state for component {name!r} in the checkpoint "
                                       f"(it has {sorted(saved)}); pass strict=False to skip it")
             log.warning("%s: no state for component %r; it keeps its current state", where, name)
             continue

@@ -21,7 +21,7 @@ from dtrain.checkpoint.format import MANIFEST, Chunk, Manifest, NonFiniteTensorE
 from dtrain.checkpoint.jsoncodec import loads
 from dtrain.checkpoint.plan import MODEL, Box
 from dtrain.checkpoint.reader import ChunkReader, read_manifest
-from dtrain.checkpoint.retention import CheckpointInfo, scan
+from dtrain.checkpoint.retention import CheckpointInfo, resolve, scan
 from dtrain.checkpoint.stfile import DTYPES, dtype_name, read_header
 from dtrain.checkpoint.writer import write_tensor_file
 from dtrain.errors import CheckpointError
@@ -43,16 +43,6 @@ class TensorInfo:
 
 def list_checkpoints(root: str, storage_options: storage.StorageOptions = None) -> list[CheckpointInfo]:
     return scan(root, storage_options)
-
-
-def resolve(url: str, storage_options: storage.StorageOptions = None) -> str:
-    """A checkpoint directory as given, or the newest committed one under a root."""
-    if storage.exists(storage.join(url, MANIFEST), storage_options):
-        return url
-    committed = [i for i in scan(url, storage_options) if i.committed]
-    if not committed:
-        raise CheckpointError(f"{url} is neither a committed checkpoint nor a root holding one")
-    return committed[-1].url
 
 
 def inspect(url: str, storage_options: storage.StorageOptions = None) -> tuple[Manifest, list[TensorInfo]]:
