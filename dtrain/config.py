@@ -251,6 +251,7 @@ def to_dict(cfg: JobConfig) -> dict[str, Any]:
 # an optimizer's state_dict carries these in its param_groups, so a resume restores the saved values
 RESTORED_BY_OPTIMIZER = ("optim.lr", "optim.weight_decay", "optim.betas", "optim.momentum")
 _HOW_TO_RUN = ("run_dir", "resume", "logging.", "faults.")  # keys that say how to run, not what to train
+_SECRET = ("checkpoint.storage_options.",)  # may hold credentials: named, values not shown
 
 
 def changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -264,7 +265,8 @@ def changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
             continue
         note = " (not applied: the optimizer resumes with the checkpoint's value)" \
             if key in RESTORED_BY_OPTIMIZER else ""
-        out.append(f"{key}: {_shown(old, key)} -> {_shown(new, key)}{note}")
+        shown = " changed" if key.startswith(_SECRET) else f" {_shown(old, key)} -> {_shown(new, key)}"
+        out.append(f"{key}:{shown}{note}")
     return out
 
 

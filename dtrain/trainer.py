@@ -161,7 +161,7 @@ class Trainer:
         log.info("resumed from %s at step %d%s", url, self.step, note)
         saved_cfg = extra.get("config")
         changed = changes(saved_cfg, to_dict(self.cfg)) if isinstance(saved_cfg, dict) else []
-        if changed:
+        if changed and self.env.is_main:  # the same on every rank: said once
             log.warning("the config differs from the one that saved %s:\n  %s", url, "\n  ".join(changed))
         return url
 

@@ -97,7 +97,7 @@ def test_changes_lists_what_differs_and_which_values_the_optimizer_overrides() -
     now = cfg(run_dir="b", optim={"lr": 0.001, "betas": [0.9, 0.95]}, train={"max_steps": 20},
               checkpoint={"storage_options": {"anon": True}}, logging={"level": "DEBUG"})
     assert changes(saved, now) == [
-        "checkpoint.storage_options.anon: (absent) -> True",
+        "checkpoint.storage_options.anon: changed",
         "optim.betas: [0.9, 0.999] -> [0.9, 0.95] (not applied: the optimizer resumes with the checkpoint's value)",
         "train.max_steps: 10 -> 20",
     ]
