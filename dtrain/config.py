@@ -8,6 +8,7 @@ Value checks that a type cannot express (allowed names, ranges) live in `validat
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -283,6 +284,26 @@ def _dotted(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+_CREDENTIAL = re.compile(r"(^|_)(key|secret|token|password|credentials?|connection_string)$", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def saved_form(cfg: JobConfig) -> dict[str, Any]:
+    """The config as checkpoints keep it: credentials in `checkpoint.storage_options` (s3fs's
+    key/secret/token, `aws_secret_access_key`, ...) are replaced by REDACTED at any depth, since
+    checkpoints get copied and shared; an endpoint or a region stays."""
+    d = to_dict(cfg)
+    d["checkpoint"]["storage_options"] = _redact(d["checkpoint"]["storage_options"])
+    return d
+
+
+def _redact(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: REDACTED if _CREDENTIAL.search(str(k)) and not isinstance(x, dict) else _redact(x)
+                for k, x in v.items()}
+    return v
 
 
 def to_yaml(cfg: JobConfig) -> str:

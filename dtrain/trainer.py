@@ -23,7 +23,7 @@ from dtrain import __version__, dist, exitcodes
 from dtrain.agreement import Flag, StepAgreement
 from dtrain.checkpoint import CheckpointManager
 from dtrain.checkpoint.manager import load_weights
-from dtrain.config import JobConfig, changes, check_world_size, to_dict
+from dtrain.config import JobConfig, changes, check_world_size, saved_form
 from dtrain.data import ResumableDistributedSampler
 from dtrain.early_stopping import EarlyStopping
 from dtrain.errors import CheckpointError, CheckpointMismatchError
@@ -105,7 +105,7 @@ class Trainer:
     def _extra(self) -> dict[str, Any]:
         window = (dist.all_reduce_mean(self.loss_window[0]), self.loss_window[1])
         return {"step": self.step, "loss_window": list(window), "world_size": self.env.world_size,
-                "strategy": self.cfg.parallel.strategy, "config": to_dict(self.cfg),
+                "strategy": self.cfg.parallel.strategy, "config": saved_form(self.cfg),
                 "dtrain_version": __version__, "torch_version": torch.__version__}
 
     def save(self, reason: str) -> None:
@@ -160,7 +160,7 @@ class Trainer:
         )
         log.info("resumed from %s at step %d%s", url, self.step, note)
         saved_cfg = extra.get("config")
-        changed = changes(saved_cfg, to_dict(self.cfg)) if isinstance(saved_cfg, dict) else []
+        changed = changes(saved_cfg, saved_form(self.cfg)) if isinstance(saved_cfg, dict) else []
         if changed and self.env.is_main:  # the same on every rank: said once
             log.warning("the config differs from the one that saved %s:\n  %s", url, "\n  ".join(changed))
         return url

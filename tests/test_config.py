@@ -106,3 +106,17 @@ def test_changes_lists_what_differs_and_which_values_the_optimizer_overrides() -
     del older["checkpoint"]["init_from"]
     assert changes(older, cfg()) == []
     assert changes(older, cfg(checkpoint={"init_from": "s3://b/r"})) == ["checkpoint.init_from: '' -> 's3://b/r'"]
+
+
+def test_checkpoints_keep_the_config_without_storage_credentials() -> None:
+    from dtrain.config import REDACTED, changes, saved_form
+
+    cfg = JobConfig()
+    cfg.checkpoint.storage_options = {"key": "AKIA", "secret": "s3cr3t", "token": "t", "endpoint_url": "http://x",
+                                      "client_kwargs": {"aws_secret_access_key": "s", "region_name": "eu"},
+                                      "anon": False}
+    opts = saved_form(cfg)["checkpoint"]["storage_options"]
+    assert opts == {"key": REDACTED, "secret": REDACTED, "token": REDACTED, "endpoint_url": "http://x",
+                    "client_kwargs": {"aws_secret_access_key": REDACTED, "region_name": "eu"}, "anon": False}
+    assert cfg.checkpoint.storage_options["secret"] == "s3cr3t"  # the run itself keeps them
+    assert changes(saved_form(cfg), saved_form(cfg)) == []
