@@ -215,9 +215,10 @@ class CheckpointManager:
                        stateful: dict[str, Stateful] | None = None, optional: tuple[str, ...] = ()
                        ) -> tuple[CheckpointInfo, dict[str, Any]] | None:
         """Load the newest committed checkpoint; if it is damaged, warn why and try the one before.
-        None if there is no committed checkpoint at all. `optional`: as in `load`. Manifests are read newest first and only
-        as far back as needed, and the one loaded is parsed once (a manifest of 16k tensors takes
-        0.14 s to parse; the scan of every kept checkpoint parsed each, then the load the newest again)."""
+        None if there is no committed checkpoint at all. `optional`: as in `load`. Manifests are
+        read newest first and only as far back as needed, and the one loaded is parsed once (a
+        manifest of 16k tensors takes 0.14 s to parse; the scan of every kept checkpoint parsed
+        each, then the load the newest again)."""
         self.wait()
         damaged: list[str] = []
         for step, url in reversed(step_dirs(self.root, self.storage_options)):
