@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,20 +121,22 @@ def same_memory(t: torch.Tensor) -> tuple[object, ...] | None:
     return t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride()
 
 
+def first_with_same_memory(tensors: Sequence[torch.Tensor | None]) -> list[int]:
+    """For each tensor, the index of the first one that is the same memory (`same_memory`; its own
+    index when none before it is, or when it is None or empty): tied weights are stored once."""
+    first: dict[tuple[object, ...], int] = {}
+    out = []
+    for i, t in enumerate(tensors):
+        mem = None if t is None else same_memory(t)
+        out.append(i if mem is None else first.setdefault(mem, i))
+    return out
+
+
 def tied_boxes(boxes: list[Box], data: dict[str, torch.Tensor]) -> dict[tuple[Any, ...], tuple[Any, ...]]:
     """Box id -> the id of the first box (in `boxes`' order) whose data is the same memory: tied
     weights, which the writer stores once when one rank writes both."""
-    first: dict[tuple[object, ...], tuple[Any, ...]] = {}
-    tied = {}
-    for b in boxes:
-        mem = same_memory(data[b.key])
-        if mem is None:
-            continue
-        if mem in first:
-            tied[b.id] = first[mem]
-        else:
-            first[mem] = b.id
-    return tied
+    firsts = first_with_same_memory([data[b.key] for b in boxes])
+    return {b.id: boxes[j].id for b, j in zip(boxes, firsts, strict=True) if boxes[j] is not b}
 
 
 def digest(boxes: list[Box], tied: dict[tuple[Any, ...], tuple[Any, ...]] | None = None) -> int:

@@ -19,7 +19,7 @@ from torch import nn
 from dtrain.checkpoint import comm, rng, storage
 from dtrain.checkpoint.format import MANIFEST, STATE, Manifest, rng_file
 from dtrain.checkpoint.jsoncodec import encode
-from dtrain.checkpoint.plan import Box, assign, digest, local_boxes, same_memory, tied_boxes
+from dtrain.checkpoint.plan import Box, assign, digest, first_with_same_memory, local_boxes, tied_boxes
 from dtrain.checkpoint.state import (
     Stateful,
     flatten,
@@ -152,18 +152,11 @@ def _prepare_directory(dir_url: str, storage_options: storage.StorageOptions) ->
 def stage(prep: PreparedSave, cache: dict[Hashable, torch.Tensor] | None = None) -> PreparedSave:
     """Host copies of this rank's share (pinned for device tensors) so training can go on. Items
     that are the same memory (tied weights) share one copy, which the writer then writes once."""
-    first: dict[tuple[object, ...], int] = {}
-    unique: list[tuple[Hashable, torch.Tensor]] = []
-    source: list[int] = []  # for each item, its copy among `unique`
-    for box, t in prep.items:
-        mem = same_memory(t)
-        if mem is None or mem not in first:
-            if mem is not None:
-                first[mem] = len(unique)
-            unique.append((box.id, t))
-        source.append(first[mem] if mem is not None else len(unique) - 1)
-    copies = stage_copies(unique, cache)
-    return replace(prep, items=[(box, copies[j]) for (box, _), j in zip(prep.items, source, strict=True)])
+    firsts = first_with_same_memory([t for _, t in prep.items])
+    unique = [i for i, j in enumerate(firsts) if i == j]
+    copies = dict(zip(unique, stage_copies([(prep.items[i][0].id, prep.items[i][1]) for i in unique], cache),
+                      strict=True))
+    return replace(prep, items=[(box, copies[j]) for (box, _), j in zip(prep.items, firsts, strict=True)])
 
 
 def stage_copies(tensors: list[tuple[Hashable, torch.Tensor]], cache: dict[Hashable, torch.Tensor] | None = None

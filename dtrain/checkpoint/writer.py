@@ -20,7 +20,7 @@ import torch
 from dtrain.checkpoint import comm, retention, storage
 from dtrain.checkpoint.checksum import INLINE, BackgroundCrc, crc32, crc32_combine, format_crc
 from dtrain.checkpoint.format import MANIFEST, Chunk, FileEntry, Manifest, TensorEntry, parse_manifest
-from dtrain.checkpoint.plan import MODEL, Box, same_memory
+from dtrain.checkpoint.plan import MODEL, Box, first_with_same_memory
 from dtrain.checkpoint.stfile import encode_header
 from dtrain.errors import CheckpointError
 
@@ -68,16 +68,10 @@ def write_tensor_file(url: str, name: str, items: Sequence[tuple[Box, torch.Tens
     Items that are the same memory as an earlier one (tied weights) are written once: the file's
     header names the first, and the others' chunks point at its bytes (a safetensors header may
     not name one byte range twice; the manifest may)."""
-    first: dict[tuple[object, ...], int] = {}  # memory -> its index among `written`
-    where: list[int] = []  # item index -> the index among `written` of the bytes it is stored as
-    written: list[tuple[Box, torch.Tensor | Callable[[], torch.Tensor]]] = []
-    for box, t in items:
-        mem = None if callable(t) else same_memory(t)
-        if mem is None or mem not in first:
-            if mem is not None:
-                first[mem] = len(written)
-            written.append((box, t))
-        where.append(first[mem] if mem is not None else len(written) - 1)
+    firsts = first_with_same_memory([None if callable(t) else t for _, t in items])
+    kept = [i for i, j in enumerate(firsts) if i == j]  # the items whose bytes go into the file
+    written = [items[i] for i in kept]
+    position = {i: n for n, i in enumerate(kept)}  # kept item -> its header entry
     header, entries = encode_header([(b.key, b.dtype, b.lengths) for b, _ in written], metadata)
     file_crc = crc32(header)
     chunks: list[tuple[str, Chunk]] = []
@@ -108,10 +102,10 @@ def write_tensor_file(url: str, name: str, items: Sequence[tuple[Box, torch.Tens
             c = hashed if isinstance(hashed, int) else hashed.value()
             file_crc = crc32_combine(file_crc, c, entry.end - entry.begin)
             stored.append(Chunk(name, box.offsets, box.lengths, (entry.begin, entry.end), format_crc(c)))
-        for (box, _), j in zip(items, where, strict=True):
-            own = written[j][0] is box
-            chunks.append((box.key, stored[j] if own else
-                           Chunk(name, box.offsets, box.lengths, stored[j].data_offsets, stored[j].checksum)))
+        for i, ((box, _), j) in enumerate(zip(items, firsts, strict=True)):
+            at = stored[position[j]]
+            chunks.append((box.key, at if i == j else
+                           Chunk(name, box.offsets, box.lengths, at.data_offsets, at.checksum)))
     return FileEntry(name, size, format_crc(file_crc)), chunks
 
 
