@@ -75,7 +75,7 @@ def checked_box(dir_url: str, manifest: Manifest, key: str, dest: torch.Tensor) 
     box, local = local_box(key, dest)
     if entry.dtype != box.dtype or entry.shape != box.shape:
         raise CheckpointMismatchError(f"{dir_url}: tensor {key!r}: checkpoint has {entry.dtype}{list(entry.shape)}, "
-                              f"the model expects {box.dtype}{list(box.shape)}; the model config does not match")
+                                      f"the model expects {box.dtype}{list(box.shape)}; the model config does not match")
     return box, local
 
 
@@ -84,10 +84,10 @@ def check_keys(wanted: set[str], stored: set[str], what: str, where: str) -> Non
     missing, unexpected = sorted(wanted - stored), sorted(stored - wanted)
     if missing:
         raise CheckpointMismatchError(f"{where}: {what} key(s) missing from the checkpoint: {few_keys(missing)}; "
-                              f"pass strict=False to load the rest")
+                                      f"pass strict=False to load the rest")
     if unexpected:
         raise CheckpointMismatchError(f"{where}: checkpoint has {what} key(s) the target does not: "
-                              f"{few_keys(unexpected)}; pass strict=False to ignore them")
+                                      f"{few_keys(unexpected)}; pass strict=False to ignore them")
 
 
 def few_keys(keys: list[str]) -> str:

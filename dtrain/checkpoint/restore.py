@@ -204,7 +204,7 @@ def _finish_reading(dir_url: str, target: _Target | None, stateful: dict[str, St
     missing = [n for n in (stateful or {}) if n not in (target.state.get("stateful") or {}) and n not in optional]
     if strict and missing:  # checked before anything is set, like every other mismatch
         raise CheckpointMismatchError(f"{dir_url}: no state for component(s) {missing} in the checkpoint "
-                              f"(it has {sorted(target.state.get('stateful') or {})}); pass strict=False to skip them")
+                                      f"(it has {sorted(target.state.get('stateful') or {})}); pass strict=False to skip them")
     return rng_state
 
 

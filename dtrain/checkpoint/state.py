@@ -130,7 +130,7 @@ def apply_json_state(saved: dict[str, Any], leaves: dict[str, Leaf], optim_sd: d
     if groups is None:
         if strict:
             raise CheckpointMismatchError(f"{where}: the checkpoint has no optimizer state; load without an "
-                                  f"optimizer or pass strict=False")
+                                          f"optimizer or pass strict=False")
         return
     if strict:
         want = {p for g in optim_sd["param_groups"] for p in g["params"]}
@@ -164,7 +164,7 @@ def load_stateful(stateful: dict[str, Stateful], saved: dict[str, Any], strict: 
         if name not in saved:
             if strict and name not in optional:
                 raise CheckpointMismatchError(f"{where}: no state for component {name!r} in the checkpoint "
-                                      f"(it has {sorted(saved)}); pass strict=False to skip it")
+                                              f"(it has {sorted(saved)}); pass strict=False to skip it")
             log.warning("%s: no state for component %r; it keeps its current state", where, name)
             continue
         obj.load_state_dict(saved[name])
