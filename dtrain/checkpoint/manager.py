@@ -43,6 +43,7 @@ from dtrain.checkpoint.tools import refuse_non_finite
 from dtrain.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
+DAMAGED = MANIFEST + ".damaged"  # a damaged checkpoint's manifest, renamed by restore_latest
 
 
 class CheckpointManager:
@@ -212,13 +213,18 @@ class CheckpointManager:
         return extra
 
     def restore_latest(self, *, model: nn.Module, optimizer: Optimizers = None,
-                       stateful: dict[str, Stateful] | None = None, optional: tuple[str, ...] = ()
-                       ) -> tuple[CheckpointInfo, dict[str, Any]] | None:
+                       stateful: dict[str, Stateful] | None = None, optional: tuple[str, ...] = (),
+                       set_aside_damaged: bool = False) -> tuple[CheckpointInfo, dict[str, Any]] | None:
         """Load the newest committed checkpoint; if it is damaged, warn why and try the one before.
         None if there is no committed checkpoint at all. `optional`: as in `load`. Manifests are
         read newest first and only as far back as needed, and the one loaded is parsed once (a
         manifest of 16k tensors takes 0.14 s to parse; the scan of every kept checkpoint parsed
-        each, then the load the newest again)."""
+        each, then the load the newest again).
+
+        `set_aside_damaged` (for the job that writes this root, as the trainer): rank 0 renames a
+        damaged checkpoint's manifest to `manifest.json.damaged`, so it stops counting as committed.
+        Left as it was, it stayed the newest: retention kept it and deleted the sound checkpoints
+        written after the fallback, and the run, reaching its step again, did not save over it."""
         self.wait()
         damaged: list[str] = []
         for step, url in reversed(step_dirs(self.root, self.storage_options)):
@@ -232,12 +238,26 @@ class CheckpointManager:
             except CheckpointDamagedError as e:
                 log.warning("checkpoint %s is damaged, falling back to the previous committed one: %s", url, e)
                 damaged.append(url)
+                if set_aside_damaged:
+                    self._set_aside(url)
                 continue
             return info, extra
         if damaged:
             raise CheckpointError(f"every committed checkpoint under {self.root} is damaged: {damaged}; "
                                   f"run `dtrain ckpt verify` on them, or remove them to start fresh")
         return None
+
+    def _set_aside(self, url: str) -> None:
+        """Rank 0: a damaged checkpoint's manifest to `manifest.json.damaged` (the files stay, for
+        `dtrain ckpt verify`; the step directory now counts as incomplete and is replaced when the
+        run saves that step again, or removed by retention once older than the newest commit)."""
+        if comm.rank(self.group) != 0:
+            return
+        try:
+            storage.rename(storage.join(url, MANIFEST), storage.join(url, DAMAGED), self.storage_options)
+            log.warning("set %s aside (manifest.json -> %s): it no longer counts as committed", url, DAMAGED)
+        except (OSError, CheckpointError) as e:
+            log.warning("could not set the damaged checkpoint %s aside: %s", url, e)
 
     def resolve(self, ckpt: CheckpointInfo | str) -> str:
         """The directory `load` reads for `ckpt`: a checkpoint directory (URL, or a step directory's

@@ -291,6 +291,19 @@ def list_dir(url: str, storage_options: StorageOptions = None) -> list[tuple[str
 
 
 @_named_errors
+def rename(url: str, new_url: str, storage_options: StorageOptions = None) -> None:
+    """Move a file within one store (local: an atomic rename, made durable; object stores: copy,
+    then delete)."""
+    if is_local(url):
+        os.replace(local_path(url), local_path(new_url))
+        localfs.fsync_dir(os.path.dirname(os.path.abspath(local_path(new_url))))
+        return
+    fs, path = filesystem(url, storage_options)
+    fs.mv(path, filesystem(new_url, storage_options)[1])
+    fs.invalidate_cache(path)
+
+
+@_named_errors
 def remove(url: str, storage_options: StorageOptions = None) -> None:
     """Delete a file or a whole directory tree; absent is fine."""
     fault_point("remove", url)

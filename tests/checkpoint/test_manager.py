@@ -90,6 +90,35 @@ def test_damaged_newest_falls_back_with_a_warning(how: str, needle: str, tmp_pat
     assert c.seen == 16
 
 
+@pytest.mark.parametrize("scheme", ["local", "memory"])
+def test_a_damaged_newest_set_aside_stops_counting_and_is_saved_again(scheme: str, tmp_path) -> None:
+    """Left committed, a damaged newest checkpoint stayed "newest": retention kept it and deleted
+    the sound ones written after the fallback, and reaching its step the run did not save over it."""
+    root = str(tmp_path) if scheme == "local" else f"memory://ckpt-{uuid.uuid4().hex}"
+    saved_run(root, steps=(2, 4), keep_last_n=2)
+    bad = storage.join(root, "step-000000004")
+    if scheme == "local":
+        corrupt_first_model_file(bad, "flip")
+    else:
+        storage.remove(storage.join(bad, "model-00000-of-00001.safetensors"))
+    m, o, s, c = make_all(seed=3)
+    mgr = CheckpointManager(root, keep_last_n=2)
+    info, _ = mgr.restore_latest(model=m, optimizer=o, stateful={"sched": s, "counter": c}, set_aside_damaged=True)
+    assert info.step == 2 and mgr.latest_committed().step == 2
+    assert storage.exists(storage.join(bad, "manifest.json.damaged"))  # the evidence stays, for verify
+    train(m, o, s, c, 1, data_seed=3)
+    mgr.save(3, model=m, optimizer=o, stateful={"sched": s, "counter": c})
+    assert [i.step for i in mgr.list() if i.committed] == [2, 3]  # the sound ones kept
+    train(m, o, s, c, 1, data_seed=4)
+    mgr.save(4, model=m, optimizer=o, stateful={"sched": s, "counter": c})  # saved again, not skipped
+    assert [i.step for i in mgr.list() if i.committed] == [3, 4]
+    assert not storage.exists(storage.join(bad, "manifest.json.damaged"))
+    m2, o2, *_ = make_all(seed=5)
+    mgr.load(mgr.latest_committed(), model=m2, optimizer=o2)
+    assert_same(m2.state_dict(), m.state_dict())
+    mgr.close()
+
+
 def test_all_damaged_is_an_error_not_a_fresh_start(tmp_path) -> None:
     mgr, *_ = saved_run(str(tmp_path), steps=(2,))
     corrupt_first_model_file(str(tmp_path / "step-000000002"), "flip")
