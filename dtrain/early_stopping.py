@@ -75,7 +75,8 @@ class EarlyStopping:
     * max_time (like Lightning's Timer, elapsed >= max_time) is a separate method because the trainer
       agrees the time budget every step, not only at evaluations.
     * state_dict() carries best/wait/reason but not patience: the config decides patience on resume
-      (Lightning restores patience from the checkpoint instead), so a user may extend a stopped run.
+      (Lightning restores patience from the checkpoint instead), so a user may extend a stopped run
+      (`still_stopped`: a raised patience, a removed threshold or a longer max_time lift the stop).
     """
 
     def __init__(
@@ -213,6 +214,23 @@ class EarlyStopping:
 
     def _say(self, message: str) -> None:
         (log.info if self.verbose else log.debug)(message)
+
+    def still_stopped(self, elapsed_s: float) -> bool:
+        """After a resume: whether a restored stop holds under this config. A raised patience, a
+        stopping_threshold removed or no longer reached by the best value, or a longer max_time
+        (than `elapsed_s`, the run's training time so far) lets the stopped run go on; a
+        non-finite or diverged value keeps it stopped."""
+        reason = self.stop_reason
+        if reason is None:
+            return False
+        lifted = ((reason in ("patience", "baseline") and self.wait < self.patience)
+                  or (reason == "stopping_threshold" and (self.stopping_threshold is None or self.best is None
+                                                          or not self._reached(self.best, self.stopping_threshold)))
+                  or (reason == "max_time" and (self.max_time is None or elapsed_s < self.max_time)))
+        if lifted:
+            log.info("early stopping had stopped this run (%s); under this config it goes on", self.stop_message)
+            self.stopped_step = self.stop_reason = self.stop_message = None
+        return not lifted
 
     @property
     def should_stop(self) -> bool:

@@ -18,12 +18,20 @@ from dtrain.preemption import PreemptionHandler
 
 
 class StepRules:
-    """Built when the loop starts: `elapsed` (max_time) and the every_minutes save clock count from then."""
+    """Built when the loop starts. The time budgets (max_time) count the training time of every
+    start of the run (`elapsed_before`: what its checkpoint recorded), as Lightning's Timer does;
+    the every_minutes save clock counts from this start."""
 
-    def __init__(self, cfg: JobConfig, early_stopping: EarlyStopping | None, preemption: PreemptionHandler) -> None:
+    def __init__(self, cfg: JobConfig, early_stopping: EarlyStopping | None, preemption: PreemptionHandler,
+                 elapsed_before: float = 0.0) -> None:
         self.train, self.checkpoint = cfg.train, cfg.checkpoint
         self.early_stopping, self.preemption = early_stopping, preemption
-        self.t_start = self.t_last_save = time.monotonic()
+        self.t_last_save = time.monotonic()
+        self.t_start = self.t_last_save - elapsed_before
+
+    def elapsed(self) -> float:
+        """Seconds of training in this run so far, earlier starts included."""
+        return time.monotonic() - self.t_start
 
     def eval_due(self, step: int) -> bool:
         return step % self.train.eval_every == 0 or step == self.train.max_steps
@@ -36,18 +44,18 @@ class StepRules:
         """A checkpoint was just saved: the every_minutes clock restarts."""
         self.t_last_save = time.monotonic()
 
-    def local_flags(self, loss: float) -> Flag:
-        """What this rank alone sees after a step (evaluation adds EARLY_STOP on its own)."""
+    def local_flags(self, loss: float, step: int) -> Flag:
+        """What this rank alone sees after `step` (evaluation adds EARLY_STOP on its own)."""
         local = Flag.NONE
         if not math.isfinite(loss):
             local |= Flag.NON_FINITE
         if self.preemption.requested:
             local |= Flag.PREEMPT
-        elapsed = time.monotonic() - self.t_start
+        elapsed = self.elapsed()
         if self.train.max_time and elapsed > self.train.max_time:
             local |= Flag.TIME_BUDGET
         # Asked even when max_time already fired: it records early stopping's own stop reason.
-        if self.early_stopping is not None and self.early_stopping.time_exceeded(elapsed):
+        if self.early_stopping is not None and self.early_stopping.time_exceeded(elapsed, step):
             local |= Flag.TIME_BUDGET
         every = self.checkpoint.every_minutes
         if every and time.monotonic() - self.t_last_save > 60 * every:
@@ -76,4 +84,6 @@ class StepRules:
         if agreed & Flag.EARLY_STOP:
             assert self.early_stopping is not None  # every rank has the same config
             return f"early_stopping:{self.early_stopping.stop_reason or 'another_rank'}", exitcodes.OK
+        if self.early_stopping is not None and self.early_stopping.stop_reason == "max_time":
+            return "early_stopping:max_time", exitcodes.OK  # as a restart of the stopped run says
         return "max_time", exitcodes.OK

@@ -23,10 +23,11 @@ from dtrain import __version__, dist, exitcodes
 from dtrain.agreement import Flag, StepAgreement
 from dtrain.checkpoint import CheckpointManager
 from dtrain.checkpoint.manager import load_weights
+from dtrain.checkpoint.reader import read_manifest, read_state
 from dtrain.config import JobConfig, changes, check_world_size, saved_form
 from dtrain.data import ResumableDistributedSampler
 from dtrain.early_stopping import EarlyStopping
-from dtrain.errors import CheckpointError, CheckpointMismatchError
+from dtrain.errors import CheckpointError, CheckpointMismatchError, ConfigError
 from dtrain.evaluation import evaluate
 from dtrain.faults import FaultInjector
 from dtrain.metrics import MetricsLogger
@@ -40,6 +41,18 @@ from dtrain.tasks import Task, get_task, make_options, to_device
 log = logging.getLogger(__name__)
 # early stopping may be turned on for a job whose checkpoints were saved without it: it starts fresh
 _OPTIONAL = ("early_stopping",)
+_MIXED = ("a new run's checkpoints would mix with them (retention and the best checkpoint look at the whole "
+          "root, and a step already committed there is not saved again).")
+
+
+def _saved_config(url: str, storage_options: dict[str, Any]) -> dict[str, Any] | None:
+    """The config a checkpoint was saved with (its extra), None if it cannot be read."""
+    try:
+        state = read_state(url, read_manifest(url, storage_options), storage_options)
+        saved = (state.get("extra") or {}).get("config")
+    except (CheckpointError, OSError, AttributeError):
+        return None
+    return saved if isinstance(saved, dict) else None
 
 
 def seed_everything(seed: int) -> None:
@@ -90,6 +103,10 @@ class Trainer:
         self.step = 0
         self.last_saved_step = -1
         self.last_eval: dict[str, float] = {}
+        self.last_eval_step = -1  # a checkpoint carries the metrics of an evaluation at its own step only
+        self.origin: str | None = None  # the resume=<url> this run first started from (see `resume`)
+        self.elapsed_before = 0.0  # training seconds of earlier starts (the time budgets count them)
+        self.rules: StepRules | None = None
         # (sum, count) of this rank's losses since the last log line; saved (averaged over ranks) so
         # the first line after a resume reports the same window as an uninterrupted run
         self.loss_window: tuple[float, int] = (0.0, 0)
@@ -104,7 +121,9 @@ class Trainer:
 
     def _extra(self) -> dict[str, Any]:
         window = (dist.all_reduce_mean(self.loss_window[0]), self.loss_window[1])
-        return {"step": self.step, "loss_window": list(window), "world_size": self.env.world_size,
+        return {"step": self.step, "loss_window": list(window), "last_eval": dict(self.last_eval),
+                "last_eval_step": self.last_eval_step, "origin": self.origin,
+                "elapsed_s": self.rules.elapsed() if self.rules else self.elapsed_before, "world_size": self.env.world_size,
                 "strategy": self.cfg.parallel.strategy, "config": saved_form(self.cfg),
                 "dtrain_version": __version__, "torch_version": torch.__version__}
 
@@ -112,58 +131,122 @@ class Trainer:
         if self.step == self.last_saved_step:
             return
         self.faults.before_save(self.step)
+        # Metrics of an earlier evaluation would make this checkpoint tie with the one saved at that
+        # evaluation (and, newer, win "best" and push it out under keep_best_k): they describe other weights.
+        metrics = self.last_eval if self.last_eval_step == self.step else None
         self.checkpoints.save(
             self.step, model=self.model, optimizer=self.optimizer, stateful=self._stateful(),
-            extra=self._extra(), metrics=self.last_eval or None, reason=reason,
+            extra=self._extra(), metrics=metrics or None, reason=reason,
         )
         self.last_saved_step = self.step
 
     def resume(self) -> str | None:
-        """Load the checkpoint `resume` asks for; returns its URL, or None for a fresh start."""
+        """Load the checkpoint `resume` asks for; returns its URL, or None for a fresh start.
+
+        A root holds one run's trajectory: retention and the best checkpoint look at all of it, and a
+        step already committed there is not saved again. So a start that would not continue the
+        root's newest checkpoint (resume=never, or resume=<url> on a root with checkpoints that do
+        not descend from that url) is refused rather than allowed to mix two runs. resume=<url>
+        applies to the first start; a restart with the same command (a requeue) continues from the
+        run's own newest checkpoint, which records the url it started from (`origin`)."""
         # Refuse before any work if another job holds this checkpoint root (its lease names it).
         self.checkpoints.acquire_lease()
-        mode = self.cfg.resume
+        mode, root = self.cfg.resume, self.cfg.checkpoint_root
+        own = self.checkpoints.latest_committed()
         if mode == "never":
+            if own is not None:
+                raise ConfigError(f"resume=never, but {root} already holds committed checkpoints (newest: step "
+                                  f"{own.step}); {_MIXED} Use another run_dir (or checkpoint.root), resume them "
+                                  f"(resume=auto), or remove them first (`dtrain ckpt prune`, or delete them)")
             return None
+        tried = own.url if own is not None else None
         try:
             if mode == "auto":
-                found = self.checkpoints.restore_latest(model=self.model, optimizer=self.optimizer,
-                                                        stateful=self._stateful(), optional=_OPTIONAL)
+                found = self._restore_own()
                 if found is None:
                     return None
-                info, extra = found
-                url = info.url
+                url, extra = found
             else:
-                url = self.checkpoints.resolve(mode)
-                extra = self.checkpoints.load(url, model=self.model, optimizer=self.optimizer,
-                                              stateful=self._stateful(), optional=_OPTIONAL)
+                url, extra = self._resume_from(mode, own)
         except CheckpointError as e:
-            root = self.cfg.checkpoint_root
-            weights = ""
-            if isinstance(e, CheckpointMismatchError):
-                source = root if mode == "auto" else mode
-                weights = (f" The trainer resumes strictly (the config must build the model and optimizer that "
-                           f"saved it). To keep only the model weights (another optimizer, a new head), start a "
-                           f"run from them: checkpoint.init_from={source} with another run_dir or resume=never "
-                           f"(checkpoint.init_strict=false for a new head).")
-            raise CheckpointError(
-                f"cannot resume: {e}.{weights} To start fresh instead, pass resume=never or another run_dir "
-                f"(the checkpoints under {root} are left untouched)"
-            ) from e
+            raise self._resume_error(e, tried if mode == "auto" else mode) from e
         self.step = self.last_saved_step = int(extra["step"])
         window = extra.get("loss_window", [0.0, 0])
         self.loss_window = (float(window[0]), int(window[1]))
+        self.elapsed_before = float(extra.get("elapsed_s", 0.0))
+        last_eval = extra.get("last_eval")
+        if isinstance(last_eval, dict):  # what summary.json reports if nothing is left to train
+            self.last_eval = {str(k): float(v) for k, v in last_eval.items() if isinstance(v, (int, float))}
+            self.last_eval_step = int(extra.get("last_eval_step", -1))
         saved_world = extra.get("world_size")
         note = "" if saved_world == self.env.world_size else (
             f" (saved by {saved_world} ranks, resharded onto {self.env.world_size}; the global sample "
             "order continues exactly, per-rank random streams are re-seeded)"
         )
         log.info("resumed from %s at step %d%s", url, self.step, note)
+        if self.step > self.cfg.train.max_steps:
+            log.warning("the checkpoint is at step %d, past train.max_steps=%d: nothing is left to train",
+                        self.step, self.cfg.train.max_steps)
         saved_cfg = extra.get("config")
         changed = changes(saved_cfg, saved_form(self.cfg)) if isinstance(saved_cfg, dict) else []
         if changed and self.env.is_main:  # the same on every rank: said once
             log.warning("the config differs from the one that saved %s:\n  %s", url, "\n  ".join(changed))
         return url
+
+    def _restore_own(self) -> tuple[str, dict[str, Any]] | None:
+        """The root's newest sound checkpoint, loaded; None if it has none."""
+        found = self.checkpoints.restore_latest(model=self.model, optimizer=self.optimizer,
+                                                stateful=self._stateful(), optional=_OPTIONAL,
+                                                set_aside_damaged=True)
+        if found is None:
+            return None
+        info, extra = found
+        origin = extra.get("origin")
+        self.origin = origin if isinstance(origin, str) else None
+        return info.url, extra
+
+    def _resume_from(self, mode: str, own: Any) -> tuple[str, dict[str, Any]]:
+        """resume=<url>: that checkpoint on the first start, the run's own newest on a restart."""
+        try:
+            target = self.checkpoints.resolve(mode)
+        except CheckpointError as e:
+            raise ConfigError(f"resume={mode}: {e}") from None
+        if own is None or own.url == target:
+            extra = self.checkpoints.load(target, model=self.model, optimizer=self.optimizer,
+                                          stateful=self._stateful(), optional=_OPTIONAL)
+            self.origin = mode
+            return target, extra
+        found = self._restore_own()
+        assert found is not None  # `own` is committed; restore_latest raises if every one is damaged
+        url, extra = found
+        if self.origin != mode:
+            inside = target.startswith(self.cfg.checkpoint_root.rstrip("/") + "/")
+            back = (f" To go back to {target} in this root, remove its newer checkpoints (up to step {own.step}), "
+                    f"then resume=auto." if inside else "")
+            raise ConfigError(f"resume={mode}, but {self.cfg.checkpoint_root} already holds checkpoints that do not "
+                              f"continue from it (newest: step {own.step}); {_MIXED} Use another run_dir (or "
+                              f"checkpoint.root), or remove them first (`dtrain ckpt prune`, or delete them).{back}")
+        log.info("resume=%s applies to this run's first start; the run has checkpoints of its own since: "
+                 "continuing from the newest", mode)
+        return url, extra
+
+    def _resume_error(self, e: CheckpointError, tried: str | None) -> Exception:
+        """The error a failed resume raises: a checkpoint that does not fit this config (exit 2, with
+        the config changes since it was saved) or one that could not be read (exit 1: a restart may
+        succeed); both say how to start fresh instead."""
+        root = self.cfg.checkpoint_root
+        fresh = (f"To start fresh instead, use another run_dir (the checkpoints under {root} are left "
+                 f"untouched)")
+        if isinstance(e, ConfigError) or not isinstance(e, CheckpointMismatchError):
+            return CheckpointError(f"cannot resume: {e}. {fresh}")
+        saved = _saved_config(tried, self.checkpoints.storage_options) if tried else None
+        changed = changes(saved, saved_form(self.cfg)) if saved is not None else []
+        since = ("; the config changed since it was saved:\n  " + "\n  ".join(changed) + "\n") if changed else ". "
+        return ConfigError(
+            f"cannot resume: {e}{since}The trainer resumes strictly (the config must build the model and "
+            f"optimizer that saved it). To keep only the model weights (another optimizer, a new head), start "
+            f"a run from them: checkpoint.init_from={tried or root} with another run_dir "
+            f"(checkpoint.init_strict=false for a new head). {fresh}")
 
     def init_weights(self) -> str | None:
         """A fresh run's model weights from `checkpoint.init_from` (fine-tuning): the model only,
@@ -258,9 +341,15 @@ class Trainer:
         return outcome.exit_code
 
     def _already_stopped(self, outcome: Outcome) -> bool:
-        """A run resumed after its early stopping fired trains no further."""
+        """A run resumed after its early stopping fired, or after its time budget was spent, trains
+        no further, unless this config lifts that stop (EarlyStopping.still_stopped)."""
+        budget = self.cfg.train.max_time
+        if budget and self.elapsed_before >= budget:
+            outcome.stopped_by = "max_time"
+            log.info("this run already spent its time budget (train.max_time=%ss); nothing left to train", budget)
+            return True
         es = self.early_stopping
-        if es is None or not es.should_stop:
+        if es is None or not es.still_stopped(self.elapsed_before):
             return False
         outcome.stopped_by = f"early_stopping:{es.stop_reason}"
         log.info("this run already stopped early at step %s (%s); nothing left to train", es.stopped_step,
@@ -270,7 +359,7 @@ class Trainer:
     def _train_until_stop(self, batches: Any, metrics_log: MetricsLogger, outcome: Outcome) -> None:
         """Step until max_steps or a stop every rank agreed on (recorded in `outcome`)."""
         max_steps, log_every = self.cfg.train.max_steps, self.cfg.train.log_every
-        rules = StepRules(self.cfg, self.early_stopping, self.preemption)
+        rules = self.rules = StepRules(self.cfg, self.early_stopping, self.preemption, self.elapsed_before)
         t_log, steps_in_window = time.monotonic(), 0
         while self.step < max_steps:
             self.faults.at_step(self.step + 1)
@@ -283,7 +372,7 @@ class Trainer:
             self.loss_window = (self.loss_window[0] + loss, self.loss_window[1] + 1)
             steps_in_window += 1
 
-            local = rules.local_flags(loss)
+            local = rules.local_flags(loss, self.step)
             do_eval, save_due = rules.eval_due(self.step), rules.save_due(self.step)
             if do_eval and math.isfinite(loss):
                 local |= self._evaluate(metrics_log)
@@ -319,7 +408,7 @@ class Trainer:
                            batch_size=self.cfg.data.eval_batch_size, device=self.env.device,
                            autocast=self._autocast())
         metrics.update(self.faults.metric_override(self.step, metrics))
-        self.last_eval = metrics
+        self.last_eval, self.last_eval_step = metrics, self.step
         metrics_log.log(self.step, {"epoch": round(self.sampler.epoch_float, 4), **self.last_eval})
         es = self.early_stopping
         if es is None:
@@ -329,6 +418,10 @@ class Trainer:
         return Flag.EARLY_STOP if es.update(self.last_eval[es.monitor], self.step) else Flag.NONE
 
     def _restore_best(self) -> None:
+        """Load the best committed checkpoint's weights. Chosen from storage, the same answer on every
+        rank (their early-stopping states may disagree, e.g. on a rank fed a NaN: a load on some ranks
+        only would leave the others waiting); a checkpoint carries metrics only when saved at an
+        evaluation, so it is early stopping's best step whenever that step was saved."""
         es = self.early_stopping
         if es is None or not es.restore_best:
             return
@@ -336,5 +429,5 @@ class Trainer:
         if best is None or best.step == self.step:
             return
         self.checkpoints.load(best, model=self.model)
-        log.info("restored the best weights (%s=%.6g at step %d) from %s", es.monitor, es.best, best.step, best.url)
-
+        log.info("restored the best weights (%s=%.6g at step %d) from %s", es.monitor, best.metric(es.monitor),
+                 best.step, best.url)

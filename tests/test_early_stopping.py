@@ -145,6 +145,36 @@ def test_resume_keeps_counting_patience() -> None:
     assert _run(fresh, [1.3, 1.4]) is None
 
 
+def test_a_stopped_run_resumed_under_a_looser_config_goes_on() -> None:
+    """The config decides on resume: a raised patience, a removed threshold or a longer time budget
+    lift a restored stop; the same config, or a non-finite value, keep it."""
+    def stopped(reason_values: list[float], **options: Any) -> dict[str, Any]:
+        es = EarlyStopping(**options)
+        assert _run(es, reason_values) is not None
+        return json.loads(json.dumps(es.state_dict(), allow_nan=False))
+
+    by_patience = stopped([1.0, 1.1, 1.2], patience=2)
+    for patience, holds in ((2, True), (3, False)):
+        es = EarlyStopping(patience=patience)
+        es.load_state_dict(by_patience)
+        assert es.still_stopped(0.0) is holds and es.should_stop is holds
+    by_goal = stopped([1.0, 0.4], stopping_threshold=0.5)
+    for threshold, holds in ((0.5, True), (0.3, False), (None, False)):
+        es = EarlyStopping(stopping_threshold=threshold)
+        es.load_state_dict(by_goal)
+        assert es.still_stopped(0.0) is holds
+    es = EarlyStopping(max_time=10.0)
+    es.time_exceeded(11.0, step=5)
+    by_time = es.state_dict()
+    for max_time, holds in ((10.0, True), (20.0, False), (None, False)):
+        es = EarlyStopping(max_time=max_time)
+        es.load_state_dict(by_time)
+        assert es.still_stopped(11.0) is holds
+    es = EarlyStopping(patience=100)
+    es.load_state_dict(stopped([2.0, NAN]))
+    assert es.still_stopped(0.0)
+
+
 def test_state_dict_is_strict_json_with_non_finite_best() -> None:
     es = EarlyStopping(check_finite=False, patience=1)
     _run(es, [1.0, -INF, 0.5])

@@ -184,20 +184,72 @@ def test_chaos_random_kills_end_on_the_uninterrupted_weights(tmp_path: Path, ref
         assert verify(info.url) == [], info.url
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 def test_changed_model_shapes_are_a_clear_error_and_lose_nothing(tmp_path: Path) -> None:
     run_dir = tmp_path / "shapes"
     _ok(dtrain([*JOB, f"run_dir={run_dir}", "train.max_steps=5"]))
     proc = dtrain([*JOB, f"run_dir={run_dir}", "train.max_steps=10", "model.hidden=64"])
-    assert proc.returncode == 1
-    assert "model/fc1.bias" in proc.stderr and "resume=never" in proc.stderr
-    assert f"checkpoint.init_from={run_dir / 'checkpoints'} " in proc.stderr  # how to keep the weights
+    assert proc.returncode == exitcodes.CONFIG_ERROR, proc.stderr[-3000:]  # a restart cannot fix it
+    assert "model/fc1.bias" in proc.stderr and "another run_dir" in proc.stderr
+    assert "model.hidden: (absent) -> 64" in proc.stderr  # what changed since the checkpoint was saved
+    assert f"checkpoint.init_from={run_dir / 'checkpoints' / 'step-000000005'} " in proc.stderr  # keep the weights
     assert "Traceback" not in proc.stderr
     committed = [i for i in list_checkpoints(str(run_dir / "checkpoints")) if i.committed]
     assert [i.step for i in committed] == [5] and verify(committed[0].url) == []
     # resume=<another run's root>: its newest committed checkpoint; a wrong URL is no mismatch
     other = tmp_path / "other"
-    _ok(dtrain([*JOB, f"run_dir={other}", "train.max_steps=10", f"resume={run_dir / 'checkpoints'}"]))
+    start = [*JOB, f"run_dir={other}", f"resume={run_dir / 'checkpoints'}"]
+    _ok(dtrain([*start, "train.max_steps=10"]))
     assert summary(other)["resumed_from"] == str(run_dir / "checkpoints" / "step-000000005")
+    # the same command again (a requeue) continues the run's own checkpoints, not step 5 again
+    _ok(dtrain([*start, "train.max_steps=15"]))
+    assert summary(other)["resumed_from"] == str(other / "checkpoints" / "step-000000010")
+    assert summary(other)["last_step"] == 15
     bad = dtrain([*JOB, f"run_dir={tmp_path / 'bad'}", f"resume={tmp_path / 'nowhere'}"])
-    assert bad.returncode == 1 and "nowhere" in bad.stderr and "init_from" not in bad.stderr
+    assert bad.returncode == exitcodes.CONFIG_ERROR and "nowhere" in bad.stderr and "init_from" not in bad.stderr
+
+
+@pytest.mark.timeout(180)
+def test_a_start_that_would_mix_two_runs_in_one_root_is_refused(tmp_path: Path) -> None:
+    """resume=never on a root with checkpoints, and resume=<an older checkpoint of it>, would save
+    a second trajectory among the first one's (retention and "best" would mix them, equal steps
+    would not be saved): both refuse with exit 2 and leave every checkpoint as it was."""
+    run_dir = tmp_path / "run"
+    _ok(dtrain([*JOB, f"run_dir={run_dir}", "train.max_steps=15"]))
+    root = run_dir / "checkpoints"
+    before = sorted(p.name for p in root.glob("step-*"))
+    never = dtrain([*JOB, f"run_dir={run_dir}", "resume=never"])
+    assert never.returncode == exitcodes.CONFIG_ERROR, never.stderr[-3000:]
+    assert "resume=never" in never.stderr and "step 15" in never.stderr
+    back = dtrain([*JOB, f"run_dir={run_dir}", f"resume={root / 'step-000000005'}"])
+    assert back.returncode == exitcodes.CONFIG_ERROR, back.stderr[-3000:]
+    assert "remove its newer checkpoints" in back.stderr
+    assert sorted(p.name for p in root.glob("step-*")) == before
+    assert all(verify(str(root / name)) == [] for name in before)
+
+
+@pytest.mark.timeout(180)
+def test_checkpoints_between_evaluations_do_not_take_over_the_best(tmp_path: Path) -> None:
+    """Saves between evaluations (every_steps, preemption) carry no metrics: with the last
+    evaluation's, the save 5 steps after the best one tied with it, won "best" as the newer, and
+    keep_best_k=1 deleted the real best, which restore_best then did not load."""
+    run_dir = tmp_path / "best"
+    _ok(dtrain([*JOB, f"run_dir={run_dir}", "train.max_steps=200", "early_stopping.enabled=true",
+                "early_stopping.patience=2", "checkpoint.keep_best_k=1", "checkpoint.keep_last_n=1"]))
+    s = summary(run_dir)
+    assert s["stopped_by"] == "early_stopping:patience" and s["best_step"] % 10 == 0
+    assert s["best_checkpoint"] == str(run_dir / "checkpoints" / f"step-{s['best_step']:09d}")
+    infos = {i.step: i for i in list_checkpoints(str(run_dir / "checkpoints")) if i.committed}
+    assert s["best_step"] in infos and s["last_step"] in infos
+    assert infos[s["best_step"]].metrics["val/loss"] == pytest.approx(s["best_metric"])
+    evals = {e["step"]: e for e in read_jsonl(run_dir / "metrics.jsonl") if "val/loss" in e}
+    assert s["final_metrics"]["val/loss"] == evals[s["last_step"]]["val/loss"]
+    # a rerun has nothing left to train and keeps the final metrics in summary.json
+    _ok(dtrain([*JOB, f"run_dir={run_dir}", "train.max_steps=200", "early_stopping.enabled=true",
+                "early_stopping.patience=2", "checkpoint.keep_best_k=1", "checkpoint.keep_last_n=1"]))
+    again = summary(run_dir)
+    assert again["final_metrics"] == s["final_metrics"] and again["best_checkpoint"] == s["best_checkpoint"]
+    # with a larger patience the stopped run goes on (the config decides patience on resume)
+    _ok(dtrain([*JOB, f"run_dir={run_dir}", "train.max_steps=200", "early_stopping.enabled=true",
+                "early_stopping.patience=4", "checkpoint.keep_best_k=1", "checkpoint.keep_last_n=1"]))
+    assert summary(run_dir)["last_step"] > s["last_step"]

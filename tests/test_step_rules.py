@@ -26,22 +26,22 @@ def test_eval_and_save_steps() -> None:
 
 def test_local_flags_from_loss_preemption_and_time(monkeypatch: pytest.MonkeyPatch) -> None:
     r = rules("train.max_time=10")
-    assert r.local_flags(1.0) == Flag.NONE
-    assert r.local_flags(float("nan")) == Flag.NON_FINITE
-    assert r.local_flags(float("inf")) == Flag.NON_FINITE
+    assert r.local_flags(1.0, 1) == Flag.NONE
+    assert r.local_flags(float("nan"), 1) == Flag.NON_FINITE
+    assert r.local_flags(float("inf"), 1) == Flag.NON_FINITE
     r.preemption.request("test")
-    assert r.local_flags(1.0) == Flag.PREEMPT
+    assert r.local_flags(1.0, 1) == Flag.PREEMPT
     r.t_start -= 11  # eleven seconds into a ten-second budget
-    assert r.local_flags(1.0) == Flag.PREEMPT | Flag.TIME_BUDGET
+    assert r.local_flags(1.0, 1) == Flag.PREEMPT | Flag.TIME_BUDGET
 
 
 def test_every_minutes_raises_save_now_until_a_save() -> None:
     r = rules("checkpoint.every_minutes=1")
-    assert not r.local_flags(1.0) & Flag.SAVE_NOW
+    assert not r.local_flags(1.0, 1) & Flag.SAVE_NOW
     r.t_last_save -= 61
-    assert r.local_flags(1.0) & Flag.SAVE_NOW
+    assert r.local_flags(1.0, 1) & Flag.SAVE_NOW
     r.saved()
-    assert not r.local_flags(1.0) & Flag.SAVE_NOW
+    assert not r.local_flags(1.0, 1) & Flag.SAVE_NOW
 
 
 def test_save_reason_precedence() -> None:
@@ -60,3 +60,11 @@ def test_stop_reason_and_exit_code() -> None:
     assert r.stop(Flag.NON_FINITE | Flag.PREEMPT) == ("non_finite_loss", exitcodes.FAILURE)
     assert r.stop(Flag.PREEMPT | Flag.TIME_BUDGET) == ("preempted", exitcodes.PREEMPTED)
     assert r.stop(Flag.TIME_BUDGET) == ("max_time", exitcodes.OK)
+
+
+def test_time_budget_counts_the_earlier_starts_of_the_run() -> None:
+    """A restart of a run that trained 8 s of a 10 s budget has 2 s left, as Lightning's Timer."""
+    r = StepRules(load_config(None, ["train.max_time=10"]), None, PreemptionHandler(), elapsed_before=8.0)
+    assert 8.0 <= r.elapsed() < 9.0 and not r.local_flags(1.0, 1) & Flag.TIME_BUDGET
+    r.t_start -= 2.5
+    assert r.local_flags(1.0, 2) & Flag.TIME_BUDGET

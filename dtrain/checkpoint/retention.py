@@ -165,12 +165,13 @@ def _store(key: tuple[str, bytes], man: Manifest) -> CheckpointInfo:
 
 
 def best_of(infos: list[CheckpointInfo], monitor: str | None, mode: str) -> CheckpointInfo | None:
-    """The committed checkpoint with the best monitored metric (the newest one on ties)."""
+    """The committed checkpoint with the best monitored metric; on ties the oldest, the one that
+    reached it first (as early stopping, which counts only a strict improvement as new best)."""
     scored = [i for i in infos if i.committed and i.metric(monitor) is not None]
     if not scored:
         return None
     sign = 1.0 if mode == "min" else -1.0
-    return min(scored, key=lambda i: (sign * i.metric(monitor), -i.step))  # type: ignore[operator]
+    return min(scored, key=lambda i: (sign * i.metric(monitor), i.step))  # type: ignore[operator]
 
 
 def to_delete(infos: list[CheckpointInfo], *, keep_last_n: int | None, keep_best_k: int | None,
@@ -194,7 +195,7 @@ def to_delete(infos: list[CheckpointInfo], *, keep_last_n: int | None, keep_best
     if keep_best_k is not None and keep_best_k > 0:
         sign = 1.0 if mode == "min" else -1.0
         scored = sorted((i for i in committed if i.metric(monitor) is not None),
-                        key=lambda i: (sign * i.metric(monitor), -i.step))  # type: ignore[operator]
+                        key=lambda i: (sign * i.metric(monitor), i.step))  # type: ignore[operator]
         keep.update(i.step for i in scored[:keep_best_k])
     if keep_every_n_steps:
         keep.update(i.step for i in committed if i.step % keep_every_n_steps == 0)
