@@ -5,7 +5,7 @@ The public API for users who keep their own training loop (see README, "Use dtra
     env = dtrain.init()                      # process group from torchrun / Slurm / nothing
     ckpt = dtrain.CheckpointManager(root)    # sharded safetensors checkpoints, manifest last
     stopper = dtrain.EarlyStopping(...)      # Keras/Lightning semantics, no collectives inside
-    preempt = dtrain.PreemptionHandler()     # signals only set a flag
+    with dtrain.PreemptionHandler() as preempt:  # installed on entry: signals only set a flag
     agreed = dtrain.StepAgreement().step(flags, sync=True)   # one collective per step
     sampler = dtrain.ResumableDistributedSampler(...)
 """

@@ -73,8 +73,8 @@ def main() -> int:
             agreement.drain()
         ckpt.close()  # waits for any in-flight async save
         if env.is_main:
-            print(f"stopped at step {step}: best val/loss {stopper.best:.4f} at step {stopper.best_step}, "
-                  f"exit code {code}", flush=True)
+            best = "none yet" if stopper.best is None else f"{stopper.best:.4f} at step {stopper.best_step}"
+            print(f"stopped at step {step}: best val/loss {best}, exit code {code}", flush=True)
         dtrain.barrier()  # nobody exits (and gets torchrun to kill the rest) before all are done
     return code
 
