@@ -90,7 +90,7 @@ def cmd_ls(args: argparse.Namespace, so: dict[str, Any]) -> int:
     best = retention.best_of(infos, monitor, mode)
     if args.json:
         print(json.dumps([{**dataclasses.asdict(i), "best": best is not None and i.url == best.url,
-                            "time_utc": None if i.created is None else utc(i.created) + "Z"} for i in infos], indent=1))
+                            "time_utc": None if utc(i.created) == "-" else utc(i.created) + "Z"} for i in infos], indent=1))
         return 0
     if not infos:
         print(f"no checkpoints under {args.url}")

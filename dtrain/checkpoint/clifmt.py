@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import time
 from typing import Any
@@ -52,8 +53,14 @@ def human_bytes(n: int | None) -> str:
 
 
 def utc(t: float | None) -> str:
-    """A Unix time as 'YYYY-MM-DD HH:MM:SS' in UTC; None -> '-'."""
-    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
+    """A Unix time as 'YYYY-MM-DD HH:MM:SS' in UTC; '-' for None and for anything that is not a time
+    since 1970 (a damaged manifest must not crash a listing)."""
+    try:
+        if t is not None and math.isfinite(t) and t >= 0:
+            return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
+    except (OverflowError, OSError, ValueError, TypeError):
+        pass
+    return "-"
 
 
 def format_metrics(m: dict[str, float | None]) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from dtrain.checkpoint import CheckpointManager
-from dtrain.checkpoint.cli import main, parse_size, parse_storage_option
+from dtrain.checkpoint.cli import main, parse_size, parse_storage_option, utc
 from tests.checkpoint import workers
 from tests.checkpoint.models import make_all, train
 from tests.multiproc import run_ranks
@@ -223,9 +224,28 @@ def test_errors_and_usage(run: tuple[str, Weights], tmp_path, capsys) -> None:
     assert cli(capsys, "--help")[0] == 0
 
 
+def test_ls_and_inspect_survive_a_manifest_time_out_of_range(run: tuple[str, Weights], capsys) -> None:
+    """A damaged `created` (1e20, NaN, negative) is an invalid manifest, not a traceback."""
+    root, _ = run
+    path = Path(root, "step-000000001", "manifest.json")
+    good = path.read_text()
+    for bad in ("1e20", "NaN", "-1e12"):
+        path.write_text(re.sub(r'"created": [^,]+,', f'"created": {bad},', good, count=1))
+        code, out, _ = cli(capsys, "ls", root)
+        row = next(ln for ln in out.splitlines() if ln.startswith("1 "))
+        assert code == 0 and "field created" in row and "-29719" not in row
+        code, out, _ = cli(capsys, "ls", root, "--json")
+        assert code == 0 and json.loads(out)[0]["time_utc"] is None
+        code, _, err = cli(capsys, "inspect", os.path.join(root, "step-000000001"))
+        assert code == 1 and "field created" in err and err.startswith("dtrain ckpt: error: ")
+
+
 def test_argument_parsers() -> None:
     assert parse_size("2GB") == 2 * 10**9 and parse_size("512MiB") == 512 * 2**20 and parse_size("1000") == 1000
     assert parse_size("1.5 kb") == 1500
+    for t in (1e20, float("nan"), float("inf"), -1e12, None):
+        assert utc(t) == "-"
+    assert utc(0) == "1970-01-01 00:00:00"
     assert parse_storage_option("endpoint_url=http://127.0.0.1:9000") == ("endpoint_url", "http://127.0.0.1:9000")
     assert parse_storage_option("anon=true") == ("anon", True)
     assert parse_storage_option('client_kwargs={"region_name": "eu-west-1"}') == (
