@@ -163,17 +163,27 @@ def cmd_export(args: argparse.Namespace, so: dict[str, Any]) -> int:
     model = [t for t in tensors if t.key.startswith(MODEL)]
     if not model:
         raise CheckpointError(f"{src} holds no model tensors; nothing to export")
-    total = sum(math.prod(t.shape) * _ITEMSIZE[args.dtype] if args.dtype and DTYPES[t.dtype].is_floating_point
-                else t.nbytes for t in model)
+    total = sum(_export_bytes(t, args.dtype) for t in model)
     if args.max_shard_size and total > args.max_shard_size and args.out.endswith(".safetensors"):
         raise CheckpointError(f"the model is {human_bytes(total)}, over --max-shard-size "
                               f"{human_bytes(args.max_shard_size)}: give a directory as --out for the "
                               f"shards and model.safetensors.index.json, not {args.out}")
+    if args.max_shard_size and total > args.max_shard_size:
+        for t in model:
+            size = _export_bytes(t, args.dtype)
+            if size > args.max_shard_size:
+                _note(f"tensor {t.key.removeprefix(MODEL)!r} is {human_bytes(size)}, over --max-shard-size "
+                      f"{human_bytes(args.max_shard_size)}: it gets a shard of its own, over the limit")
     files = tools.export(src, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size, storage_options=so)
     print(f"exported {len(model)} tensors ({human_bytes(total)}) of step {man.step} from {src}:")
     for f in files:
         print(f"  {f}")
     return 0
+
+
+def _export_bytes(t: tools.TensorInfo, dtype: str | None) -> int:
+    """A tensor's size in the exported file (--dtype casts floating-point tensors only)."""
+    return math.prod(t.shape) * _ITEMSIZE[dtype] if dtype and DTYPES[t.dtype].is_floating_point else t.nbytes
 
 
 def cmd_prune(args: argparse.Namespace, so: dict[str, Any]) -> int:
@@ -236,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "shards + model.safetensors.index.json past --max-shard-size)")
     p.add_argument("--dtype", choices=sorted(_ITEMSIZE), help="cast floating-point tensors (integers are kept)")
     p.add_argument("--max-shard-size", type=parse_size, metavar="SIZE", help="split into shards of at most "
-                   "SIZE (e.g. 2GB, 500MiB); default: one file")
+                   "SIZE (e.g. 2GB, 500MiB; at least 1 byte); a tensor bigger than SIZE gets a shard of its "
+                   "own, over the limit (a note says so); default: one file")
     p.add_argument("--best", action="store_true", help="with a root: the best committed checkpoint by --monitor")
     p.set_defaults(func=cmd_export)
 

@@ -22,9 +22,12 @@ def parse_size(text: str) -> int:
     """'2GB' -> 2_000_000_000, '512MiB' -> 536870912, '1000' -> 1000 (decimal and binary units)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
     unit = m.group(2).lower() if m else None
-    if m is None or unit not in _UNITS or float(m.group(1)) <= 0:
+    if m is None or unit not in _UNITS:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 500MB, 2GB or 1GiB")
-    return int(float(m.group(1)) * _UNITS[unit])
+    size = int(float(m.group(1)) * _UNITS[unit])
+    if size < 1:  # '0.5' would be 0 bytes: every tensor a shard of its own
+        raise argparse.ArgumentTypeError(f"{text!r} is less than 1 byte; give a size such as 500MB, 2GB or 1GiB")
+    return size
 
 
 def parse_storage_option(text: str) -> tuple[str, Any]:

@@ -164,8 +164,8 @@ def test_export_bf16_casts_floats_only(run: tuple[str, Weights], tmp_path, capsy
 def test_export_sharded_with_index(run: tuple[str, Weights], tmp_path, capsys) -> None:
     root, weights = run
     out = tmp_path / "sharded"
-    code, stdout, _ = cli(capsys, "export", root, "--out", str(out), "--max-shard-size", "500B")
-    assert code == 0
+    code, stdout, err = cli(capsys, "export", root, "--out", str(out), "--max-shard-size", "500B")
+    assert code == 0 and "over --max-shard-size" not in err
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and all(str(out / s) in stdout for s in shards)
@@ -175,6 +175,10 @@ def test_export_sharded_with_index(run: tuple[str, Weights], tmp_path, capsys) -
     assert digest(merged) == digest(weights[3])
     code, _, err = cli(capsys, "export", root, "--out", str(tmp_path / "one.safetensors"), "--max-shard-size", "500B")
     assert code == 1 and "give a directory as --out" in err and not (tmp_path / "one.safetensors").exists()
+    code, _, err = cli(capsys, "export", root, "--out", str(tmp_path / "big"), "--max-shard-size", "300B")
+    assert code == 0 and "note: tensor '0.weight' is 384 B, over --max-shard-size 300 B: it gets a shard of its own" in err
+    index = json.loads((tmp_path / "big" / "model.safetensors.index.json").read_text())
+    assert [k for k, v in index["weight_map"].items() if v == index["weight_map"]["0.weight"]] == ["0.weight"]
 
 
 def test_export_best_by_metric_config_and_fallback(tmp_path, capsys) -> None:
@@ -217,6 +221,8 @@ def test_errors_and_usage(run: tuple[str, Weights], tmp_path, capsys) -> None:
     assert code == 1 and "step-000000004" in err
     assert cli(capsys, "export", root)[0] == 2  # --out is required
     assert cli(capsys, "export", root, "--out", "x", "--max-shard-size", "2XB")[0] == 2
+    code, _, err = cli(capsys, "export", root, "--out", str(tmp_path / "y"), "--max-shard-size", "0.5")
+    assert code == 2 and "'0.5' is less than 1 byte" in err and not (tmp_path / "y").exists()
     assert cli(capsys, "ls", root, "--storage-option", "novalue")[0] == 2
     assert cli(capsys, "prune", root)[0] == 2
     assert cli(capsys, "prune", root, "--keep-last", "0")[0] == 2
@@ -242,7 +248,7 @@ def test_ls_and_inspect_survive_a_manifest_time_out_of_range(run: tuple[str, Wei
 
 def test_argument_parsers() -> None:
     assert parse_size("2GB") == 2 * 10**9 and parse_size("512MiB") == 512 * 2**20 and parse_size("1000") == 1000
-    assert parse_size("1.5 kb") == 1500
+    assert parse_size("1.5 kb") == 1500 and parse_size("0.5KB") == 500
     for t in (1e20, float("nan"), float("inf"), -1e12, None):
         assert utc(t) == "-"
     assert utc(0) == "1970-01-01 00:00:00"
