@@ -82,8 +82,11 @@ def _scan_one(url: str, step: int, storage_options: storage.StorageOptions) -> C
     info = _BY_IDENTITY.get((url, ident)) if known else None
     if info is None:
         data = None if ident is None else _manifest_bytes(url, storage_options)
-        info = CheckpointInfo(url, step, False, problem=NO_MANIFEST) if data is None else _info(url, step, data)
-        if data is not None and known:
+        if data is None or isinstance(data, str):
+            info = CheckpointInfo(url, step, False, problem=data or NO_MANIFEST)
+        else:
+            info = _info(url, step, data)
+        if isinstance(data, bytes) and known:
             if len(_BY_IDENTITY) >= 1024:
                 _BY_IDENTITY.clear()
             _BY_IDENTITY[(url, ident)] = info
@@ -105,17 +108,23 @@ def read_info(url: str, step: int, storage_options: storage.StorageOptions = Non
     """One checkpoint directory's info (a copy) and its parsed manifest, None when it has no valid
     manifest (the info's `problem` says why): a resume parses the manifest it loads once."""
     data = _manifest_bytes(url, storage_options)
-    if data is None:
-        return CheckpointInfo(url, step, False, problem=NO_MANIFEST), None
+    if data is None or isinstance(data, str):
+        return CheckpointInfo(url, step, False, problem=data or NO_MANIFEST), None
     info, man = _parse_info(_key(url, data), step, data)
     return replace(info, metrics=dict(info.metrics)), man
 
 
-def _manifest_bytes(url: str, storage_options: storage.StorageOptions) -> bytes | None:
+def _manifest_bytes(url: str, storage_options: storage.StorageOptions) -> bytes | str | None:
+    """The manifest's bytes; None when there is none; why, when it is there but can never be read
+    (a directory, no permission): one such checkpoint must not stop every command on the root.
+    Other errors (EIO, a network failure) may pass, so they are raised."""
+    path = storage.join(url, MANIFEST)
     try:
-        return storage.read_bytes(storage.join(url, MANIFEST), storage_options=storage_options)
+        return storage.read_bytes(path, storage_options=storage_options)
     except FileNotFoundError:
         return None
+    except (IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        return f"{path} cannot be read ({e.strerror or type(e).__name__}); fix its permissions or remove it"
 
 
 _SEEN: dict[tuple[str, bytes], CheckpointInfo] = {}  # (url, digest of manifest bytes) -> what they said

@@ -61,6 +61,8 @@ def verify(url: str, storage_options: storage.StorageOptions = None, check_finit
         man = read_manifest(url, storage_options)
     except CheckpointError as e:
         return [str(e)]
+    except (IsADirectoryError, NotADirectoryError, PermissionError) as e:  # never readable: report, go on
+        return [f"{storage.join(url, MANIFEST)} cannot be read ({e.strerror or type(e).__name__})"]
     problems: list[str] = []
     named = re.fullmatch(r"step-(\d+)", url.rstrip("/").rsplit("/", 1)[-1])
     if named and int(named.group(1)) != man.step:  # resume would ignore it: it is not that step's

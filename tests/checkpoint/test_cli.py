@@ -246,6 +246,19 @@ def test_ls_and_inspect_survive_a_manifest_time_out_of_range(run: tuple[str, Wei
         assert code == 1 and "field created" in err and err.startswith("dtrain ckpt: error: ")
 
 
+def test_a_manifest_that_is_a_directory_does_not_stop_the_root(run: tuple[str, Weights], tmp_path, capsys) -> None:
+    root, _ = run
+    bad = os.path.join(root, "step-000000070")
+    os.makedirs(os.path.join(bad, "manifest.json"))
+    code, out, _ = cli(capsys, "ls", root)
+    row = next(ln for ln in out.splitlines() if ln.startswith("70 "))
+    assert code == 0 and "manifest.json cannot be read (Is a directory)" in row
+    code, out, _ = cli(capsys, "verify", root)
+    assert code == 1 and f"FAILED {bad}" in out and "3 of 4 checkpoint(s) sound" in out
+    assert cli(capsys, "export", root, "--out", str(tmp_path / "m.safetensors"))[0] == 0
+    assert cli(capsys, "prune", root, "--keep-last", "1")[0] == 0 and os.path.isdir(bad)
+
+
 def test_argument_parsers() -> None:
     assert parse_size("2GB") == 2 * 10**9 and parse_size("512MiB") == 512 * 2**20 and parse_size("1000") == 1000
     assert parse_size("1.5 kb") == 1500 and parse_size("0.5KB") == 500

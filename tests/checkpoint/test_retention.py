@@ -75,6 +75,39 @@ def test_scan_notices_a_manifest_damaged_after_it_was_read(tmp_path) -> None:
     assert mgr.latest_committed().step == 1
 
 
+@pytest.mark.timeout(120)
+def test_an_unreadable_manifest_is_an_invalid_checkpoint_not_an_error(tmp_path, monkeypatch) -> None:
+    """A manifest.json that can never be read (here a directory) marks its checkpoint invalid: scan,
+    retention and load_model go on with the others; an error that may pass (EIO) is still raised."""
+    import errno
+
+    import dtrain
+    from dtrain.checkpoint import storage
+
+    m, o, s, c = make_all()
+    with CheckpointManager(str(tmp_path)) as mgr:
+        for step in (1, 2):
+            mgr.save(step, model=m, optimizer=o, metrics={"val/loss": 1.0 / step})
+    (tmp_path / "step-000000003" / "manifest.json").mkdir(parents=True)
+    (tmp_path / "step-000000000" / "manifest.json").mkdir(parents=True)
+    found = scan(str(tmp_path))
+    assert [(i.step, i.committed) for i in found] == [(0, False), (1, True), (2, True), (3, False)]
+    assert found[3].problem is not None and found[3].problem != NO_MANIFEST
+    assert str(tmp_path / "step-000000003" / "manifest.json") in found[3].problem
+    assert "Is a directory" in found[3].problem
+    assert steps(to_delete(found, **{**RULES, "keep_last_n": 1})) == [1]  # never the unreadable ones
+    dtrain.load_model(str(tmp_path), make_all()[0])
+    real = storage.read_bytes
+
+    def eio(url: str, *args, **kwargs) -> bytes:
+        if "step-000000003" in url:
+            raise OSError(errno.EIO, "Input/output error", url)
+        return real(url, *args, **kwargs)
+    monkeypatch.setattr(storage, "read_bytes", eio)
+    with pytest.raises(OSError, match="Input/output error"):
+        scan(str(tmp_path))
+
+
 def _scan_reads(root: str, monkeypatch: pytest.MonkeyPatch, options: dict | None = None) -> tuple[list, list[str]]:
     """scan(root) and the manifests it read."""
     from dtrain.checkpoint import retention
