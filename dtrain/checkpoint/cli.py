@@ -43,20 +43,34 @@ def _note(text: str) -> None:
 
 # ---- choosing a checkpoint ----------------------------------------------------------------------
 def _monitor(args: argparse.Namespace, infos: list[CheckpointInfo], so: dict[str, Any]) -> tuple[str, str, str]:
-    """(metric, mode, where it came from): --monitor, else the run's early_stopping config saved in
-    the newest committed checkpoint, else val/loss (min)."""
+    """(metric, mode, where they came from): --monitor, else the run's early_stopping config saved in
+    the newest committed checkpoint, else val/loss. Without --mode, the mode is the saved config's when
+    it monitors the same metric (val/acc is maximised), else min."""
+    if getattr(args, "monitor", None) and args.mode:
+        return args.monitor, args.mode, "--monitor"
+    saved = _saved_early_stopping(infos, so)
     if getattr(args, "monitor", None):
-        return args.monitor, args.mode or "min", "--monitor"
-    committed = [i for i in infos if i.committed]
-    if committed:
-        try:
-            state = read_state(committed[-1].url, read_manifest(committed[-1].url, so), so)
-            es = ((state.get("extra") or {}).get("config") or {}).get("early_stopping") or {}
-            if isinstance(es.get("monitor"), str) and es.get("mode") in ("min", "max"):
-                return es["monitor"], args.mode or es["mode"], "the run's early_stopping config"
-        except (CheckpointError, OSError, AttributeError):
-            pass
+        if saved is not None and saved[0] == args.monitor:
+            return args.monitor, saved[1], "--monitor, mode from the run's early_stopping config"
+        return args.monitor, "min", "--monitor, mode min by default: give --mode max if higher is better"
+    if saved is not None:
+        return saved[0], args.mode or saved[1], "the run's early_stopping config"
     return "val/loss", args.mode or "min", "the default"
+
+
+def _saved_early_stopping(infos: list[CheckpointInfo], so: dict[str, Any]) -> tuple[str, str] | None:
+    """(monitor, mode) of the early_stopping config saved in the newest committed checkpoint."""
+    committed = [i for i in infos if i.committed]
+    if not committed:
+        return None
+    try:
+        state = read_state(committed[-1].url, read_manifest(committed[-1].url, so), so)
+        es = ((state.get("extra") or {}).get("config") or {}).get("early_stopping") or {}
+        if isinstance(es.get("monitor"), str) and es.get("mode") in ("min", "max"):
+            return es["monitor"], es["mode"]
+    except (CheckpointError, OSError, AttributeError):
+        pass
+    return None
 
 
 def _pick(args: argparse.Namespace, so: dict[str, Any]) -> str:
@@ -220,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     pick = argparse.ArgumentParser(add_help=False)
     pick.add_argument("--monitor", help="metric for --best / best marking (default: the run's "
                       "early_stopping.monitor saved in the checkpoint, else val/loss)")
-    pick.add_argument("--mode", choices=("min", "max"), help="whether lower or higher --monitor is better")
+    pick.add_argument("--mode", choices=("min", "max"), help="whether lower or higher --monitor is better (default: the mode of the run's saved early_stopping config "
+                      "when it monitors the same metric, else min)")
     parser = argparse.ArgumentParser(prog=PROG, description="List, inspect, verify, export and prune dtrain "
                                      "checkpoints. URL is a local path or any fsspec URL (s3://...).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

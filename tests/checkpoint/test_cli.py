@@ -190,6 +190,15 @@ def test_export_best_by_metric_config_and_fallback(tmp_path, capsys) -> None:
     assert digest(load_file(out)) == digest(weights[2])
     code, _, err = cli(capsys, "export", root, "--best", "--monitor", "val/acc", "--mode", "min", "--out", out)
     assert code == 0 and "step 1" in err and digest(load_file(out)) == digest(weights[1])
+    # --monitor without --mode: the saved config's mode when it monitors that metric, else min
+    code, _, err = cli(capsys, "export", root, "--best", "--monitor", "val/acc", "--out", out)
+    assert code == 0 and "val/acc (max, from --monitor, mode from the run's early_stopping config): step 2" in err
+    assert digest(load_file(out)) == digest(weights[2])
+    code, _, err = cli(capsys, "export", root, "--best", "--monitor", "val/loss", "--out", out)
+    assert code == 0 and "val/loss (min, from --monitor, mode min by default: give --mode max" in err
+    assert digest(load_file(out)) == digest(weights[2])
+    code, _, err = cli(capsys, "prune", root, "--keep-best", "1", "--monitor", "val/acc", "--dry-run")
+    assert code == 0 and "ranks by val/acc (max, from --monitor, mode from the run's early_stopping config)" in err
     plain = str(tmp_path / "b")
     weights = _save_run(plain, with_metrics=False)
     code, _, err = cli(capsys, "export", plain, "--best", "--out", out)
