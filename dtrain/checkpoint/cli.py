@@ -84,15 +84,22 @@ def _pick(args: argparse.Namespace, so: dict[str, Any]) -> str:
         return tools.resolve(url, so)
     infos = retention.scan(url, so)
     monitor, mode, source = _monitor(args, infos, so)
+    _require_monitor(infos, monitor, source, url, "--best")
     best = retention.best_of(infos, monitor, mode)
-    if best is not None:
-        _note(f"best checkpoint by {monitor} ({mode}, from {source}): step {best.step}, "
-              f"{monitor}={best.metric(monitor):.6g}")
-        return best.url
-    newest = tools.resolve(url, so)
-    _note(f"no committed checkpoint under {url} records {monitor!r} (from {source}); "
-          f"using the newest committed one, {newest}")
-    return newest
+    if best is None:  # nothing committed
+        return tools.resolve(url, so)
+    _note(f"best checkpoint by {monitor} ({mode}, from {source}): step {best.step}, "
+          f"{monitor}={best.metric(monitor):.6g}")
+    return best.url
+
+
+def _require_monitor(infos: list[CheckpointInfo], monitor: str, source: str, url: str, flag: str) -> None:
+    """Ranking by a metric no checkpoint records would silently pick the newest (--best) or delete
+    the real best (--keep-best): refuse, naming the metrics there are."""
+    problem = retention.unranked(infos, monitor)
+    if problem is not None:
+        raise CheckpointError(f"{url}: {problem}; {flag} needs one of them as --monitor (this one came from "
+                              f"{source})")
 
 
 # ---- sub-commands -------------------------------------------------------------------------------
@@ -207,6 +214,7 @@ def cmd_prune(args: argparse.Namespace, so: dict[str, Any]) -> int:
     infos = retention.scan(args.url, so)
     monitor, mode, source = _monitor(args, infos, so)
     if args.keep_best is not None:
+        _require_monitor(infos, monitor, source, args.url, "--keep-best")
         _note(f"--keep-best ranks by {monitor} ({mode}, from {source})")
     doomed = retention.to_delete(infos, keep_last_n=args.keep_last, keep_best_k=args.keep_best,
                                  keep_every_n_steps=args.keep_every, monitor=monitor, mode=mode)

@@ -182,6 +182,18 @@ def best_of(infos: list[CheckpointInfo], monitor: str | None, mode: str) -> Chec
     return min(scored, key=lambda i: (sign * i.metric(monitor), -i.step))  # type: ignore[operator]
 
 
+def unranked(infos: list[CheckpointInfo], monitor: str) -> str | None:
+    """Why the committed checkpoints cannot be ranked by `monitor` (none records a finite value of
+    it; a typo, say), naming the metrics they do record; None when they can, or when none is committed."""
+    committed = [i for i in infos if i.committed]
+    if not committed or any(i.metric(monitor) is not None for i in committed):
+        return None
+    recorded = sorted({k for i in committed for k in i.metrics if i.metric(k) is not None})
+    what = (f"every committed checkpoint records no finite value of {monitor!r} (NaN/inf, or none)"
+            if any(monitor in i.metrics for i in committed) else f"no committed checkpoint records {monitor!r}")
+    return f"{what}; the metrics they record: {', '.join(recorded) if recorded else 'none'}"
+
+
 def to_delete(infos: list[CheckpointInfo], *, keep_last_n: int | None, keep_best_k: int | None,
               keep_every_n_steps: int | None, monitor: str | None, mode: str) -> list[CheckpointInfo]:
     """Checkpoints retention removes. Never the newest committed, never the best, never anything

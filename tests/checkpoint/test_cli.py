@@ -201,9 +201,12 @@ def test_export_best_by_metric_config_and_fallback(tmp_path, capsys) -> None:
     assert code == 0 and "ranks by val/acc (max, from --monitor, mode from the run's early_stopping config)" in err
     plain = str(tmp_path / "b")
     weights = _save_run(plain, with_metrics=False)
-    code, _, err = cli(capsys, "export", plain, "--best", "--out", out)
-    assert code == 0 and "records 'val/loss'" in err and "using the newest committed one" in err
-    assert digest(load_file(out)) == digest(weights[3])
+    before = Path(out).read_bytes()
+    code, _, err = cli(capsys, "export", plain, "--best", "--out", out)  # no metrics: no best to pick
+    assert code == 1 and "no committed checkpoint records 'val/loss'; the metrics they record: none" in err
+    assert Path(out).read_bytes() == before
+    code, _, err = cli(capsys, "export", root, "--best", "--monitor", "val/los", "--out", out)
+    assert code == 1 and "records 'val/los'; the metrics they record: val/acc, val/loss; --best needs" in err
 
 
 def test_prune_dry_run_then_keep_last_keeps_best(run: tuple[str, Weights], capsys) -> None:
@@ -220,6 +223,20 @@ def test_prune_dry_run_then_keep_last_keeps_best(run: tuple[str, Weights], capsy
                          "--monitor", "val/acc", "--mode", "min")
     assert code == 0 and "ranks by val/acc (min, from --monitor)" in err
     assert sorted(os.listdir(root)) == ["step-000000003", "step-000000004"]
+
+
+def test_keep_best_by_a_metric_no_checkpoint_records_deletes_nothing(run: tuple[str, Weights], capsys) -> None:
+    root, _ = run
+    before = sorted(os.listdir(root))
+    code, _, err = cli(capsys, "prune", root, "--keep-best", "2", "--monitor", "val/los")  # a typo
+    assert code == 1 and "no committed checkpoint records 'val/los'" in err and "val/acc, val/loss" in err
+    assert sorted(os.listdir(root)) == before
+    for step in (1, 2, 3):
+        path = Path(root, f"step-00000000{step}", "manifest.json")
+        path.write_text(re.sub(r'"val/acc": [^,}]+', '"val/acc": null', path.read_text()))
+    code, _, err = cli(capsys, "prune", root, "--keep-best", "1", "--monitor", "val/acc", "--mode", "max")
+    assert code == 1 and "every committed checkpoint records no finite value of 'val/acc'" in err
+    assert "the metrics they record: val/loss" in err and sorted(os.listdir(root)) == before
 
 
 def test_errors_and_usage(run: tuple[str, Weights], tmp_path, capsys) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from dtrain.checkpoint import CheckpointManager
-from dtrain.checkpoint.retention import NO_MANIFEST, CheckpointInfo, best_of, scan, to_delete
+from dtrain.checkpoint.retention import NO_MANIFEST, CheckpointInfo, best_of, scan, to_delete, unranked
 from tests.checkpoint.models import make_all, train
 
 
@@ -43,6 +43,15 @@ def test_mode_max_and_best_of() -> None:
     assert best_of(data, "val/loss", "min").step == 1
     assert best_of(data, None, "min") is None
     assert steps(to_delete(data, **{**RULES, "keep_last_n": 1, "mode": "max"})) == [1]
+
+
+def test_unranked_names_the_metric_and_those_recorded() -> None:
+    data = infos({1: 0.5, 2: None}, incomplete=(3,))
+    assert unranked(data, "val/loss") is None
+    assert unranked(data, "val/los") == "no committed checkpoint records 'val/los'; the metrics they record: val/loss"
+    data[1].metrics["val/acc"] = None  # in the manifest, but NaN/inf (stored as null)
+    assert unranked(data, "val/acc").startswith("every committed checkpoint records no finite value of 'val/acc'")
+    assert unranked(infos({}, incomplete=(1,)), "val/loss") is None  # nothing committed: nothing to rank
 
 
 @pytest.mark.timeout(120)
