@@ -181,6 +181,55 @@ def test_export_sharded_with_index(run: tuple[str, Weights], tmp_path, capsys) -
     assert [k for k, v in index["weight_map"].items() if v == index["weight_map"]["0.weight"]] == ["0.weight"]
 
 
+def _damage_last_tensor(ckpt: str) -> None:
+    """Flip the last byte of the model file: its last tensor (model/4.weight, the last one export
+    writes) fails its checksum."""
+    path = Path(ckpt, "model-00000-of-00001.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+def test_a_failed_export_leaves_the_earlier_output_untouched(run: tuple[str, Weights], tmp_path, capsys) -> None:
+    root, _ = run
+    good, damaged = os.path.join(root, "step-000000002"), os.path.join(root, "step-000000003")
+    _damage_last_tensor(damaged)
+    out = tmp_path / "out"
+    out.mkdir()
+    keep = out / "keep.safetensors"
+    assert cli(capsys, "export", good, "--out", str(keep))[0] == 0
+    shards = tmp_path / "shards"
+    assert cli(capsys, "export", good, "--out", str(shards), "--max-shard-size", "500B")[0] == 0
+    before, before_shards = _files(out), _files(shards)
+    code, _, err = cli(capsys, "export", damaged, "--out", str(keep))
+    assert code == 1 and "model/4.weight" in err
+    assert _files(out) == before  # the old file, and no temporary left behind
+    code, _, err = cli(capsys, "export", damaged, "--out", str(shards), "--max-shard-size", "500B")
+    assert code == 1 and _files(shards) == before_shards
+    index = json.loads((shards / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(before_shards) - {"model.safetensors.index.json"}
+
+
+def test_export_into_a_directory_replaces_an_earlier_export(run: tuple[str, Weights], tmp_path, capsys) -> None:
+    """Stale shards, index or model.safetensors of an earlier export are removed (other files stay)."""
+    root, weights = run
+    out = tmp_path / "exported"
+    out.mkdir()
+    (out / "README.md").write_text("mine")
+    counts = []
+    for size in ("200B", "600B", None):  # the model is 984 B
+        code, stdout, _ = cli(capsys, "export", root, "--out", str(out), *(["--max-shard-size", size] if size else []))
+        written = {Path(line.strip()).name for line in stdout.splitlines()[1:]}
+        assert code == 0 and set(os.listdir(out)) == written | {"README.md"}
+        counts.append(len(written))
+    assert counts[0] > counts[1] > 2 and counts[2] == 1 and written == {"model.safetensors"}
+    assert digest(load_file(str(out / "model.safetensors"))) == digest(weights[3])
+
+
 def test_export_best_by_metric_config_and_fallback(tmp_path, capsys) -> None:
     root = str(tmp_path / "a")
     weights = _save_run(root, extra={"config": {"early_stopping": {"monitor": "val/acc", "mode": "max"}}})
