@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import posixpath
 import re
 import uuid
 from dataclasses import dataclass
@@ -185,6 +186,9 @@ def export(url: str, out: str, *, dtype: str | torch.dtype | None = None, max_sh
     """Write the full model weights as `out` (one .safetensors file), or, past `max_shard_bytes`,
     as shards plus model.safetensors.index.json in the directory `out`. Returns the files written."""
     src = resolve(url, storage_options)
+    if _inside(out, src):
+        raise CheckpointError(f"--out {out} is inside the checkpoint {src} that export reads: writing there would "
+                              f"destroy it; give a path outside it")
     man = read_manifest(src, storage_options)
     cast = _DTYPE_ALIASES.get(dtype.lower(), None) if isinstance(dtype, str) else dtype
     if isinstance(dtype, str) and cast is None:
@@ -272,6 +276,22 @@ def export_files(directory: str, storage_options: storage.StorageOptions = None)
     model-NNNNN-of-NNNNN.safetensors shards)."""
     return [storage.join(directory, name) for name, is_dir in storage.list_dir(directory, storage_options)
             if not is_dir and _EXPORT_NAME.fullmatch(name)]
+
+
+def _inside(out: str, src: str) -> bool:
+    """Whether `out` is the checkpoint directory `src` or a path under it."""
+    if storage.is_local(out) != storage.is_local(src):
+        return False
+    if storage.is_local(out):
+        a, b = (os.path.realpath(storage.local_path(u)) for u in (out, src))
+        return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+    a, b = (_normal_url(u) for u in (out, src))
+    return a == b or a.startswith(b + "/")
+
+
+def _normal_url(url: str) -> str:
+    scheme, _, path = url.partition("://")
+    return f"{scheme.lower()}://{posixpath.normpath('/' + path).lstrip('/')}"
 
 
 def _loader(reader: ChunkReader, key: str, dt: torch.dtype, to: torch.dtype, shape: tuple[int, ...]):  # noqa: ANN202

@@ -230,6 +230,22 @@ def test_export_into_a_directory_replaces_an_earlier_export(run: tuple[str, Weig
     assert digest(load_file(str(out / "model.safetensors"))) == digest(weights[3])
 
 
+def test_export_refuses_to_write_into_the_checkpoint_it_reads(run: tuple[str, Weights], tmp_path, capsys) -> None:
+    root, _ = run
+    ckpt = os.path.join(root, "step-000000003")
+    before = _files(Path(ckpt))
+    os.symlink(ckpt, tmp_path / "link")
+    for out in (os.path.join(ckpt, "model-00000-of-00001.safetensors"), ckpt, ckpt + "/", os.path.join(ckpt, "sub"),
+                str(tmp_path / "link" / "model.safetensors")):
+        code, _, err = cli(capsys, "export", ckpt, "--out", out)
+        assert code == 1 and "is inside the checkpoint" in err and "give a path outside it" in err
+        shards = [] if out.endswith(".safetensors") else ["--max-shard-size", "500B"]
+        code, _, err = cli(capsys, "export", root, "--out", out, *shards)  # root: its newest
+        assert code == 1 and "is inside the checkpoint" in err
+    assert _files(Path(ckpt)) == before and cli(capsys, "verify", ckpt)[0] == 0
+    assert cli(capsys, "export", root, "--out", root)[0] == 0  # the root itself is not a checkpoint
+
+
 def test_export_best_by_metric_config_and_fallback(tmp_path, capsys) -> None:
     root = str(tmp_path / "a")
     weights = _save_run(root, extra={"config": {"early_stopping": {"monitor": "val/acc", "mode": "max"}}})
