@@ -195,11 +195,23 @@ def cmd_export(args: argparse.Namespace, so: dict[str, Any]) -> int:
             if size > args.max_shard_size:
                 _note(f"tensor {t.key.removeprefix(MODEL)!r} is {human_bytes(size)}, over --max-shard-size "
                       f"{human_bytes(args.max_shard_size)}: it gets a shard of its own, over the limit")
+    earlier = tools.export_files(args.out, so)
     files = tools.export(src, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size, storage_options=so)
     print(f"exported {len(model)} tensors ({human_bytes(total)}) of step {man.step} from {src}:")
     for f in files:
         print(f"  {f}")
+    stale = [f for f in earlier if f not in files]
+    if stale:
+        _note(f"removed {len(stale)} file(s) of an earlier export from {args.out}: "
+              f"{', '.join(f.rstrip('/').rsplit('/', 1)[-1] for f in stale)}")
     return 0
+
+
+def _out_path(text: str) -> str:
+    """--out: an empty one would quietly mean ./model.safetensors."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty: give a .safetensors file or a directory")
+    return text
 
 
 def _export_bytes(t: tools.TensorInfo, dtype: str | None) -> int:
@@ -265,8 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", parents=[common, pick], help="consolidated model weights as plain safetensors")
     p.add_argument("url", metavar="URL", help="a checkpoint directory, or a root (its newest committed one)")
-    p.add_argument("--out", required=True, help="a .safetensors file, or a directory (model.safetensors, or "
-                   "shards + model.safetensors.index.json past --max-shard-size)")
+    p.add_argument("--out", required=True, type=_out_path, help="a .safetensors file, or a directory "
+                   "(model.safetensors, or shards + model.safetensors.index.json past --max-shard-size; files of "
+                   "an earlier export there, model*.safetensors and the index, are replaced or removed). Written "
+                   "under temporary names and renamed at the end: a failed export leaves the old output as it was")
     p.add_argument("--dtype", choices=sorted(_ITEMSIZE), help="cast floating-point tensors (integers are kept)")
     p.add_argument("--max-shard-size", type=parse_size, metavar="SIZE", help="split into shards of at most "
                    "SIZE (e.g. 2GB, 500MiB; at least 1 byte); a tensor bigger than SIZE gets a shard of its "

@@ -185,6 +185,8 @@ def export(url: str, out: str, *, dtype: str | torch.dtype | None = None, max_sh
            storage_options: storage.StorageOptions = None) -> list[str]:
     """Write the full model weights as `out` (one .safetensors file), or, past `max_shard_bytes`,
     as shards plus model.safetensors.index.json in the directory `out`. Returns the files written."""
+    if not out.strip():
+        raise CheckpointError("export needs an output path, got an empty one")
     src = resolve(url, storage_options)
     if _inside(out, src):
         raise CheckpointError(f"--out {out} is inside the checkpoint {src} that export reads: writing there would "
@@ -274,8 +276,11 @@ def _temp_name(url: str) -> str:
 def export_files(directory: str, storage_options: storage.StorageOptions = None) -> list[str]:
     """The files in `directory` named as export names its output (model.safetensors, its index, and
     model-NNNNN-of-NNNNN.safetensors shards)."""
-    return [storage.join(directory, name) for name, is_dir in storage.list_dir(directory, storage_options)
-            if not is_dir and _EXPORT_NAME.fullmatch(name)]
+    try:
+        entries = storage.list_dir(directory, storage_options)
+    except NotADirectoryError:
+        return []
+    return [storage.join(directory, name) for name, is_dir in entries if not is_dir and _EXPORT_NAME.fullmatch(name)]
 
 
 def _inside(out: str, src: str) -> bool:
@@ -305,9 +310,21 @@ def _loader(reader: ChunkReader, key: str, dt: torch.dtype, to: torch.dtype, sha
 def _make_parent(target: str, so: storage.StorageOptions) -> None:
     """Create the directory `target` goes in (on S3: check that its bucket exists)."""
     if storage.is_local(target):
-        storage.makedirs(os.path.dirname(storage.local_path(target)) or ".", so)
+        parent = os.path.dirname(storage.local_path(target)) or "."
+        _no_file_on_the_way(parent, target)
+        storage.makedirs(parent, so)
     else:
         storage.makedirs(target.rsplit("/", 1)[0], so)
+
+
+def _no_file_on_the_way(directory: str, target: str) -> None:
+    """makedirs over a regular file says only '[Errno 17] File exists': name the file instead."""
+    path = os.path.abspath(directory)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CheckpointError(f"{path} is a file, not a directory: cannot write {target} under it; "
+                              f"give another --out")
 
 
 def prune(root: str, *, keep_last_n: int | None = None, keep_best_k: int | None = None,

@@ -220,13 +220,15 @@ def test_export_into_a_directory_replaces_an_earlier_export(run: tuple[str, Weig
     out = tmp_path / "exported"
     out.mkdir()
     (out / "README.md").write_text("mine")
-    counts = []
+    counts, capsys_err = [], []
     for size in ("200B", "600B", None):  # the model is 984 B
-        code, stdout, _ = cli(capsys, "export", root, "--out", str(out), *(["--max-shard-size", size] if size else []))
+        code, stdout, err = cli(capsys, "export", root, "--out", str(out), *(["--max-shard-size", size] if size else []))
         written = {Path(line.strip()).name for line in stdout.splitlines()[1:]}
         assert code == 0 and set(os.listdir(out)) == written | {"README.md"}
         counts.append(len(written))
+        capsys_err.append(err)
     assert counts[0] > counts[1] > 2 and counts[2] == 1 and written == {"model.safetensors"}
+    assert f"note: removed {counts[1]} file(s) of an earlier export from {out}: model-00001-of-00002" in capsys_err[-1]
     assert digest(load_file(str(out / "model.safetensors"))) == digest(weights[3])
 
 
@@ -316,6 +318,15 @@ def test_errors_and_usage(run: tuple[str, Weights], tmp_path, capsys) -> None:
     assert code == 2 and "'0.5' is less than 1 byte" in err and not (tmp_path / "y").exists()
     assert cli(capsys, "ls", root, "--storage-option", "novalue")[0] == 2
     assert cli(capsys, "prune", root)[0] == 2
+    code, _, err = cli(capsys, "export", root, "--out", "")
+    assert code == 2 and "argument --out: must not be empty" in err and not Path("model.safetensors").exists()
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    for out in (afile / "x.safetensors", afile / "sub" / "x.safetensors", afile):
+        shards = [] if out.suffix else ["--max-shard-size", "500B"]
+        code, _, err = cli(capsys, "export", root, "--out", str(out), *shards)
+        assert code == 1 and f"{afile} is a file, not a directory" in err and "Errno" not in err
+    assert afile.read_text() == "not a directory"
     assert cli(capsys, "prune", root, "--keep-last", "0")[0] == 2
     assert cli(capsys, "frobnicate")[0] == 2
     assert cli(capsys, "--help")[0] == 0
