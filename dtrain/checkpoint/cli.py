@@ -223,6 +223,8 @@ def cmd_prune(args: argparse.Namespace, so: dict[str, Any]) -> int:
     rules = {"--keep-last": args.keep_last, "--keep-best": args.keep_best, "--keep-every": args.keep_every}
     if all(v is None for v in rules.values()) or any(v is not None and v < 1 for v in rules.values()):
         raise _Usage(f"prune needs at least one of {', '.join(rules)}, each a positive integer")
+    if not storage.exists(args.url, so):
+        raise CheckpointError(f"{args.url} does not exist (no checkpoints there)")
     infos = retention.scan(args.url, so)
     monitor, mode, source = _monitor(args, infos, so)
     if args.keep_best is not None:
@@ -295,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-best", type=int, metavar="K", help="keep the K best by --monitor")
     p.add_argument("--keep-every", type=int, metavar="STEPS", help="keep every multiple of STEPS")
     p.add_argument("--dry-run", action="store_true", help="print what would be removed; remove nothing")
-    p.set_defaults(func=cmd_prune)
+    p.set_defaults(func=cmd_prune, parser=p)
     return parser
 
 
@@ -310,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args, so))
     except _Usage as e:
-        parser.print_usage(sys.stderr)
+        getattr(args, "parser", parser).print_usage(sys.stderr)  # the sub-command's usage
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `dtrain ckpt inspect ... | head`: stop quietly, as shell tools do

@@ -317,7 +317,10 @@ def test_errors_and_usage(run: tuple[str, Weights], tmp_path, capsys) -> None:
     code, _, err = cli(capsys, "export", root, "--out", str(tmp_path / "y"), "--max-shard-size", "0.5")
     assert code == 2 and "'0.5' is less than 1 byte" in err and not (tmp_path / "y").exists()
     assert cli(capsys, "ls", root, "--storage-option", "novalue")[0] == 2
-    assert cli(capsys, "prune", root)[0] == 2
+    code, _, err = cli(capsys, "prune", root)
+    assert code == 2 and err.startswith("usage: dtrain ckpt prune [-h]") and "--keep-last" in err
+    code, out, err = cli(capsys, "prune", str(tmp_path / "nothing"), "--keep-last", "1")
+    assert code == 1 and "does not exist" in err and "removed" not in out
     code, _, err = cli(capsys, "export", root, "--out", "")
     assert code == 2 and "argument --out: must not be empty" in err and not Path("model.safetensors").exists()
     afile = tmp_path / "afile"
