@@ -107,10 +107,17 @@ def cmd_ls(args: argparse.Namespace, so: dict[str, Any]) -> int:
     if not storage.exists(args.url, so):
         raise CheckpointError(f"{args.url} does not exist (no checkpoints there)")
     infos = tools.list_checkpoints(args.url, so)
+    if storage.exists(storage.join(args.url, MANIFEST), so) or (not infos and retention.is_step_dir(args.url)):
+        raise CheckpointError(f"{args.url} is a checkpoint directory, not a root: use `{PROG} inspect {args.url}` "
+                              f"on it, or `{PROG} ls {_parent(args.url)}`")
     monitor, mode, _ = _monitor(args, infos, so)
     best = retention.best_of(infos, monitor, mode)
+    if not infos:
+        inner = storage.join(args.url, "checkpoints")
+        if retention.step_dirs(inner, so):
+            _note(f"no checkpoints under {args.url}; did you mean {inner}?")
     if args.json:
-        print(json.dumps([{**dataclasses.asdict(i), "best": best is not None and i.url == best.url,
+        print(json.dumps([{**dataclasses.asdict(i), "status": _status(i), "best": best is not None and i.url == best.url,
                             "time_utc": None if utc(i.created) == "-" else utc(i.created) + "Z"} for i in infos], indent=1))
         return 0
     if not infos:
@@ -119,12 +126,24 @@ def cmd_ls(args: argparse.Namespace, so: dict[str, Any]) -> int:
     rows = []
     for i in infos:
         status = ("committed" + (f", best {monitor}" if best is not None and i.url == best.url else "")
-                  if i.committed else f"incomplete: {(i.problem or '?').removesuffix(' (incomplete)')}")
+                  if i.committed else f"{_status(i)}: {(i.problem or '?').removesuffix(' (incomplete)')}")
         rows.append([str(i.step), utc(i.created), human_bytes(i.size_bytes),
                      f"{i.world_size} {i.strategy}" if i.committed else "-", i.reason or "-",
                      format_metrics(i.metrics) if i.committed else "-", status])
     print(table(["STEP", "TIME (UTC)", "SIZE", "RANKS", "REASON", "METRICS", "STATUS"], rows))
     return 0
+
+
+def _status(i: CheckpointInfo) -> str:
+    """committed; incomplete (no manifest: being written, or abandoned); invalid (a manifest this
+    dtrain cannot use: damaged, unreadable, another step's, a newer schema)."""
+    return "committed" if i.committed else "incomplete" if i.problem == retention.NO_MANIFEST else "invalid"
+
+
+def _parent(url: str) -> str:
+    if storage.is_local(url):
+        return os.path.dirname(os.path.normpath(storage.local_path(url))) or "."
+    return url.rstrip("/").rsplit("/", 1)[0]
 
 
 def cmd_inspect(args: argparse.Namespace, so: dict[str, Any]) -> int:

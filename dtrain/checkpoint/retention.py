@@ -49,6 +49,11 @@ class CheckpointInfo:
         return v if v is not None and math.isfinite(v) else None
 
 
+def is_step_dir(url: str) -> bool:
+    """Whether the URL's last part is a checkpoint directory's name (step-NNNNNNNNN)."""
+    return _DIR.match(url.rstrip("/").rsplit("/", 1)[-1]) is not None
+
+
 def step_dirs(root: str, storage_options: storage.StorageOptions = None) -> list[tuple[int, str]]:
     """(step, url) of every `step-*` directory under `root`, oldest first; nothing else is read."""
     found = []

@@ -94,6 +94,35 @@ def test_ls_shows_committed_best_and_incomplete(run: tuple[str, Weights], capsys
     assert not listed[4]["committed"] and "manifest" in listed[4]["problem"]
 
 
+def test_ls_says_invalid_for_a_manifest_it_cannot_use(run: tuple[str, Weights], capsys) -> None:
+    """invalid: a manifest is there but unusable; incomplete: no manifest (being written, or abandoned)."""
+    root, _ = run
+    path = Path(root, "step-000000001", "manifest.json")
+    path.write_text(path.read_text().replace('"version": 1', '"version": 99', 1))
+    code, out, _ = cli(capsys, "ls", root)
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert code == 0 and "invalid: " in rows["1"] and "schema version 99" in rows["1"]
+    assert "incomplete: no manifest.json" in rows["4"] and "invalid" not in rows["4"]
+    code, out, _ = cli(capsys, "ls", root, "--json")
+    assert [d["status"] for d in json.loads(out)] == ["invalid", "committed", "committed", "incomplete"]
+
+
+def test_ls_of_a_checkpoint_or_a_run_directory_says_what_to_run(run: tuple[str, Weights], tmp_path, capsys) -> None:
+    root, _ = run
+    for ckpt in ("step-000000003", "step-000000004"):  # committed, and incomplete
+        code, out, err = cli(capsys, "ls", os.path.join(root, ckpt))
+        assert code == 1 and "is a checkpoint directory, not a root" in err
+        assert f"dtrain ckpt inspect {os.path.join(root, ckpt)}" in err and f"dtrain ckpt ls {root}`" in err
+    run_dir = os.path.dirname(root)
+    os.rename(root, os.path.join(run_dir, "checkpoints"))
+    code, out, err = cli(capsys, "ls", run_dir)
+    assert code == 0 and f"no checkpoints under {run_dir}" in out
+    assert f"did you mean {os.path.join(run_dir, 'checkpoints')}?" in err
+    (tmp_path / "empty").mkdir()
+    code, out, err = cli(capsys, "ls", str(tmp_path / "empty"))
+    assert code == 0 and "no checkpoints under" in out and "did you mean" not in err
+
+
 def test_ls_as_a_real_command(run: tuple[str, Weights]) -> None:
     root, _ = run
     done = subprocess.run([sys.executable, "-m", "dtrain", "ckpt", "ls", root], cwd=REPO,
