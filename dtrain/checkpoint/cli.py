@@ -214,7 +214,7 @@ def cmd_export(args: argparse.Namespace, so: dict[str, Any]) -> int:
             if size > args.max_shard_size:
                 _note(f"tensor {t.key.removeprefix(MODEL)!r} is {human_bytes(size)}, over --max-shard-size "
                       f"{human_bytes(args.max_shard_size)}: it gets a shard of its own, over the limit")
-    earlier = tools.export_files(args.out, so)
+    earlier = [] if args.out.endswith(".safetensors") else tools.export_files(args.out, so)  # a file: replaced
     files = tools.export(src, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size, storage_options=so)
     print(f"exported {len(model)} tensors ({human_bytes(total)}) of step {man.step} from {src}:")
     for f in files:

@@ -261,6 +261,22 @@ def test_export_into_a_directory_replaces_an_earlier_export(run: tuple[str, Weig
     assert digest(load_file(str(out / "model.safetensors"))) == digest(weights[3])
 
 
+def test_export_to_an_object_store_replaces_a_file_without_removing_it(run: tuple[str, Weights], tmp_path,
+                                                                       capsys) -> None:
+    root, weights = run
+    out = f"memory://export-{tmp_path.name}/exp/model.safetensors"
+    for _ in range(2):
+        code, _, err = cli(capsys, "export", root, "--out", out)
+        assert code == 0 and "removed" not in err
+    code, _, err = cli(capsys, "export", root, "--out", f"memory://export-{tmp_path.name}/exp", "--max-shard-size", "600B")
+    assert code == 0 and "removed 1 file(s) of an earlier export" in err
+    from dtrain.checkpoint import storage
+
+    names = sorted(n for n, _ in storage.list_dir(f"memory://export-{tmp_path.name}/exp"))
+    assert names == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                     "model.safetensors.index.json"]
+
+
 def test_export_refuses_to_write_into_the_checkpoint_it_reads(run: tuple[str, Weights], tmp_path, capsys) -> None:
     root, _ = run
     ckpt = os.path.join(root, "step-000000003")
