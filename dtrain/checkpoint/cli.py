@@ -43,20 +43,34 @@ def _note(text: str) -> None:
 
 # ---- choosing a checkpoint ----------------------------------------------------------------------
 def _monitor(args: argparse.Namespace, infos: list[CheckpointInfo], so: dict[str, Any]) -> tuple[str, str, str]:
-    """(metric, mode, where it came from): --monitor, else the run's early_stopping config saved in
-    the newest committed checkpoint, else val/loss (min)."""
+    """(metric, mode, where they came from): --monitor, else the run's early_stopping config saved in
+    the newest committed checkpoint, else val/loss. Without --mode, the mode is the saved config's when
+    it monitors the same metric (val/acc is maximised), else min."""
+    if getattr(args, "monitor", None) and args.mode:
+        return args.monitor, args.mode, "--monitor"
+    saved = _saved_early_stopping(infos, so)
     if getattr(args, "monitor", None):
-        return args.monitor, args.mode or "min", "--monitor"
-    committed = [i for i in infos if i.committed]
-    if committed:
-        try:
-            state = read_state(committed[-1].url, read_manifest(committed[-1].url, so), so)
-            es = ((state.get("extra") or {}).get("config") or {}).get("early_stopping") or {}
-            if isinstance(es.get("monitor"), str) and es.get("mode") in ("min", "max"):
-                return es["monitor"], args.mode or es["mode"], "the run's early_stopping config"
-        except (CheckpointError, OSError, AttributeError):
-            pass
+        if saved is not None and saved[0] == args.monitor:
+            return args.monitor, saved[1], "--monitor, mode from the run's early_stopping config"
+        return args.monitor, "min", "--monitor, mode min by default: give --mode max if higher is better"
+    if saved is not None:
+        return saved[0], args.mode or saved[1], "the run's early_stopping config"
     return "val/loss", args.mode or "min", "the default"
+
+
+def _saved_early_stopping(infos: list[CheckpointInfo], so: dict[str, Any]) -> tuple[str, str] | None:
+    """(monitor, mode) of the early_stopping config saved in the newest committed checkpoint."""
+    committed = [i for i in infos if i.committed]
+    if not committed:
+        return None
+    try:
+        state = read_state(committed[-1].url, read_manifest(committed[-1].url, so), so)
+        es = ((state.get("extra") or {}).get("config") or {}).get("early_stopping") or {}
+        if isinstance(es.get("monitor"), str) and es.get("mode") in ("min", "max"):
+            return es["monitor"], es["mode"]
+    except (CheckpointError, OSError, AttributeError):
+        pass
+    return None
 
 
 def _pick(args: argparse.Namespace, so: dict[str, Any]) -> str:
@@ -70,15 +84,22 @@ def _pick(args: argparse.Namespace, so: dict[str, Any]) -> str:
         return tools.resolve(url, so)
     infos = retention.scan(url, so)
     monitor, mode, source = _monitor(args, infos, so)
+    _require_monitor(infos, monitor, source, url, "--best")
     best = retention.best_of(infos, monitor, mode)
-    if best is not None:
-        _note(f"best checkpoint by {monitor} ({mode}, from {source}): step {best.step}, "
-              f"{monitor}={best.metric(monitor):.6g}")
-        return best.url
-    newest = tools.resolve(url, so)
-    _note(f"no committed checkpoint under {url} records {monitor!r} (from {source}); "
-          f"using the newest committed one, {newest}")
-    return newest
+    if best is None:  # nothing committed
+        return tools.resolve(url, so)
+    _note(f"best checkpoint by {monitor} ({mode}, from {source}): step {best.step}, "
+          f"{monitor}={best.metric(monitor):.6g}")
+    return best.url
+
+
+def _require_monitor(infos: list[CheckpointInfo], monitor: str, source: str, url: str, flag: str) -> None:
+    """Ranking by a metric no checkpoint records would silently pick the newest (--best) or delete
+    the real best (--keep-best): refuse, naming the metrics there are."""
+    problem = retention.unranked(infos, monitor)
+    if problem is not None:
+        raise CheckpointError(f"{url}: {problem}; {flag} needs one of them as --monitor (this one came from "
+                              f"{source})")
 
 
 # ---- sub-commands -------------------------------------------------------------------------------
@@ -86,11 +107,18 @@ def cmd_ls(args: argparse.Namespace, so: dict[str, Any]) -> int:
     if not storage.exists(args.url, so):
         raise CheckpointError(f"{args.url} does not exist (no checkpoints there)")
     infos = tools.list_checkpoints(args.url, so)
+    if storage.exists(storage.join(args.url, MANIFEST), so) or (not infos and retention.is_step_dir(args.url)):
+        raise CheckpointError(f"{args.url} is a checkpoint directory, not a root: use `{PROG} inspect {args.url}` "
+                              f"on it, or `{PROG} ls {_parent(args.url)}`")
     monitor, mode, _ = _monitor(args, infos, so)
     best = retention.best_of(infos, monitor, mode)
+    if not infos:
+        inner = storage.join(args.url, "checkpoints")
+        if retention.step_dirs(inner, so):
+            _note(f"no checkpoints under {args.url}; did you mean {inner}?")
     if args.json:
-        print(json.dumps([{**dataclasses.asdict(i), "best": best is not None and i.url == best.url,
-                            "time_utc": None if i.created is None else utc(i.created) + "Z"} for i in infos], indent=1))
+        print(json.dumps([{**dataclasses.asdict(i), "status": _status(i), "best": best is not None and i.url == best.url,
+                            "time_utc": None if utc(i.created) == "-" else utc(i.created) + "Z"} for i in infos], indent=1))
         return 0
     if not infos:
         print(f"no checkpoints under {args.url}")
@@ -98,12 +126,24 @@ def cmd_ls(args: argparse.Namespace, so: dict[str, Any]) -> int:
     rows = []
     for i in infos:
         status = ("committed" + (f", best {monitor}" if best is not None and i.url == best.url else "")
-                  if i.committed else f"incomplete: {(i.problem or '?').removesuffix(' (incomplete)')}")
+                  if i.committed else f"{_status(i)}: {(i.problem or '?').removesuffix(' (incomplete)')}")
         rows.append([str(i.step), utc(i.created), human_bytes(i.size_bytes),
                      f"{i.world_size} {i.strategy}" if i.committed else "-", i.reason or "-",
                      format_metrics(i.metrics) if i.committed else "-", status])
     print(table(["STEP", "TIME (UTC)", "SIZE", "RANKS", "REASON", "METRICS", "STATUS"], rows))
     return 0
+
+
+def _status(i: CheckpointInfo) -> str:
+    """committed; incomplete (no manifest: being written, or abandoned); invalid (a manifest this
+    dtrain cannot use: damaged, unreadable, another step's, a newer schema)."""
+    return "committed" if i.committed else "incomplete" if i.problem == retention.NO_MANIFEST else "invalid"
+
+
+def _parent(url: str) -> str:
+    if storage.is_local(url):
+        return os.path.dirname(os.path.normpath(storage.local_path(url))) or "."
+    return url.rstrip("/").rsplit("/", 1)[0]
 
 
 def cmd_inspect(args: argparse.Namespace, so: dict[str, Any]) -> int:
@@ -163,26 +203,51 @@ def cmd_export(args: argparse.Namespace, so: dict[str, Any]) -> int:
     model = [t for t in tensors if t.key.startswith(MODEL)]
     if not model:
         raise CheckpointError(f"{src} holds no model tensors; nothing to export")
-    total = sum(math.prod(t.shape) * _ITEMSIZE[args.dtype] if args.dtype and DTYPES[t.dtype].is_floating_point
-                else t.nbytes for t in model)
+    total = sum(_export_bytes(t, args.dtype) for t in model)
     if args.max_shard_size and total > args.max_shard_size and args.out.endswith(".safetensors"):
         raise CheckpointError(f"the model is {human_bytes(total)}, over --max-shard-size "
                               f"{human_bytes(args.max_shard_size)}: give a directory as --out for the "
                               f"shards and model.safetensors.index.json, not {args.out}")
+    if args.max_shard_size and total > args.max_shard_size:
+        for t in model:
+            size = _export_bytes(t, args.dtype)
+            if size > args.max_shard_size:
+                _note(f"tensor {t.key.removeprefix(MODEL)!r} is {human_bytes(size)}, over --max-shard-size "
+                      f"{human_bytes(args.max_shard_size)}: it gets a shard of its own, over the limit")
+    earlier = [] if args.out.endswith(".safetensors") else tools.export_files(args.out, so)  # a file: replaced
     files = tools.export(src, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size, storage_options=so)
     print(f"exported {len(model)} tensors ({human_bytes(total)}) of step {man.step} from {src}:")
     for f in files:
         print(f"  {f}")
+    stale = [f for f in earlier if f not in files]
+    if stale:
+        _note(f"removed {len(stale)} file(s) of an earlier export from {args.out}: "
+              f"{', '.join(f.rstrip('/').rsplit('/', 1)[-1] for f in stale)}")
     return 0
+
+
+def _out_path(text: str) -> str:
+    """--out: an empty one would quietly mean ./model.safetensors."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty: give a .safetensors file or a directory")
+    return text
+
+
+def _export_bytes(t: tools.TensorInfo, dtype: str | None) -> int:
+    """A tensor's size in the exported file (--dtype casts floating-point tensors only)."""
+    return math.prod(t.shape) * _ITEMSIZE[dtype] if dtype and DTYPES[t.dtype].is_floating_point else t.nbytes
 
 
 def cmd_prune(args: argparse.Namespace, so: dict[str, Any]) -> int:
     rules = {"--keep-last": args.keep_last, "--keep-best": args.keep_best, "--keep-every": args.keep_every}
     if all(v is None for v in rules.values()) or any(v is not None and v < 1 for v in rules.values()):
         raise _Usage(f"prune needs at least one of {', '.join(rules)}, each a positive integer")
+    if not storage.exists(args.url, so):
+        raise CheckpointError(f"{args.url} does not exist (no checkpoints there)")
     infos = retention.scan(args.url, so)
     monitor, mode, source = _monitor(args, infos, so)
     if args.keep_best is not None:
+        _require_monitor(infos, monitor, source, args.url, "--keep-best")
         _note(f"--keep-best ranks by {monitor} ({mode}, from {source})")
     doomed = retention.to_delete(infos, keep_last_n=args.keep_last, keep_best_k=args.keep_best,
                                  keep_every_n_steps=args.keep_every, monitor=monitor, mode=mode)
@@ -210,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     pick = argparse.ArgumentParser(add_help=False)
     pick.add_argument("--monitor", help="metric for --best / best marking (default: the run's "
                       "early_stopping.monitor saved in the checkpoint, else val/loss)")
-    pick.add_argument("--mode", choices=("min", "max"), help="whether lower or higher --monitor is better")
+    pick.add_argument("--mode", choices=("min", "max"), help="whether lower or higher --monitor is better (default: the mode of the run's saved early_stopping config "
+                      "when it monitors the same metric, else min)")
     parser = argparse.ArgumentParser(prog=PROG, description="List, inspect, verify, export and prune dtrain "
                                      "checkpoints. URL is a local path or any fsspec URL (s3://...).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -232,11 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", parents=[common, pick], help="consolidated model weights as plain safetensors")
     p.add_argument("url", metavar="URL", help="a checkpoint directory, or a root (its newest committed one)")
-    p.add_argument("--out", required=True, help="a .safetensors file, or a directory (model.safetensors, or "
-                   "shards + model.safetensors.index.json past --max-shard-size)")
+    p.add_argument("--out", required=True, type=_out_path, help="a .safetensors file, or a directory "
+                   "(model.safetensors, or shards + model.safetensors.index.json past --max-shard-size; files of "
+                   "an earlier export there, model*.safetensors and the index, are replaced or removed). Written "
+                   "under temporary names and renamed at the end: a failed export leaves the old output as it was")
     p.add_argument("--dtype", choices=sorted(_ITEMSIZE), help="cast floating-point tensors (integers are kept)")
     p.add_argument("--max-shard-size", type=parse_size, metavar="SIZE", help="split into shards of at most "
-                   "SIZE (e.g. 2GB, 500MiB); default: one file")
+                   "SIZE (e.g. 2GB, 500MiB; at least 1 byte); a tensor bigger than SIZE gets a shard of its "
+                   "own, over the limit (a note says so); default: one file")
     p.add_argument("--best", action="store_true", help="with a root: the best committed checkpoint by --monitor")
     p.set_defaults(func=cmd_export)
 
@@ -247,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-best", type=int, metavar="K", help="keep the K best by --monitor")
     p.add_argument("--keep-every", type=int, metavar="STEPS", help="keep every multiple of STEPS")
     p.add_argument("--dry-run", action="store_true", help="print what would be removed; remove nothing")
-    p.set_defaults(func=cmd_prune)
+    p.set_defaults(func=cmd_prune, parser=p)
     return parser
 
 
@@ -262,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args, so))
     except _Usage as e:
-        parser.print_usage(sys.stderr)
+        getattr(args, "parser", parser).print_usage(sys.stderr)  # the sub-command's usage
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `dtrain ckpt inspect ... | head`: stop quietly, as shell tools do

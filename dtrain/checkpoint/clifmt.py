@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import time
 from typing import Any
@@ -21,9 +22,12 @@ def parse_size(text: str) -> int:
     """'2GB' -> 2_000_000_000, '512MiB' -> 536870912, '1000' -> 1000 (decimal and binary units)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
     unit = m.group(2).lower() if m else None
-    if m is None or unit not in _UNITS or float(m.group(1)) <= 0:
+    if m is None or unit not in _UNITS:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 500MB, 2GB or 1GiB")
-    return int(float(m.group(1)) * _UNITS[unit])
+    size = int(float(m.group(1)) * _UNITS[unit])
+    if size < 1:  # '0.5' would be 0 bytes: every tensor a shard of its own
+        raise argparse.ArgumentTypeError(f"{text!r} is less than 1 byte; give a size such as 500MB, 2GB or 1GiB")
+    return size
 
 
 def parse_storage_option(text: str) -> tuple[str, Any]:
@@ -52,8 +56,14 @@ def human_bytes(n: int | None) -> str:
 
 
 def utc(t: float | None) -> str:
-    """A Unix time as 'YYYY-MM-DD HH:MM:SS' in UTC; None -> '-'."""
-    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
+    """A Unix time as 'YYYY-MM-DD HH:MM:SS' in UTC; '-' for None and for anything that is not a time
+    since 1970 (a damaged manifest must not crash a listing)."""
+    try:
+        if t is not None and math.isfinite(t) and t >= 0:
+            return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
+    except (OverflowError, OSError, ValueError, TypeError):
+        pass
+    return "-"
 
 
 def format_metrics(m: dict[str, float | None]) -> str:

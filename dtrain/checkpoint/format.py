@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,8 +151,8 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
     versions = _get(body, "versions", dict, where)
     return Manifest(
         step=_uint(_get(body, "step", int, where), where, "step"),
-        created=_float(_get(body, "created", (int, float), where), where, "created"),
-        world_size=_get(body, "world_size", int, where),
+        created=_seconds(_get(body, "created", (int, float), where), where, "created"),
+        world_size=_positive(_get(body, "world_size", int, where), where, "world_size"),
         strategy=_get(body, "strategy", str, where),
         files=files, tensors=tensors, metrics=dict(metrics),
         reason=_get(body, "reason", str, where),
@@ -169,11 +170,23 @@ def _get(body: dict[str, Any], key: str, typ: type | tuple[type, ...], where: st
     return val
 
 
-def _float(v: int | float, where: str, name: str) -> float:
+def _seconds(v: int | float, where: str, name: str) -> float:
+    """A Unix time that tools can print: finite, not before 1970, within what time.gmtime accepts."""
     try:
-        return float(v)
-    except OverflowError:
-        raise CheckpointError(f"{where}: field {name} = {v} is too large for a number of seconds") from None
+        t = float(v)
+        ok = math.isfinite(t) and t >= 0 and time.gmtime(t) is not None
+    except (OverflowError, OSError, ValueError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"{where}: field {name} = {v!r} is not a time (a finite, non-negative number of "
+                              f"seconds since 1970); the manifest is damaged")
+    return t
+
+
+def _positive(v: int, where: str, name: str) -> int:
+    if v < 1:
+        raise CheckpointError(f"{where}: field {name} must be at least 1, got {v}; the manifest is damaged")
+    return v
 
 
 def _uint(v: object, where: str, name: str) -> int:

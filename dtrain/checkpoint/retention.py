@@ -49,6 +49,11 @@ class CheckpointInfo:
         return v if v is not None and math.isfinite(v) else None
 
 
+def is_step_dir(url: str) -> bool:
+    """Whether the URL's last part is a checkpoint directory's name (step-NNNNNNNNN)."""
+    return _DIR.match(url.rstrip("/").rsplit("/", 1)[-1]) is not None
+
+
 def step_dirs(root: str, storage_options: storage.StorageOptions = None) -> list[tuple[int, str]]:
     """(step, url) of every `step-*` directory under `root`, oldest first; nothing else is read."""
     found = []
@@ -82,8 +87,11 @@ def _scan_one(url: str, step: int, storage_options: storage.StorageOptions) -> C
     info = _BY_IDENTITY.get((url, ident)) if known else None
     if info is None:
         data = None if ident is None else _manifest_bytes(url, storage_options)
-        info = CheckpointInfo(url, step, False, problem=NO_MANIFEST) if data is None else _info(url, step, data)
-        if data is not None and known:
+        if data is None or isinstance(data, str):
+            info = CheckpointInfo(url, step, False, problem=data or NO_MANIFEST)
+        else:
+            info = _info(url, step, data)
+        if isinstance(data, bytes) and known:
             if len(_BY_IDENTITY) >= 1024:
                 _BY_IDENTITY.clear()
             _BY_IDENTITY[(url, ident)] = info
@@ -105,17 +113,23 @@ def read_info(url: str, step: int, storage_options: storage.StorageOptions = Non
     """One checkpoint directory's info (a copy) and its parsed manifest, None when it has no valid
     manifest (the info's `problem` says why): a resume parses the manifest it loads once."""
     data = _manifest_bytes(url, storage_options)
-    if data is None:
-        return CheckpointInfo(url, step, False, problem=NO_MANIFEST), None
+    if data is None or isinstance(data, str):
+        return CheckpointInfo(url, step, False, problem=data or NO_MANIFEST), None
     info, man = _parse_info(_key(url, data), step, data)
     return replace(info, metrics=dict(info.metrics)), man
 
 
-def _manifest_bytes(url: str, storage_options: storage.StorageOptions) -> bytes | None:
+def _manifest_bytes(url: str, storage_options: storage.StorageOptions) -> bytes | str | None:
+    """The manifest's bytes; None when there is none; why, when it is there but can never be read
+    (a directory, no permission): one such checkpoint must not stop every command on the root.
+    Other errors (EIO, a network failure) may pass, so they are raised."""
+    path = storage.join(url, MANIFEST)
     try:
-        return storage.read_bytes(storage.join(url, MANIFEST), storage_options=storage_options)
+        return storage.read_bytes(path, storage_options=storage_options)
     except FileNotFoundError:
         return None
+    except (IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        return f"{path} cannot be read ({e.strerror or type(e).__name__}); fix its permissions or remove it"
 
 
 _SEEN: dict[tuple[str, bytes], CheckpointInfo] = {}  # (url, digest of manifest bytes) -> what they said
@@ -172,6 +186,18 @@ def best_of(infos: list[CheckpointInfo], monitor: str | None, mode: str) -> Chec
         return None
     sign = 1.0 if mode == "min" else -1.0
     return min(scored, key=lambda i: (sign * i.metric(monitor), i.step))  # type: ignore[operator]
+
+
+def unranked(infos: list[CheckpointInfo], monitor: str) -> str | None:
+    """Why the committed checkpoints cannot be ranked by `monitor` (none records a finite value of
+    it; a typo, say), naming the metrics they do record; None when they can, or when none is committed."""
+    committed = [i for i in infos if i.committed]
+    if not committed or any(i.metric(monitor) is not None for i in committed):
+        return None
+    recorded = sorted({k for i in committed for k in i.metrics if i.metric(k) is not None})
+    what = (f"every committed checkpoint records no finite value of {monitor!r} (NaN/inf, or none)"
+            if any(monitor in i.metrics for i in committed) else f"no committed checkpoint records {monitor!r}")
+    return f"{what}; the metrics they record: {', '.join(recorded) if recorded else 'none'}"
 
 
 def to_delete(infos: list[CheckpointInfo], *, keep_last_n: int | None, keep_best_k: int | None,

@@ -7,9 +7,13 @@ plus model.safetensors.index.json, that `safetensors.torch.load_file` reads with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import posixpath
 import re
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -19,14 +23,17 @@ from dtrain.checkpoint.checksum import crc32, crc32_combine, format_crc, parse_c
 from dtrain.checkpoint.fill import fill_tensor
 from dtrain.checkpoint.format import MANIFEST, Chunk, Manifest, NonFiniteTensorError
 from dtrain.checkpoint.jsoncodec import loads
+from dtrain.checkpoint.localfs import fsync_dir
 from dtrain.checkpoint.plan import MODEL, Box
 from dtrain.checkpoint.reader import ChunkReader, read_manifest
 from dtrain.checkpoint.retention import CheckpointInfo, resolve, scan
 from dtrain.checkpoint.stfile import DTYPES, dtype_name, read_header
-from dtrain.checkpoint.writer import write_tensor_file
+from dtrain.checkpoint.writer import write_small_file, write_tensor_file
 from dtrain.errors import CheckpointError
 
 _PIECE = 16 << 20
+_INDEX = "model.safetensors.index.json"
+_EXPORT_NAME = re.compile(r"model-\d{5,}-of-\d{5,}\.safetensors|model\.safetensors(\.index\.json)?")
 _DTYPE_ALIASES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
                   "float16": torch.float16, "half": torch.float16, "fp32": torch.float32,
                   "float32": torch.float32, "float": torch.float32}
@@ -61,6 +68,8 @@ def verify(url: str, storage_options: storage.StorageOptions = None, check_finit
         man = read_manifest(url, storage_options)
     except CheckpointError as e:
         return [str(e)]
+    except (IsADirectoryError, NotADirectoryError, PermissionError) as e:  # never readable: report, go on
+        return [f"{storage.join(url, MANIFEST)} cannot be read ({e.strerror or type(e).__name__})"]
     problems: list[str] = []
     named = re.fullmatch(r"step-(\d+)", url.rstrip("/").rsplit("/", 1)[-1])
     if named and int(named.group(1)) != man.step:  # resume would ignore it: it is not that step's
@@ -176,7 +185,12 @@ def export(url: str, out: str, *, dtype: str | torch.dtype | None = None, max_sh
            storage_options: storage.StorageOptions = None) -> list[str]:
     """Write the full model weights as `out` (one .safetensors file), or, past `max_shard_bytes`,
     as shards plus model.safetensors.index.json in the directory `out`. Returns the files written."""
+    if not out.strip():
+        raise CheckpointError("export needs an output path, got an empty one")
     src = resolve(url, storage_options)
+    if _inside(out, src):
+        raise CheckpointError(f"--out {out} is inside the checkpoint {src} that export reads: writing there would "
+                              f"destroy it; give a path outside it")
     man = read_manifest(src, storage_options)
     cast = _DTYPE_ALIASES.get(dtype.lower(), None) if isinstance(dtype, str) else dtype
     if isinstance(dtype, str) and cast is None:
@@ -200,26 +214,89 @@ def _write_export(plan: list, out: str, max_shard_bytes: int | None, storage_opt
                   ) -> list[str]:
     total = sum(b.nbytes for b, _ in plan)
     if max_shard_bytes is None or total <= max_shard_bytes:
-        target = out if out.endswith(".safetensors") else storage.join(out, "model.safetensors")
-        _make_parent(target, storage_options)
-        write_tensor_file(target, target, plan, storage_options, {"format": "pt"})
-        return [target]
-    shards: list[list[tuple[Box, object]]] = [[]]
-    for item in plan:
-        if shards[-1] and sum(b.nbytes for b, _ in shards[-1]) + item[0].nbytes > max_shard_bytes:
-            shards.append([])
-        shards[-1].append(item)
-    storage.makedirs(out, storage_options)
-    written, weight_map = [], {}
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_tensor_file(storage.join(out, name), name, shard, storage_options, {"format": "pt"})  # type: ignore[arg-type]
-        weight_map.update({b.key: name for b, _ in shard})
-        written.append(storage.join(out, name))
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    storage.write_atomic(storage.join(out, "model.safetensors.index.json"),
-                         json.dumps(index, indent=2).encode("utf-8"), storage_options)
-    return written + [storage.join(out, "model.safetensors.index.json")]
+        into_dir = not out.endswith(".safetensors")
+        target = storage.join(out, "model.safetensors") if into_dir else out
+        files = [(target, plan)]
+        index = None
+    else:
+        into_dir = True
+        shards: list[list[tuple[Box, object]]] = [[]]
+        for item in plan:
+            if shards[-1] and sum(b.nbytes for b, _ in shards[-1]) + item[0].nbytes > max_shard_bytes:
+                shards.append([])
+            shards[-1].append(item)
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        weight_map = {b.key: name for name, shard in zip(names, shards, strict=True) for b, _ in shard}
+        files = [(storage.join(out, name), shard) for name, shard in zip(names, shards, strict=True)]
+        index = (storage.join(out, _INDEX), json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                       indent=2).encode("utf-8"))
+    _make_parent(files[0][0], storage_options)
+    if storage.is_local(out):
+        written = _write_local(files, index)
+    else:  # each PUT / multipart upload is atomic by itself; the index goes last
+        for url, items in files:
+            write_tensor_file(url, url.rsplit("/", 1)[-1], items, storage_options, {"format": "pt"})
+        if index is not None:
+            storage.write_atomic(index[0], index[1], storage_options)
+        written = [url for url, _ in files] + ([index[0]] if index else [])
+    if into_dir:  # as save_pretrained does: an earlier export's other files would mix with this one
+        for stale in export_files(out, storage_options):
+            if stale not in written:
+                storage.remove(stale, storage_options)
+    return written
+
+
+def _write_local(files: list, index: tuple[str, bytes] | None) -> list[str]:
+    """Write each file under a temporary name beside it, then rename them into place, the index
+    last: a failure leaves whatever was at the targets untouched and no temporaries behind."""
+    temps: list[tuple[str, str]] = []  # (temporary, final)
+    try:
+        for url, items in files:
+            temps.append((_temp_name(url), url))
+            write_tensor_file(temps[-1][0], url, items, None, {"format": "pt"})
+        if index is not None:
+            temps.append((_temp_name(index[0]), index[0]))
+            write_small_file(temps[-1][0], index[0], index[1])
+        for tmp, final in temps:
+            os.replace(storage.local_path(tmp), storage.local_path(final))
+    except BaseException:
+        for tmp, _ in temps:
+            with contextlib.suppress(OSError):
+                os.unlink(storage.local_path(tmp))
+        raise
+    fsync_dir(os.path.dirname(os.path.abspath(storage.local_path(temps[0][1]))))
+    return [final for _, final in temps]
+
+
+def _temp_name(url: str) -> str:
+    path = storage.local_path(url)
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+
+
+def export_files(directory: str, storage_options: storage.StorageOptions = None) -> list[str]:
+    """The files in `directory` named as export names its output (model.safetensors, its index, and
+    model-NNNNN-of-NNNNN.safetensors shards)."""
+    try:
+        entries = storage.list_dir(directory, storage_options)
+    except NotADirectoryError:
+        return []
+    return [storage.join(directory, name) for name, is_dir in entries if not is_dir and _EXPORT_NAME.fullmatch(name)]
+
+
+def _inside(out: str, src: str) -> bool:
+    """Whether `out` is the checkpoint directory `src` or a path under it."""
+    if storage.is_local(out) != storage.is_local(src):
+        return False
+    if storage.is_local(out):
+        a, b = (os.path.realpath(storage.local_path(u)) for u in (out, src))
+        return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+    a, b = (_normal_url(u) for u in (out, src))
+    return a == b or a.startswith(b + "/")
+
+
+def _normal_url(url: str) -> str:
+    scheme, _, path = url.partition("://")
+    return f"{scheme.lower()}://{posixpath.normpath('/' + path).lstrip('/')}"
 
 
 def _loader(reader: ChunkReader, key: str, dt: torch.dtype, to: torch.dtype, shape: tuple[int, ...]):  # noqa: ANN202
@@ -231,9 +308,23 @@ def _loader(reader: ChunkReader, key: str, dt: torch.dtype, to: torch.dtype, sha
 
 
 def _make_parent(target: str, so: storage.StorageOptions) -> None:
+    """Create the directory `target` goes in (on S3: check that its bucket exists)."""
     if storage.is_local(target):
-        parent = storage.local_path(target).rsplit("/", 1)[0] if "/" in storage.local_path(target) else "."
+        parent = os.path.dirname(storage.local_path(target)) or "."
+        _no_file_on_the_way(parent, target)
         storage.makedirs(parent, so)
+    else:
+        storage.makedirs(target.rsplit("/", 1)[0], so)
+
+
+def _no_file_on_the_way(directory: str, target: str) -> None:
+    """makedirs over a regular file says only '[Errno 17] File exists': name the file instead."""
+    path = os.path.abspath(directory)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CheckpointError(f"{path} is a file, not a directory: cannot write {target} under it; "
+                              f"give another --out")
 
 
 def prune(root: str, *, keep_last_n: int | None = None, keep_best_k: int | None = None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from dtrain.checkpoint import CheckpointManager
-from dtrain.checkpoint.cli import main, parse_size, parse_storage_option
+from dtrain.checkpoint.cli import main, parse_size, parse_storage_option, utc
 from tests.checkpoint import workers
 from tests.checkpoint.models import make_all, train
 from tests.multiproc import run_ranks
@@ -93,6 +94,35 @@ def test_ls_shows_committed_best_and_incomplete(run: tuple[str, Weights], capsys
     assert not listed[4]["committed"] and "manifest" in listed[4]["problem"]
 
 
+def test_ls_says_invalid_for_a_manifest_it_cannot_use(run: tuple[str, Weights], capsys) -> None:
+    """invalid: a manifest is there but unusable; incomplete: no manifest (being written, or abandoned)."""
+    root, _ = run
+    path = Path(root, "step-000000001", "manifest.json")
+    path.write_text(path.read_text().replace('"version": 1', '"version": 99', 1))
+    code, out, _ = cli(capsys, "ls", root)
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert code == 0 and "invalid: " in rows["1"] and "schema version 99" in rows["1"]
+    assert "incomplete: no manifest.json" in rows["4"] and "invalid" not in rows["4"]
+    code, out, _ = cli(capsys, "ls", root, "--json")
+    assert [d["status"] for d in json.loads(out)] == ["invalid", "committed", "committed", "incomplete"]
+
+
+def test_ls_of_a_checkpoint_or_a_run_directory_says_what_to_run(run: tuple[str, Weights], tmp_path, capsys) -> None:
+    root, _ = run
+    for ckpt in ("step-000000003", "step-000000004"):  # committed, and incomplete
+        code, out, err = cli(capsys, "ls", os.path.join(root, ckpt))
+        assert code == 1 and "is a checkpoint directory, not a root" in err
+        assert f"dtrain ckpt inspect {os.path.join(root, ckpt)}" in err and f"dtrain ckpt ls {root}`" in err
+    run_dir = os.path.dirname(root)
+    os.rename(root, os.path.join(run_dir, "checkpoints"))
+    code, out, err = cli(capsys, "ls", run_dir)
+    assert code == 0 and f"no checkpoints under {run_dir}" in out
+    assert f"did you mean {os.path.join(run_dir, 'checkpoints')}?" in err
+    (tmp_path / "empty").mkdir()
+    code, out, err = cli(capsys, "ls", str(tmp_path / "empty"))
+    assert code == 0 and "no checkpoints under" in out and "did you mean" not in err
+
+
 def test_ls_as_a_real_command(run: tuple[str, Weights]) -> None:
     root, _ = run
     done = subprocess.run([sys.executable, "-m", "dtrain", "ckpt", "ls", root], cwd=REPO,
@@ -163,8 +193,8 @@ def test_export_bf16_casts_floats_only(run: tuple[str, Weights], tmp_path, capsy
 def test_export_sharded_with_index(run: tuple[str, Weights], tmp_path, capsys) -> None:
     root, weights = run
     out = tmp_path / "sharded"
-    code, stdout, _ = cli(capsys, "export", root, "--out", str(out), "--max-shard-size", "500B")
-    assert code == 0
+    code, stdout, err = cli(capsys, "export", root, "--out", str(out), "--max-shard-size", "500B")
+    assert code == 0 and "over --max-shard-size" not in err
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and all(str(out / s) in stdout for s in shards)
@@ -174,6 +204,93 @@ def test_export_sharded_with_index(run: tuple[str, Weights], tmp_path, capsys) -
     assert digest(merged) == digest(weights[3])
     code, _, err = cli(capsys, "export", root, "--out", str(tmp_path / "one.safetensors"), "--max-shard-size", "500B")
     assert code == 1 and "give a directory as --out" in err and not (tmp_path / "one.safetensors").exists()
+    code, _, err = cli(capsys, "export", root, "--out", str(tmp_path / "big"), "--max-shard-size", "300B")
+    assert code == 0 and "note: tensor '0.weight' is 384 B, over --max-shard-size 300 B: it gets a shard of its own" in err
+    index = json.loads((tmp_path / "big" / "model.safetensors.index.json").read_text())
+    assert [k for k, v in index["weight_map"].items() if v == index["weight_map"]["0.weight"]] == ["0.weight"]
+
+
+def _damage_last_tensor(ckpt: str) -> None:
+    """Flip the last byte of the model file: its last tensor (model/4.weight, the last one export
+    writes) fails its checksum."""
+    path = Path(ckpt, "model-00000-of-00001.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+def test_a_failed_export_leaves_the_earlier_output_untouched(run: tuple[str, Weights], tmp_path, capsys) -> None:
+    root, _ = run
+    good, damaged = os.path.join(root, "step-000000002"), os.path.join(root, "step-000000003")
+    _damage_last_tensor(damaged)
+    out = tmp_path / "out"
+    out.mkdir()
+    keep = out / "keep.safetensors"
+    assert cli(capsys, "export", good, "--out", str(keep))[0] == 0
+    shards = tmp_path / "shards"
+    assert cli(capsys, "export", good, "--out", str(shards), "--max-shard-size", "500B")[0] == 0
+    before, before_shards = _files(out), _files(shards)
+    code, _, err = cli(capsys, "export", damaged, "--out", str(keep))
+    assert code == 1 and "model/4.weight" in err
+    assert _files(out) == before  # the old file, and no temporary left behind
+    code, _, err = cli(capsys, "export", damaged, "--out", str(shards), "--max-shard-size", "500B")
+    assert code == 1 and _files(shards) == before_shards
+    index = json.loads((shards / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(before_shards) - {"model.safetensors.index.json"}
+
+
+def test_export_into_a_directory_replaces_an_earlier_export(run: tuple[str, Weights], tmp_path, capsys) -> None:
+    """Stale shards, index or model.safetensors of an earlier export are removed (other files stay)."""
+    root, weights = run
+    out = tmp_path / "exported"
+    out.mkdir()
+    (out / "README.md").write_text("mine")
+    counts, capsys_err = [], []
+    for size in ("200B", "600B", None):  # the model is 984 B
+        code, stdout, err = cli(capsys, "export", root, "--out", str(out), *(["--max-shard-size", size] if size else []))
+        written = {Path(line.strip()).name for line in stdout.splitlines()[1:]}
+        assert code == 0 and set(os.listdir(out)) == written | {"README.md"}
+        counts.append(len(written))
+        capsys_err.append(err)
+    assert counts[0] > counts[1] > 2 and counts[2] == 1 and written == {"model.safetensors"}
+    assert f"note: removed {counts[1]} file(s) of an earlier export from {out}: model-00001-of-00002" in capsys_err[-1]
+    assert digest(load_file(str(out / "model.safetensors"))) == digest(weights[3])
+
+
+def test_export_to_an_object_store_replaces_a_file_without_removing_it(run: tuple[str, Weights], tmp_path,
+                                                                       capsys) -> None:
+    root, weights = run
+    out = f"memory://export-{tmp_path.name}/exp/model.safetensors"
+    for _ in range(2):
+        code, _, err = cli(capsys, "export", root, "--out", out)
+        assert code == 0 and "removed" not in err
+    code, _, err = cli(capsys, "export", root, "--out", f"memory://export-{tmp_path.name}/exp", "--max-shard-size", "600B")
+    assert code == 0 and "removed 1 file(s) of an earlier export" in err
+    from dtrain.checkpoint import storage
+
+    names = sorted(n for n, _ in storage.list_dir(f"memory://export-{tmp_path.name}/exp"))
+    assert names == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                     "model.safetensors.index.json"]
+
+
+def test_export_refuses_to_write_into_the_checkpoint_it_reads(run: tuple[str, Weights], tmp_path, capsys) -> None:
+    root, _ = run
+    ckpt = os.path.join(root, "step-000000003")
+    before = _files(Path(ckpt))
+    os.symlink(ckpt, tmp_path / "link")
+    for out in (os.path.join(ckpt, "model-00000-of-00001.safetensors"), ckpt, ckpt + "/", os.path.join(ckpt, "sub"),
+                str(tmp_path / "link" / "model.safetensors")):
+        code, _, err = cli(capsys, "export", ckpt, "--out", out)
+        assert code == 1 and "is inside the checkpoint" in err and "give a path outside it" in err
+        shards = [] if out.endswith(".safetensors") else ["--max-shard-size", "500B"]
+        code, _, err = cli(capsys, "export", root, "--out", out, *shards)  # root: its newest
+        assert code == 1 and "is inside the checkpoint" in err
+    assert _files(Path(ckpt)) == before and cli(capsys, "verify", ckpt)[0] == 0
+    assert cli(capsys, "export", root, "--out", root)[0] == 0  # the root itself is not a checkpoint
 
 
 def test_export_best_by_metric_config_and_fallback(tmp_path, capsys) -> None:
@@ -185,11 +302,23 @@ def test_export_best_by_metric_config_and_fallback(tmp_path, capsys) -> None:
     assert digest(load_file(out)) == digest(weights[2])
     code, _, err = cli(capsys, "export", root, "--best", "--monitor", "val/acc", "--mode", "min", "--out", out)
     assert code == 0 and "step 1" in err and digest(load_file(out)) == digest(weights[1])
+    # --monitor without --mode: the saved config's mode when it monitors that metric, else min
+    code, _, err = cli(capsys, "export", root, "--best", "--monitor", "val/acc", "--out", out)
+    assert code == 0 and "val/acc (max, from --monitor, mode from the run's early_stopping config): step 2" in err
+    assert digest(load_file(out)) == digest(weights[2])
+    code, _, err = cli(capsys, "export", root, "--best", "--monitor", "val/loss", "--out", out)
+    assert code == 0 and "val/loss (min, from --monitor, mode min by default: give --mode max" in err
+    assert digest(load_file(out)) == digest(weights[2])
+    code, _, err = cli(capsys, "prune", root, "--keep-best", "1", "--monitor", "val/acc", "--dry-run")
+    assert code == 0 and "ranks by val/acc (max, from --monitor, mode from the run's early_stopping config)" in err
     plain = str(tmp_path / "b")
     weights = _save_run(plain, with_metrics=False)
-    code, _, err = cli(capsys, "export", plain, "--best", "--out", out)
-    assert code == 0 and "records 'val/loss'" in err and "using the newest committed one" in err
-    assert digest(load_file(out)) == digest(weights[3])
+    before = Path(out).read_bytes()
+    code, _, err = cli(capsys, "export", plain, "--best", "--out", out)  # no metrics: no best to pick
+    assert code == 1 and "no committed checkpoint records 'val/loss'; the metrics they record: none" in err
+    assert Path(out).read_bytes() == before
+    code, _, err = cli(capsys, "export", root, "--best", "--monitor", "val/los", "--out", out)
+    assert code == 1 and "records 'val/los'; the metrics they record: val/acc, val/loss; --best needs" in err
 
 
 def test_prune_dry_run_then_keep_last_keeps_best(run: tuple[str, Weights], capsys) -> None:
@@ -208,6 +337,20 @@ def test_prune_dry_run_then_keep_last_keeps_best(run: tuple[str, Weights], capsy
     assert sorted(os.listdir(root)) == ["step-000000003", "step-000000004"]
 
 
+def test_keep_best_by_a_metric_no_checkpoint_records_deletes_nothing(run: tuple[str, Weights], capsys) -> None:
+    root, _ = run
+    before = sorted(os.listdir(root))
+    code, _, err = cli(capsys, "prune", root, "--keep-best", "2", "--monitor", "val/los")  # a typo
+    assert code == 1 and "no committed checkpoint records 'val/los'" in err and "val/acc, val/loss" in err
+    assert sorted(os.listdir(root)) == before
+    for step in (1, 2, 3):
+        path = Path(root, f"step-00000000{step}", "manifest.json")
+        path.write_text(re.sub(r'"val/acc": [^,}]+', '"val/acc": null', path.read_text()))
+    code, _, err = cli(capsys, "prune", root, "--keep-best", "1", "--monitor", "val/acc", "--mode", "max")
+    assert code == 1 and "every committed checkpoint records no finite value of 'val/acc'" in err
+    assert "the metrics they record: val/loss" in err and sorted(os.listdir(root)) == before
+
+
 def test_errors_and_usage(run: tuple[str, Weights], tmp_path, capsys) -> None:
     root, _ = run
     code, _, err = cli(capsys, "inspect", str(tmp_path / "nothing"))
@@ -216,16 +359,62 @@ def test_errors_and_usage(run: tuple[str, Weights], tmp_path, capsys) -> None:
     assert code == 1 and "step-000000004" in err
     assert cli(capsys, "export", root)[0] == 2  # --out is required
     assert cli(capsys, "export", root, "--out", "x", "--max-shard-size", "2XB")[0] == 2
+    code, _, err = cli(capsys, "export", root, "--out", str(tmp_path / "y"), "--max-shard-size", "0.5")
+    assert code == 2 and "'0.5' is less than 1 byte" in err and not (tmp_path / "y").exists()
     assert cli(capsys, "ls", root, "--storage-option", "novalue")[0] == 2
-    assert cli(capsys, "prune", root)[0] == 2
+    code, _, err = cli(capsys, "prune", root)
+    assert code == 2 and err.startswith("usage: dtrain ckpt prune [-h]") and "--keep-last" in err
+    code, out, err = cli(capsys, "prune", str(tmp_path / "nothing"), "--keep-last", "1")
+    assert code == 1 and "does not exist" in err and "removed" not in out
+    code, _, err = cli(capsys, "export", root, "--out", "")
+    assert code == 2 and "argument --out: must not be empty" in err and not Path("model.safetensors").exists()
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    for out in (afile / "x.safetensors", afile / "sub" / "x.safetensors", afile):
+        shards = [] if out.suffix else ["--max-shard-size", "500B"]
+        code, _, err = cli(capsys, "export", root, "--out", str(out), *shards)
+        assert code == 1 and f"{afile} is a file, not a directory" in err and "Errno" not in err
+    assert afile.read_text() == "not a directory"
     assert cli(capsys, "prune", root, "--keep-last", "0")[0] == 2
     assert cli(capsys, "frobnicate")[0] == 2
     assert cli(capsys, "--help")[0] == 0
 
 
+def test_ls_and_inspect_survive_a_manifest_time_out_of_range(run: tuple[str, Weights], capsys) -> None:
+    """A damaged `created` (1e20, NaN, negative) is an invalid manifest, not a traceback."""
+    root, _ = run
+    path = Path(root, "step-000000001", "manifest.json")
+    good = path.read_text()
+    for bad in ("1e20", "NaN", "-1e12"):
+        path.write_text(re.sub(r'"created": [^,]+,', f'"created": {bad},', good, count=1))
+        code, out, _ = cli(capsys, "ls", root)
+        row = next(ln for ln in out.splitlines() if ln.startswith("1 "))
+        assert code == 0 and "field created" in row and "-29719" not in row
+        code, out, _ = cli(capsys, "ls", root, "--json")
+        assert code == 0 and json.loads(out)[0]["time_utc"] is None
+        code, _, err = cli(capsys, "inspect", os.path.join(root, "step-000000001"))
+        assert code == 1 and "field created" in err and err.startswith("dtrain ckpt: error: ")
+
+
+def test_a_manifest_that_is_a_directory_does_not_stop_the_root(run: tuple[str, Weights], tmp_path, capsys) -> None:
+    root, _ = run
+    bad = os.path.join(root, "step-000000070")
+    os.makedirs(os.path.join(bad, "manifest.json"))
+    code, out, _ = cli(capsys, "ls", root)
+    row = next(ln for ln in out.splitlines() if ln.startswith("70 "))
+    assert code == 0 and "manifest.json cannot be read (Is a directory)" in row
+    code, out, _ = cli(capsys, "verify", root)
+    assert code == 1 and f"FAILED {bad}" in out and "3 of 4 checkpoint(s) sound" in out
+    assert cli(capsys, "export", root, "--out", str(tmp_path / "m.safetensors"))[0] == 0
+    assert cli(capsys, "prune", root, "--keep-last", "1")[0] == 0 and os.path.isdir(bad)
+
+
 def test_argument_parsers() -> None:
     assert parse_size("2GB") == 2 * 10**9 and parse_size("512MiB") == 512 * 2**20 and parse_size("1000") == 1000
-    assert parse_size("1.5 kb") == 1500
+    assert parse_size("1.5 kb") == 1500 and parse_size("0.5KB") == 500
+    for t in (1e20, float("nan"), float("inf"), -1e12, None):
+        assert utc(t) == "-"
+    assert utc(0) == "1970-01-01 00:00:00"
     assert parse_storage_option("endpoint_url=http://127.0.0.1:9000") == ("endpoint_url", "http://127.0.0.1:9000")
     assert parse_storage_option("anon=true") == ("anon", True)
     assert parse_storage_option('client_kwargs={"region_name": "eu-west-1"}') == (

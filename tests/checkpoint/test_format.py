@@ -72,6 +72,13 @@ BAD = {
     "wrong byte count": (mutate(CHUNK0 + ["data_offsets"], [100, 120]), "needs 16"),
     "incomplete coverage": (mutate(["tensors", "model/w", "shape"], [6, 2]), "cover 8 of 12"),
     "metric is a string": (mutate(["metrics", "val/loss"], "low"), "metrics"),
+    # a time no tool can print (ls/inspect crashed on these)
+    "created too large": (mutate(["created"], 1e20), "field created = 1e+20 is not a time"),
+    "created NaN": (mutate(["created"], float("nan")), "field created = nan is not a time"),
+    "created inf": (mutate(["created"], float("inf")), "field created = inf is not a time"),
+    "created negative": (mutate(["created"], -1e12), "field created = -1000000000000.0 is not a time"),
+    "created huge integer": (mutate(["created"], 10**400), "field created"),
+    "world size zero": (mutate(["world_size"], 0), "field world_size must be at least 1, got 0"),
     # each check of a chunk's fast path, which hands anything it does not accept to the checks
     # that name the field
     "chunk not an object": (mutate(CHUNK0, ["x"]), "chunks[0] must be an object"),

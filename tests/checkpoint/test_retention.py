@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from dtrain.checkpoint import CheckpointManager
-from dtrain.checkpoint.retention import NO_MANIFEST, CheckpointInfo, best_of, scan, to_delete
+from dtrain.checkpoint.retention import NO_MANIFEST, CheckpointInfo, best_of, scan, to_delete, unranked
 from tests.checkpoint.models import make_all, train
 
 
@@ -45,6 +45,15 @@ def test_mode_max_and_best_of() -> None:
     assert steps(to_delete(data, **{**RULES, "keep_last_n": 1, "mode": "max"})) == [1]
 
 
+def test_unranked_names_the_metric_and_those_recorded() -> None:
+    data = infos({1: 0.5, 2: None}, incomplete=(3,))
+    assert unranked(data, "val/loss") is None
+    assert unranked(data, "val/los") == "no committed checkpoint records 'val/los'; the metrics they record: val/loss"
+    data[1].metrics["val/acc"] = None  # in the manifest, but NaN/inf (stored as null)
+    assert unranked(data, "val/acc").startswith("every committed checkpoint records no finite value of 'val/acc'")
+    assert unranked(infos({}, incomplete=(1,)), "val/loss") is None  # nothing committed: nothing to rank
+
+
 @pytest.mark.timeout(120)
 def test_manager_prunes_after_each_commit(tmp_path) -> None:
     m, o, s, c = make_all()
@@ -73,6 +82,39 @@ def test_scan_notices_a_manifest_damaged_after_it_was_read(tmp_path) -> None:
     infos = scan(str(tmp_path))
     assert [i.committed for i in infos] == [True, False] and "step 3" in (infos[1].problem or "")
     assert mgr.latest_committed().step == 1
+
+
+@pytest.mark.timeout(120)
+def test_an_unreadable_manifest_is_an_invalid_checkpoint_not_an_error(tmp_path, monkeypatch) -> None:
+    """A manifest.json that can never be read (here a directory) marks its checkpoint invalid: scan,
+    retention and load_model go on with the others; an error that may pass (EIO) is still raised."""
+    import errno
+
+    import dtrain
+    from dtrain.checkpoint import storage
+
+    m, o, s, c = make_all()
+    with CheckpointManager(str(tmp_path)) as mgr:
+        for step in (1, 2):
+            mgr.save(step, model=m, optimizer=o, metrics={"val/loss": 1.0 / step})
+    (tmp_path / "step-000000003" / "manifest.json").mkdir(parents=True)
+    (tmp_path / "step-000000000" / "manifest.json").mkdir(parents=True)
+    found = scan(str(tmp_path))
+    assert [(i.step, i.committed) for i in found] == [(0, False), (1, True), (2, True), (3, False)]
+    assert found[3].problem is not None and found[3].problem != NO_MANIFEST
+    assert str(tmp_path / "step-000000003" / "manifest.json") in found[3].problem
+    assert "Is a directory" in found[3].problem
+    assert steps(to_delete(found, **{**RULES, "keep_last_n": 1})) == [1]  # never the unreadable ones
+    dtrain.load_model(str(tmp_path), make_all()[0])
+    real = storage.read_bytes
+
+    def eio(url: str, *args, **kwargs) -> bytes:
+        if "step-000000003" in url:
+            raise OSError(errno.EIO, "Input/output error", url)
+        return real(url, *args, **kwargs)
+    monkeypatch.setattr(storage, "read_bytes", eio)
+    with pytest.raises(OSError, match="Input/output error"):
+        scan(str(tmp_path))
 
 
 def _scan_reads(root: str, monkeypatch: pytest.MonkeyPatch, options: dict | None = None) -> tuple[list, list[str]]:

@@ -4,10 +4,12 @@ import json
 import os
 import re
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from dtrain.checkpoint import CheckpointManager, export, inspect, list_checkpoints, prune, verify
+from dtrain.errors import CheckpointError
 from tests.checkpoint.models import make_all, train
 
 
@@ -76,3 +78,14 @@ def test_list_and_prune(tmp_path) -> None:
     removed = prune(str(tmp_path), keep_last_n=1)
     assert [i.step for i in removed] == [1, 2]
     assert [i.step for i in list_checkpoints(str(tmp_path))] == [3]
+
+
+def test_export_refuses_an_out_inside_a_remote_source(tmp_path) -> None:
+    root = f"memory://export-{tmp_path.name}/ck"
+    saved(root)
+    src = f"{root}/step-000000001"
+    for out in (f"{src}/model-00000-of-00001.safetensors", src, f"{src}/", f"memory://export-{tmp_path.name}//ck/./step-000000001/x"):
+        with pytest.raises(CheckpointError, match="inside the checkpoint"):
+            export(src, out)
+    assert verify(src) == []
+    assert export(src, f"{root}/step-0000000010.safetensors") == [f"{root}/step-0000000010.safetensors"]
