@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 import weakref
 from typing import Any
 
@@ -56,7 +57,11 @@ class CheckpointManager:
                  lease: bool = True, lease_ttl_s: float = DEFAULT_TTL_S, check_finite: bool = False) -> None:
         """`job_id` names this job for the root's lease (default: DTRAIN_JOB_ID, torchrun's run id,
         SLURM_JOB_ID); lease=False skips it. check_finite: loads refuse NaN/inf in float tensors
-        (restore_latest then falls back to the previous checkpoint); it reads the checkpoint twice."""
+        (restore_latest then falls back to the previous checkpoint); it reads the checkpoint twice.
+        overlap_staging (with async_save and an optimizer): the state is walked and copied after
+        save() returns, behind the next forward/backward, and the next optimizer.step() waits for
+        it; only for loops in which nothing but optimizer.step() changes parameters and optimizer
+        state, since a change made in place in between would land in the checkpoint."""
         if mode not in ("min", "max"):
             raise ConfigError(f"checkpoint mode={mode!r} must be 'min' or 'max'")
         for name, v in (("keep_last_n", keep_last_n), ("keep_best_k", keep_best_k),
@@ -87,7 +92,12 @@ class CheckpointManager:
     def save(self, step: int, *, model: nn.Module, optimizer: Optimizers = None,
              stateful: dict[str, Stateful] | None = None, extra: dict[str, Any] | None = None,
              metrics: dict[str, float] | None = None, reason: str = "periodic") -> None:
-        """Collective: checkpoint everything at `step` into `<root>/step-{step:09d}/`."""
+        """Collective: checkpoint everything at `step` into `<root>/step-{step:09d}/`. A step
+        already committed under the root is not saved again (committed checkpoints never change;
+        logged at INFO), so a second save of one step keeps the first."""
+        step, metrics = _checked_step(step), _checked_metrics(metrics)
+        if not isinstance(model, nn.Module):
+            raise CheckpointError(f"save needs model=<the torch.nn.Module to checkpoint>, got {type(model).__name__}")
         self.wait()
         optimizers = as_tuple(optimizer)
         deferred = self._saves is not None and self.overlap_staging and bool(optimizers) and not walk_at_call(model)
@@ -194,29 +204,34 @@ class CheckpointManager:
     # ---- loading --------------------------------------------------------------------------------
     def load(self, ckpt: CheckpointInfo | str, *, model: nn.Module, optimizer: Optimizers = None,
              stateful: dict[str, Stateful] | None = None, strict: bool = True,
-             optional: tuple[str, ...] = ()) -> dict[str, Any]:
+             optional: tuple[str, ...] = (), restore_rng: bool = True) -> dict[str, Any]:
         """Collective: load a checkpoint into the given components; returns its `extra` dict.
         `optional`: components of `stateful` the checkpoint may lack (saved before they existed,
-        as early stopping turned on for a running job): they keep their state, with a warning."""
+        as early stopping turned on for a running job): they keep their state, with a warning.
+        The process-wide random streams (Python, NumPy, torch CPU and CUDA) are set to this rank's
+        saved ones, as a resume needs; `restore_rng=False` leaves them (loading the best weights
+        mid-run for an evaluation, say)."""
         self.wait()  # never let a load's collectives interleave with a background save's
-        return self._load(self.resolve(ckpt), None, model, optimizer, stateful, strict, optional)
+        return self._load(self.resolve(ckpt), None, model, optimizer, stateful, strict, optional, restore_rng)
 
     def _load(self, url: str, manifest: Manifest | None, model: nn.Module, optimizer: Optimizers,
-              stateful: dict[str, Stateful] | None, strict: bool, optional: tuple[str, ...] = ()) -> dict[str, Any]:
+              stateful: dict[str, Stateful] | None, strict: bool, optional: tuple[str, ...] = (),
+              restore_rng: bool = True) -> dict[str, Any]:
         fault_point("load_begin")
         if self.check_finite:
             refuse_non_finite(url, self.storage_options)
         _, extra, _ = load_checkpoint(url, model=model, optimizers=as_tuple(optimizer), stateful=stateful,
                                       strict=strict, group=self.group, storage_options=self.storage_options,
-                                      manifest=manifest, optional=optional)
+                                      manifest=manifest, optional=optional, restore_rng=restore_rng)
         fault_point("loaded")
         return extra
 
     def restore_latest(self, *, model: nn.Module, optimizer: Optimizers = None,
                        stateful: dict[str, Stateful] | None = None, optional: tuple[str, ...] = (),
-                       set_aside_damaged: bool = False) -> tuple[CheckpointInfo, dict[str, Any]] | None:
+                       strict: bool = True, set_aside_damaged: bool = False
+                       ) -> tuple[CheckpointInfo, dict[str, Any]] | None:
         """Load the newest committed checkpoint; if it is damaged, warn why and try the one before.
-        None if there is no committed checkpoint at all. `optional`: as in `load`. Manifests are
+        None if there is no committed checkpoint at all. `optional`, `strict`: as in `load`. Manifests are
         read newest first and only as far back as needed, and the one loaded is parsed once (a
         manifest of 16k tensors takes 0.14 s to parse; the scan of every kept checkpoint parsed
         each, then the load the newest again).
@@ -226,6 +241,9 @@ class CheckpointManager:
         Left as it was, it stayed the newest: retention kept it and deleted the sound checkpoints
         written after the fallback, and the run, reaching its step again, did not save over it."""
         self.wait()
+        if storage.exists(storage.join(self.root, MANIFEST), self.storage_options):
+            raise CheckpointError(f"the manager's root {self.root} is a checkpoint directory, not a root of them: "
+                                  f"pass its parent as the root, or load({self.root!r}, ...) to load this one")
         damaged: list[str] = []
         for step, url in reversed(step_dirs(self.root, self.storage_options)):
             info, manifest = read_info(url, step, self.storage_options)
@@ -234,7 +252,7 @@ class CheckpointManager:
                 log.log(level, "ignoring %s, newer than the newest committed checkpoint: %s", url, info.problem)
                 continue
             try:
-                extra = self._load(url, manifest, model, optimizer, stateful, True, optional)
+                extra = self._load(url, manifest, model, optimizer, stateful, strict, optional)
             except CheckpointDamagedError as e:
                 log.warning("checkpoint %s is damaged, falling back to the previous committed one: %s", url, e)
                 damaged.append(url)
@@ -297,3 +315,33 @@ def load_weights(url: str, model: nn.Module, *, strict: bool = True, group: comm
         _, _, diff = load_checkpoint(target, model=model, strict=strict, group=group,
                                      storage_options=storage_options, restore_rng=False)
     return target, diff
+
+
+def _checked_step(step: object) -> int:
+    """A step as an int (NumPy and 0-d integer tensors too); a clear error for anything else, before
+    any directory is made."""
+    try:
+        if isinstance(step, bool):
+            raise TypeError
+        value = operator.index(step)  # type: ignore[arg-type]
+    except TypeError:
+        raise CheckpointError(f"checkpoint step must be a non-negative integer, got {step!r} "
+                              f"({type(step).__name__})") from None
+    if value < 0:
+        raise CheckpointError(f"checkpoint step must be >= 0, got {value}")
+    return value
+
+
+def _checked_metrics(metrics: dict[str, Any] | None) -> dict[str, float] | None:
+    """Metrics as floats (tensors and NumPy scalars too); an error naming the key of one that is not a number."""
+    if metrics is None:
+        return None
+    out = {}
+    for key, value in metrics.items():
+        try:
+            if isinstance(value, (bool, str, bytes)):
+                raise TypeError
+            out[str(key)] = float(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise CheckpointError(f"checkpoint metrics[{key!r}] must be a number, got {value!r}") from None
+    return out

@@ -107,6 +107,10 @@ def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.o
     may lack even when `strict` (saved before they existed): they keep their state, with a warning."""
     out = _Outcome()
     target = out.run(lambda: _target(dir_url, model, optimizers, strict, storage_options, manifest), dir_url)
+    if target is not None:
+        state = target.state
+        out.run(lambda: _check_components(dir_url, state, stateful, strict, optional), dir_url)
+        target = target if out.code == _OK else None
     plan = peers.plan(target.keys if target else [], target.tensors if target else {},
                       target.manifest if target else None, target is not None, group)
     split = plan.split
@@ -201,11 +205,21 @@ def _finish_reading(dir_url: str, target: _Target | None, stateful: dict[str, St
     assert target is not None
     apply_json_state(target.state.get("model_optim") or {}, target.leaves, target.optim_sd, strict, dir_url)
     rng_state = _read_rng(dir_url, target.manifest, group, storage_options) if restore_rng else None
-    missing = [n for n in (stateful or {}) if n not in (target.state.get("stateful") or {}) and n not in optional]
-    if strict and missing:  # checked before anything is set, like every other mismatch
-        raise CheckpointMismatchError(f"{dir_url}: no state for component(s) {missing} in the checkpoint "
-                                      f"(it has {sorted(target.state.get('stateful') or {})}); pass strict=False to skip them")
     return rng_state
+
+
+def _check_components(dir_url: str, state: dict[str, Any], stateful: dict[str, Stateful] | None, strict: bool,
+                      optional: tuple[str, ...]) -> None:
+    """Before any byte is read into the model: every component to load can take its state."""
+    missing = [n for n in (stateful or {}) if n not in (state.get("stateful") or {}) and n not in optional]
+    if strict and missing:
+        raise CheckpointMismatchError(f"{dir_url}: no state for component(s) {missing} in the checkpoint "
+                                      f"(it has {sorted(state.get('stateful') or {})}); pass strict=False "
+                                      f"to skip them, or optional={tuple(missing)!r} to let them be missing")
+    for name, obj in (stateful or {}).items():
+        if not callable(getattr(obj, "load_state_dict", None)):
+            raise CheckpointError(f"stateful[{name!r}] ({type(obj).__name__}) has no load_state_dict(); "
+                                  f"nothing was loaded")
 
 
 def init_optimizer_state(optimizers: tuple[torch.optim.Optimizer, ...],

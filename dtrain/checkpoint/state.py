@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor
 from dtrain import __version__
 from dtrain.checkpoint.fill import check_keys
 from dtrain.checkpoint.plan import Leaf, flatten
-from dtrain.errors import CheckpointError, CheckpointMismatchError
+from dtrain.errors import CheckpointError, CheckpointMismatchError, DtrainError
 
 log = logging.getLogger(__name__)
 Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None
@@ -167,7 +167,13 @@ def load_stateful(stateful: dict[str, Stateful], saved: dict[str, Any], strict: 
                                               f"(it has {sorted(saved)}); pass strict=False to skip it")
             log.warning("%s: no state for component %r; it keeps its current state", where, name)
             continue
-        obj.load_state_dict(saved[name])
+        try:
+            obj.load_state_dict(saved[name])
+        except DtrainError:  # its own clear error (early stopping's monitor mismatch is a config error)
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{where}: stateful[{name!r}].load_state_dict failed ({type(e).__name__}: {e}); "
+                                  f"the model and optimizer state were already loaded") from e
 
 
 __all__ = ["Stateful", "as_tuple", "get_states", "clear_optimizer_state", "optimizer_fqns", "flatten", "strategy_of", "versions", "json_state",

@@ -503,3 +503,55 @@ def test_tied_weights_are_stored_once_and_load_tied(tmp_path, capsys, async_save
     assert ckpt_main(["inspect", str(step_dir)]) == 0
     head_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model/head.weight"))
     assert head_row.endswith("the bytes of model/emb.weight (tied)")
+
+
+def test_save_arguments_are_checked_before_anything_is_written(tmp_path) -> None:
+    import numpy as np
+
+    mgr = CheckpointManager(str(tmp_path))
+    m = make_model()
+    mgr.save(np.int64(5), model=m)  # NumPy and 0-d integer tensors are steps too
+    mgr.save(torch.tensor(6), model=m)
+    for step in (True, 7.0, "3", -1):
+        with pytest.raises(CheckpointError, match="step must be"):
+            mgr.save(step, model=m)  # type: ignore[arg-type]
+    with pytest.raises(CheckpointError, match=r"metrics\['val/loss'\] must be a number"):
+        mgr.save(8, model=m, metrics={"val/loss": "bad"})  # type: ignore[dict-item]
+    with pytest.raises(CheckpointError, match="save needs model="):
+        mgr.save(9, model=None)  # type: ignore[arg-type]
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000000005", "step-000000006"]
+    mgr.close()
+
+
+def test_a_component_that_cannot_load_is_named(tmp_path) -> None:
+    class NoLoad:
+        def state_dict(self) -> dict:
+            return {"epoch": 1}
+
+    class Broken(NoLoad):
+        def load_state_dict(self, state: dict) -> None:
+            raise KeyError("epoch")
+
+    mgr, m, *_ = saved_run(str(tmp_path), steps=(2,))
+    CheckpointManager(str(tmp_path)).save(3, model=m, stateful={"sampler": NoLoad()})
+    before = {k: v.clone() for k, v in make_model(seed=9).state_dict().items()}
+    target = make_model(seed=9)
+    with pytest.raises(CheckpointError, match=r"stateful\['sampler'\] \(NoLoad\) has no load_state_dict"):
+        mgr.load(str(tmp_path / "step-000000003"), model=target, stateful={"sampler": NoLoad()})
+    assert_same(target.state_dict(), before)  # refused before anything was set
+    with pytest.raises(CheckpointError, match=r"stateful\['sampler'\].load_state_dict failed \(KeyError"):
+        mgr.load(str(tmp_path / "step-000000003"), model=target, stateful={"sampler": Broken()})
+
+
+def test_restore_latest_refuses_a_checkpoint_directory_as_root_and_load_can_keep_the_rng(tmp_path) -> None:
+    saved_run(str(tmp_path), steps=(2,))
+    with pytest.raises(CheckpointError, match="is a checkpoint directory, not a root"):
+        CheckpointManager(str(tmp_path / "step-000000002")).restore_latest(model=make_model())
+    mgr, model = CheckpointManager(str(tmp_path)), make_model()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    mgr.load(mgr.latest_committed(), model=model, restore_rng=False)
+    assert torch.equal(torch.rand(3), expected)
+    mgr.load(mgr.latest_committed(), model=model)  # a resume's load sets the saved streams
+    assert not torch.equal(torch.rand(3), expected)
