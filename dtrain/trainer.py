@@ -121,10 +121,10 @@ class Trainer:
 
     def _extra(self) -> dict[str, Any]:
         window = (dist.all_reduce_mean(self.loss_window[0]), self.loss_window[1])
+        elapsed = self.rules.elapsed() if self.rules else self.elapsed_before
         return {"step": self.step, "loss_window": list(window), "last_eval": dict(self.last_eval),
-                "last_eval_step": self.last_eval_step, "origin": self.origin,
-                "elapsed_s": self.rules.elapsed() if self.rules else self.elapsed_before, "world_size": self.env.world_size,
-                "strategy": self.cfg.parallel.strategy, "config": saved_form(self.cfg),
+                "last_eval_step": self.last_eval_step, "origin": self.origin, "elapsed_s": elapsed,
+                "world_size": self.env.world_size, "strategy": self.cfg.parallel.strategy, "config": saved_form(self.cfg),
                 "dtrain_version": __version__, "torch_version": torch.__version__}
 
     def save(self, reason: str) -> None:
@@ -237,7 +237,7 @@ class Trainer:
         root = self.cfg.checkpoint_root
         fresh = (f"To start fresh instead, use another run_dir (the checkpoints under {root} are left "
                  f"untouched)")
-        if isinstance(e, ConfigError) or not isinstance(e, CheckpointMismatchError):
+        if not isinstance(e, CheckpointMismatchError):
             return CheckpointError(f"cannot resume: {e}. {fresh}")
         saved = _saved_config(tried, self.checkpoints.storage_options) if tried else None
         changed = changes(saved, saved_form(self.cfg)) if saved is not None else []
@@ -307,6 +307,7 @@ class Trainer:
         """Resume, train until max_steps or an agreed stop, save, write summary.json; returns the exit code."""
         outcome = Outcome()
         outcome.resumed_from = self.resume()
+        self.checkpoints.apply_retention()  # this config's rules, before a save needs the space
         if outcome.resumed_from is None:
             outcome.initialised_from = self.init_weights()
         self.startup["resumed"] = time.time()

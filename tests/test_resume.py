@@ -226,6 +226,9 @@ def test_a_start_that_would_mix_two_runs_in_one_root_is_refused(tmp_path: Path) 
     assert "remove its newer checkpoints" in back.stderr
     assert sorted(p.name for p in root.glob("step-*")) == before
     assert all(verify(str(root / name)) == [] for name in before)
+    # a restart under a lower keep_last_n prunes at start-up, before any save needs the space
+    _ok(dtrain([*JOB, f"run_dir={run_dir}", "train.max_steps=15", "checkpoint.keep_last_n=1"]))
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-000000015"]
 
 
 @pytest.mark.timeout(180)

@@ -153,8 +153,7 @@ def test_checkpoint_lease_keys_decide_who_may_use_a_root(tmp_path: Path) -> None
         assert not list(root.glob("step-*")), "a refused run must not write checkpoints"
         same = dtrain([*base, "checkpoint.job_id=other-job"])
         assert same.returncode == 0, same.stderr[-2000:]
-        off = dtrain([*base, "run_dir=" + str(tmp_path / "run2"), "checkpoint.job_id=my-job", "checkpoint.lease=false",
-                      "resume=never"])
+        off = dtrain([*base, "run_dir=" + str(tmp_path / "run2"), "checkpoint.job_id=my-job", "checkpoint.lease=false"])
         assert off.returncode == 0, off.stderr[-2000:]
     finally:
         held.release()

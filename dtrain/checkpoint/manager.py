@@ -137,6 +137,12 @@ class CheckpointManager:
             self._apply_retention()
         fault_point("saved")
 
+    def apply_retention(self) -> None:
+        """Rank 0 applies the retention rules now, as after every commit (at start-up: a restart with
+        a lower keep_last_n frees the space at once, not after a save that may not fit)."""
+        if comm.rank(self.group) == 0:
+            self._apply_retention()
+
     def _apply_retention(self) -> None:
         try:
             infos = scan(self.root, self.storage_options)
