@@ -25,7 +25,7 @@ from dtrain.checkpoint.clifmt import (
     tensor_layout,
     utc,
 )
-from dtrain.checkpoint.format import MANIFEST
+from dtrain.checkpoint.format import DAMAGED, MANIFEST
 from dtrain.checkpoint.plan import MODEL
 from dtrain.checkpoint.reader import read_manifest, read_state
 from dtrain.checkpoint.retention import CheckpointInfo
@@ -117,7 +117,7 @@ def cmd_ls(args: argparse.Namespace, so: dict[str, Any]) -> int:
         if retention.step_dirs(inner, so):
             _note(f"no checkpoints under {args.url}; did you mean {inner}?")
     if args.json:
-        print(json.dumps([{**dataclasses.asdict(i), "status": _status(i), "best": best is not None and i.url == best.url,
+        print(json.dumps([{**dataclasses.asdict(i), "status": _status(i, so), "best": best is not None and i.url == best.url,
                             "time_utc": None if utc(i.created) == "-" else utc(i.created) + "Z"} for i in infos], indent=1))
         return 0
     if not infos:
@@ -125,8 +125,9 @@ def cmd_ls(args: argparse.Namespace, so: dict[str, Any]) -> int:
         return 0
     rows = []
     for i in infos:
-        status = ("committed" + (f", best {monitor}" if best is not None and i.url == best.url else "")
-                  if i.committed else f"{_status(i)}: {(i.problem or '?').removesuffix(' (incomplete)')}")
+        status = _status(i, so)
+        status += (f", best {monitor}" if best is not None and i.url == best.url else "") if i.committed else (
+            f": {_problem(i, status)}")
         rows.append([str(i.step), utc(i.created), human_bytes(i.size_bytes),
                      f"{i.world_size} {i.strategy}" if i.committed else "-", i.reason or "-",
                      format_metrics(i.metrics) if i.committed else "-", status])
@@ -134,10 +135,22 @@ def cmd_ls(args: argparse.Namespace, so: dict[str, Any]) -> int:
     return 0
 
 
-def _status(i: CheckpointInfo) -> str:
-    """committed; incomplete (no manifest: being written, or abandoned); invalid (a manifest this
-    dtrain cannot use: damaged, unreadable, another step's, a newer schema)."""
-    return "committed" if i.committed else "incomplete" if i.problem == retention.NO_MANIFEST else "invalid"
+def _status(i: CheckpointInfo, so: dict[str, Any]) -> str:
+    """committed; incomplete (no manifest: being written, or abandoned); set aside (damaged: a resume
+    renamed its manifest); invalid (a manifest this dtrain cannot use: damaged, unreadable, another
+    step's, a newer schema)."""
+    if i.committed:
+        return "committed"
+    if i.problem != retention.NO_MANIFEST:
+        return "invalid"
+    return "set aside" if tools.is_set_aside(i.url, so) else "incomplete"
+
+
+def _problem(i: CheckpointInfo, status: str) -> str:
+    """What `ls` and `verify` say about a checkpoint that is not committed."""
+    if status == "set aside":
+        return f"damaged, its manifest renamed {DAMAGED} by a resume; `{PROG} verify {i.url}` says why"
+    return (i.problem or "?").removesuffix(" (incomplete)")
 
 
 def _parent(url: str) -> str:
@@ -179,7 +192,7 @@ def cmd_verify(args: argparse.Namespace, so: dict[str, Any]) -> int:
         targets = [i.url for i in infos if i.committed or i.problem != retention.NO_MANIFEST]
         for i in infos:
             if i.problem == retention.NO_MANIFEST:
-                print(f"SKIP {i.url}: {i.problem}")
+                print(f"SKIP {i.url}: {_problem(i, _status(i, so))}")
         if not infos:
             targets = [args.url]  # verify() says why this is not a checkpoint
         elif not targets:

@@ -24,6 +24,7 @@ from dtrain.errors import CheckpointError
 SCHEMA_VERSION = 1
 KNOWN_VERSIONS = (1,)
 MANIFEST = "manifest.json"
+DAMAGED = MANIFEST + ".damaged"  # a damaged checkpoint's manifest, renamed by a resume that skipped it
 STATE = "state.json"
 _SEGMENT = re.compile(r"^[A-Za-z0-9_.-]+$")
 

@@ -25,7 +25,7 @@ from torch import nn
 from dtrain.checkpoint import comm, retention, storage
 from dtrain.checkpoint.background import BackgroundSaves, walk_at_call
 from dtrain.checkpoint.faultpoints import fault_point
-from dtrain.checkpoint.format import MANIFEST, CheckpointDamagedError, Manifest
+from dtrain.checkpoint.format import DAMAGED, MANIFEST, CheckpointDamagedError, Manifest
 from dtrain.checkpoint.gcpause import gc_paused
 from dtrain.checkpoint.lease import DEFAULT_TTL_S, Lease
 from dtrain.checkpoint.restore import KeyDiff, load_checkpoint
@@ -44,7 +44,6 @@ from dtrain.checkpoint.tools import refuse_non_finite
 from dtrain.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
-DAMAGED = MANIFEST + ".damaged"  # a damaged checkpoint's manifest, renamed by restore_latest
 
 
 class CheckpointManager:

@@ -43,9 +43,10 @@ BUFFER = 64 << 20  # a chunk that is not one contiguous run of its destination p
 Part = tuple["Future[list[int]] | int", int, int]  # (hash source, index in it, length)
 
 
-def read_manifest(dir_url: str, storage_options: storage.StorageOptions = None) -> Manifest:
-    """The validated manifest of a checkpoint directory; CheckpointError if absent or invalid."""
-    url = storage.join(dir_url, MANIFEST)
+def read_manifest(dir_url: str, storage_options: storage.StorageOptions = None, name: str = MANIFEST) -> Manifest:
+    """The validated manifest of a checkpoint directory; CheckpointError if absent or invalid. `name`:
+    another file holding one (`verify` reads a set-aside `manifest.json.damaged`)."""
+    url = storage.join(dir_url, name)
     try:
         data = storage.read_bytes(url, storage_options=storage_options)
     except FileNotFoundError:

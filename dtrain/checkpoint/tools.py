@@ -21,7 +21,7 @@ import torch
 from dtrain.checkpoint import retention, storage
 from dtrain.checkpoint.checksum import crc32, crc32_combine, format_crc, parse_crc
 from dtrain.checkpoint.fill import fill_tensor
-from dtrain.checkpoint.format import MANIFEST, Chunk, Manifest, NonFiniteTensorError
+from dtrain.checkpoint.format import DAMAGED, MANIFEST, Chunk, Manifest, NonFiniteTensorError
 from dtrain.checkpoint.jsoncodec import loads
 from dtrain.checkpoint.localfs import fsync_dir
 from dtrain.checkpoint.plan import MODEL, Box
@@ -60,20 +60,31 @@ def inspect(url: str, storage_options: storage.StorageOptions = None) -> tuple[M
     return man, infos
 
 
+def is_set_aside(url: str, storage_options: storage.StorageOptions = None) -> bool:
+    """A checkpoint directory whose manifest a resume renamed to `manifest.json.damaged`: it has no
+    manifest, but its files stay for `verify`, which otherwise could only say "incomplete"."""
+    return (not storage.exists(storage.join(url, MANIFEST), storage_options)
+            and storage.exists(storage.join(url, DAMAGED), storage_options))
+
+
 def verify(url: str, storage_options: storage.StorageOptions = None, check_finite: bool = False) -> list[str]:
     """Every problem found in a checkpoint directory (empty list = sound): manifest validity, each
     file's presence, size and CRC, each safetensors header, each chunk's CRC, state.json; with
     `check_finite`, also every NaN/inf in a floating-point tensor."""
+    name, problems = MANIFEST, []
+    if is_set_aside(url, storage_options):  # the files a resume found damaged: check them against it
+        name = DAMAGED
+        problems.append(f"{storage.join(url, DAMAGED)}: set aside as damaged by a resume (no longer committed); "
+                        f"its files were checked against this manifest")
     try:
-        man = read_manifest(url, storage_options)
+        man = read_manifest(url, storage_options, name)
     except CheckpointError as e:
-        return [str(e)]
+        return [*problems, str(e)]
     except (IsADirectoryError, NotADirectoryError, PermissionError) as e:  # never readable: report, go on
-        return [f"{storage.join(url, MANIFEST)} cannot be read ({e.strerror or type(e).__name__})"]
-    problems: list[str] = []
+        return [*problems, f"{storage.join(url, name)} cannot be read ({e.strerror or type(e).__name__})"]
     named = re.fullmatch(r"step-(\d+)", url.rstrip("/").rsplit("/", 1)[-1])
     if named and int(named.group(1)) != man.step:  # resume would ignore it: it is not that step's
-        problems.append(f"{storage.join(url, MANIFEST)}: manifest says step {man.step}, the directory is step "
+        problems.append(f"{storage.join(url, name)}: manifest says step {man.step}, the directory is step "
                         f"{int(named.group(1))}")
     by_file: dict[str, list[tuple[str, Chunk]]] = {}
     for key, t in man.tensors.items():

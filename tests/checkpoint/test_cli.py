@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dtrain.checkpoint import CheckpointManager
+from dtrain.checkpoint import CheckpointManager, storage
 from dtrain.checkpoint.cli import main, parse_size, parse_storage_option, utc
 from tests.checkpoint import workers
 from tests.checkpoint.models import make_all, train
@@ -465,6 +465,42 @@ def test_s3_through_storage_options(s3_root: tuple[str, dict[str, Any]], tmp_pat
     assert digest(load_file(out_file)) == digest(weights[2])
     code, _, err = cli(capsys, "ls", root)  # no endpoint: a one-line error, not a traceback
     assert code == 1 and err.startswith("dtrain ckpt: error: ")
+
+
+def _check_a_set_aside_checkpoint_is_reported(root: str, options: dict[str, Any], capsys) -> None:
+    """A damaged newest checkpoint that a resume set aside (manifest.json -> manifest.json.damaged)
+    was listed as "incomplete: no manifest.json", and `verify` of it said only "not a committed
+    checkpoint": the files kept "for verify" could not be verified."""
+    _save_run(root, storage_options=options)
+    bad = storage.join(root, "step-000000003")
+    storage.remove(storage.join(bad, "model-00000-of-00001.safetensors"), options)
+    m, o, *_ = make_all(seed=2)
+    with CheckpointManager(root, storage_options=options) as mgr:
+        info, _ = mgr.restore_latest(model=m, optimizer=o, set_aside_damaged=True)
+    assert info.step == 2
+    flags = [x for k, v in options.items() for x in ("--storage-option", f"{k}={v}")]
+    code, out, _ = cli(capsys, "ls", root, *flags)
+    assert code == 0 and re.search(r"^3 .*set aside: damaged, its manifest renamed manifest.json.damaged", out, re.M), out
+    code, out, _ = cli(capsys, "ls", root, "--json", *flags)
+    assert [r["status"] for r in json.loads(out)] == ["committed", "committed", "set aside"]
+    code, out, _ = cli(capsys, "verify", bad, *flags)
+    assert code == 1 and "set aside as damaged" in out, out
+    assert "model-00000-of-00001.safetensors: listed in the manifest but missing" in out, out
+    code, out, _ = cli(capsys, "verify", root, *flags)
+    assert code == 0 and f"SKIP {bad}: damaged" in out and "2 of 2 checkpoint(s) sound" in out, out
+
+
+def test_a_set_aside_checkpoint_is_reported_by_ls_and_verify(tmp_path, capsys) -> None:
+    _check_a_set_aside_checkpoint_is_reported(str(tmp_path / "ckpts"), {}, capsys)
+
+
+@pytest.mark.s3
+@pytest.mark.timeout(180)
+def test_a_set_aside_checkpoint_on_s3_is_reported_by_ls_and_verify(s3_root: tuple[str, dict[str, Any]],
+                                                                    capsys) -> None:
+    """On S3 the set-aside is storage.rename -> s3fs mv (copy, then delete)."""
+    root, options = s3_root
+    _check_a_set_aside_checkpoint_is_reported(root, options, capsys)
 
 
 def test_help_through_the_top_level_command(capsys) -> None:
