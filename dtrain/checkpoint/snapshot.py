@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dtrain.checkpoint import comm, rng, storage
-from dtrain.checkpoint.format import MANIFEST, STATE, Manifest, rng_file
+from dtrain.checkpoint import comm, retention, rng, storage
+from dtrain.checkpoint.format import STATE, Manifest, rng_file
 from dtrain.checkpoint.jsoncodec import encode
 from dtrain.checkpoint.plan import Box, assign, digest, first_with_same_memory, local_boxes, tied_boxes
 from dtrain.checkpoint.state import (
@@ -107,7 +107,7 @@ def prepare(dir_url: str, step: int, captured: Captured, *, model: nn.Module,
             boxes, data = local_boxes(tensors)
             tied = tied_boxes(boxes, data)
             if rank == 0:
-                skip = _prepare_directory(dir_url, storage_options)
+                skip = _prepare_directory(dir_url, step, storage_options)
                 head = {"model_optim": encode(json_state(leaves, optim_sd), "$.optimizer"),
                         **(captured.head or {}), "strategy": strategy_of(model, world)}
     except Exception as e:  # every rank must learn of it, or the others would wait forever
@@ -136,13 +136,19 @@ def prepare(dir_url: str, step: int, captured: Captured, *, model: nn.Module,
     return prep
 
 
-def _prepare_directory(dir_url: str, storage_options: storage.StorageOptions) -> bool:
+def _prepare_directory(dir_url: str, step: int, storage_options: storage.StorageOptions) -> bool:
     """Rank 0, before anyone writes: True if this step is already committed (then skip the save);
-    else remove leftovers of an earlier attempt at the same step and create the directory."""
-    if storage.exists(storage.join(dir_url, MANIFEST), storage_options):
+    else remove leftovers of an earlier attempt at the same step and create the directory. A
+    manifest that is there but unusable (damaged, another step's) does not make the step committed:
+    resume skipped it, and skipping the save too left the step with no sound checkpoint."""
+    info, _ = retention.read_info(dir_url, step, storage_options)
+    if info.committed:
         log.info("checkpoint %s is already committed; not saving it again", dir_url)
         return True
-    if storage.list_dir(dir_url, storage_options):
+    if info.problem != retention.NO_MANIFEST:
+        log.warning("replacing the checkpoint %s, whose manifest is unusable: %s", dir_url, info.problem)
+        storage.remove(dir_url, storage_options)
+    elif storage.list_dir(dir_url, storage_options):
         log.warning("removing the incomplete checkpoint %s left by an earlier attempt", dir_url)
         storage.remove(dir_url, storage_options)
     storage.makedirs(dir_url, storage_options)

@@ -119,6 +119,31 @@ def test_a_damaged_newest_set_aside_stops_counting_and_is_saved_again(scheme: st
     mgr.close()
 
 
+def check_an_unusable_manifest_is_saved_over(root: str, options: dict | None = None) -> None:
+    """A newest checkpoint whose manifest is there but unusable (not JSON) is skipped by resume; the
+    save of its step said "already committed; not saving it again" (only the file's existence was
+    checked), so the run went on with no sound checkpoint of that step (its final one, at max_steps)."""
+    saved_run(root, steps=(2, 4), storage_options=options)
+    bad = storage.join(root, "step-000000004")
+    storage.write_atomic(storage.join(bad, "manifest.json"), b'{"schema": 1, "trunc', options)
+    m, o, s, c = make_all(seed=3)
+    with CheckpointManager(root, storage_options=options) as mgr:  # closed even on failure: S3's lease
+        info, _ = mgr.restore_latest(model=m, optimizer=o, stateful={"sched": s, "counter": c},
+                                     set_aside_damaged=True)
+        assert info.step == 2
+        train(m, o, s, c, 2, data_seed=4)
+        mgr.save(4, model=m, optimizer=o, stateful={"sched": s, "counter": c})
+        assert [(i.step, i.committed) for i in mgr.list()] == [(2, True), (4, True)]
+        m2, o2, *_ = make_all(seed=5)
+        mgr.load(mgr.latest_committed(), model=m2, optimizer=o2)
+    assert_same(m2.state_dict(), m.state_dict())
+
+
+@pytest.mark.parametrize("scheme", ["local", "memory"])
+def test_an_unusable_manifest_does_not_count_as_committed_when_saving(scheme: str, tmp_path) -> None:
+    check_an_unusable_manifest_is_saved_over(str(tmp_path) if scheme == "local" else f"memory://ckpt-{uuid.uuid4().hex}")
+
+
 def test_all_damaged_is_an_error_not_a_fresh_start(tmp_path) -> None:
     mgr, *_ = saved_run(str(tmp_path), steps=(2,))
     corrupt_first_model_file(str(tmp_path / "step-000000002"), "flip")

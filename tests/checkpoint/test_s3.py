@@ -79,3 +79,10 @@ def test_scan_on_s3_reads_only_new_or_replaced_manifests(s3_root: tuple, monkeyp
 
     root, options = s3_root
     check_scan_reads_only_new_or_replaced_manifests(root, monkeypatch, options)
+
+
+def test_an_unusable_manifest_on_s3_does_not_count_as_committed_when_saving(s3_root: tuple) -> None:
+    from tests.checkpoint.test_manager import check_an_unusable_manifest_is_saved_over
+
+    root, options = s3_root
+    check_an_unusable_manifest_is_saved_over(root, options)
