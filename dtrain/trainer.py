@@ -259,6 +259,10 @@ class Trainer:
             loaded, diff = load_weights(
                 url, self.model, strict=self.cfg.checkpoint.init_strict, group=self.checkpoints.group,
                 storage_options=dict(self.cfg.checkpoint.storage_options) or None)
+        except CheckpointMismatchError as e:  # as on resume: another model config, which no restart fixes
+            raise ConfigError(f"cannot initialise the model from checkpoint.init_from={url}: {e}. A shared tensor "
+                              f"must have the checkpoint's shape and dtype (checkpoint.init_strict=false leaves "
+                              f"out only tensors that one side lacks)") from e
         except CheckpointError as e:
             raise CheckpointError(f"cannot initialise the model from checkpoint.init_from={url}: {e}") from e
         left = f"; {len(diff.missing_keys)} tensor(s) not in it kept their initial values" if diff.missing_keys else ""

@@ -193,6 +193,18 @@ def test_init_from_starts_a_fresh_run_from_another_runs_weights_and_restarts_res
 
 
 @pytest.mark.timeout(120)
+def test_init_from_a_checkpoint_of_another_model_config_is_a_config_error(tmp_path: Path) -> None:
+    """A checkpoint that does not fit the model config exits 2, as on resume: it exited 1, which
+    asks a launcher (torchrun --max-restarts) to restart into the same error."""
+    job = ["train", *FAST, "train.eval_every=10", "early_stopping.enabled=false"]
+    _ok(dtrain([*job, f"run_dir={tmp_path / 'pre'}", "train.max_steps=2"]))
+    bad = dtrain([*job, f"run_dir={tmp_path / 'tune'}", f"checkpoint.init_from={tmp_path / 'pre' / 'checkpoints'}",
+                  "model.hidden=64", "train.max_steps=1"])
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    assert "checkpoint.init_from=" in bad.stderr and "fc1.bias" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.timeout(120)
 def test_early_stopping_turned_on_for_a_running_job_resumes_and_starts_fresh(tmp_path: Path) -> None:
     """Checkpoints saved without early stopping: a restart with it enabled resumes (its state
     starts fresh, with a warning) instead of refusing the checkpoint. The restart also warns of
