@@ -244,7 +244,9 @@ class CheckpointManager:
         `set_aside_damaged` (for the job that writes this root, as the trainer): rank 0 renames a
         damaged checkpoint's manifest to `manifest.json.damaged`, so it stops counting as committed.
         Left as it was, it stayed the newest: retention kept it and deleted the sound checkpoints
-        written after the fallback, and the run, reaching its step again, did not save over it."""
+        written after the fallback, and the run, reaching its step again, did not save over it. Only
+        once an older one loads: with every one damaged none is renamed (renamed, the restart that
+        follows the error found no checkpoint and silently started the run from step 0)."""
         self.wait()
         if storage.exists(storage.join(self.root, MANIFEST), self.storage_options):
             raise CheckpointError(f"the manager's root {self.root} is a checkpoint directory, not a root of them: "
@@ -261,9 +263,10 @@ class CheckpointManager:
             except CheckpointDamagedError as e:
                 log.warning("checkpoint %s is damaged, falling back to the previous committed one: %s", url, e)
                 damaged.append(url)
-                if set_aside_damaged:
-                    self._set_aside(url)
                 continue
+            if set_aside_damaged:  # only once a sound one is loaded: see the docstring
+                for bad in damaged:
+                    self._set_aside(bad)
             return info, extra
         if damaged:
             raise CheckpointError(f"every committed checkpoint under {self.root} is damaged: {damaged}; "

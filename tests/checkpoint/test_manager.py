@@ -144,11 +144,17 @@ def test_an_unusable_manifest_does_not_count_as_committed_when_saving(scheme: st
     check_an_unusable_manifest_is_saved_over(str(tmp_path) if scheme == "local" else f"memory://ckpt-{uuid.uuid4().hex}")
 
 
-def test_all_damaged_is_an_error_not_a_fresh_start(tmp_path) -> None:
-    mgr, *_ = saved_run(str(tmp_path), steps=(2,))
-    corrupt_first_model_file(str(tmp_path / "step-000000002"), "flip")
-    with pytest.raises(CheckpointError, match="every committed checkpoint"):
-        mgr.restore_latest(model=make_model())
+@pytest.mark.parametrize("set_aside", [False, True])
+def test_all_damaged_is_an_error_not_a_fresh_start(set_aside: bool, tmp_path) -> None:
+    """Also with set_aside_damaged (the trainer): it renamed every damaged manifest before raising,
+    so the restart after that error (exit 1) found no checkpoint and started from step 0."""
+    mgr, *_ = saved_run(str(tmp_path), steps=(2, 4))
+    for step in (2, 4):
+        corrupt_first_model_file(str(tmp_path / f"step-{step:09d}"), "flip")
+    for _ in range(2):  # the restart fails the same way
+        with pytest.raises(CheckpointError, match="every committed checkpoint"):
+            mgr.restore_latest(model=make_model(), set_aside_damaged=set_aside)
+    assert [(i.step, i.committed) for i in mgr.list()] == [(2, True), (4, True)]
 
 
 def test_no_checkpoint_means_none(tmp_path) -> None:
