@@ -309,6 +309,17 @@ class Trainer:
 
     def fit(self) -> int:
         """Resume, train until max_steps or an agreed stop, save, write summary.json; returns the exit code."""
+        try:
+            return self._fit()
+        except BaseException:
+            # The lease back now: left to the manager's finalizer, an error at start-up (a resume that
+            # fails, a bad init_from) released it at interpreter exit, where s3fs can no longer send
+            # requests; 5 s of retries, then the lease stayed held for the next start to wait out.
+            with contextlib.suppress(Exception):  # the first error is the one to report
+                self.checkpoints.close()
+            raise
+
+    def _fit(self) -> int:
         outcome = Outcome()
         outcome.resumed_from = self.resume()
         self.checkpoints.apply_retention()  # this config's rules, before a save needs the space

@@ -86,3 +86,18 @@ def test_an_unusable_manifest_on_s3_does_not_count_as_committed_when_saving(s3_r
 
     root, options = s3_root
     check_an_unusable_manifest_is_saved_over(root, options)
+
+
+def test_a_trainer_that_fails_at_start_gives_the_s3_lease_back(s3_root: tuple, tmp_path) -> None:
+    """An error before training (here a bad init_from) left the lease to the manager's finalizer at
+    interpreter exit, where s3fs can no longer send requests: 5 s of failed retries, and the lease
+    stayed held for the next start."""
+    from tests.launch import FAST, dtrain
+
+    root, options = s3_root
+    so = [f"checkpoint.storage_options.{k}={v}" for k, v in options.items()]
+    bad = dtrain(["train", *FAST, f"run_dir={tmp_path / 'run'}", f"checkpoint.root={root}", *so,
+                  f"checkpoint.init_from={tmp_path / 'nowhere'}", "train.max_steps=1"])
+    assert bad.returncode != 0 and "checkpoint.init_from=" in bad.stderr, bad.stderr[-2000:]
+    assert "could not release" not in bad.stderr, bad.stderr[-2000:]
+    assert not storage.exists(f"{root}/.dtrain-lease.json", options)
