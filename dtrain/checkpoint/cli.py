@@ -21,6 +21,7 @@ from dtrain.checkpoint.clifmt import (
     human_bytes,
     parse_size,
     parse_storage_option,
+    storage_options_of,
     table,
     tensor_layout,
     utc,
@@ -283,7 +284,8 @@ class _Usage(Exception):
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--storage-option", action="append", default=[], type=parse_storage_option,
-                        metavar="KEY=VALUE", help="fsspec/s3fs option, repeatable (e.g. endpoint_url=http://...); "
+                        metavar="KEY=VALUE", help="fsspec/s3fs option, repeatable (e.g. endpoint_url=http://...; a dotted key nests, "
+                        "as in the config: client_kwargs.region_name=eu-west-1); "
                         "AWS_* environment variables work too")
     pick = argparse.ArgumentParser(add_help=False)
     pick.add_argument("--monitor", help="metric for --best / best marking (default: the run's "
@@ -340,7 +342,12 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse exits 2 on bad arguments, 0 after --help
         return int(e.code or 0)
-    so = dict(args.storage_option)
+    try:
+        so = storage_options_of(args.storage_option)
+    except argparse.ArgumentTypeError as e:
+        parser.print_usage(sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
     try:
         return int(args.func(args, so))
     except _Usage as e:

@@ -44,6 +44,25 @@ def parse_storage_option(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(f"storage option {key}: {raw!r} is not valid JSON ({e})") from None
 
 
+def storage_options_of(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """--storage-option pairs as fsspec options; a dotted key nests as in the training config
+    (`client_kwargs.endpoint_url=URL`), which fsspec otherwise got as one unknown keyword argument."""
+    options: dict[str, Any] = {}
+    for key, value in pairs:
+        *parents, last = key.split(".")
+        into = options
+        for i, part in enumerate(parents):
+            into = into.setdefault(part, {})
+            if not isinstance(into, dict):
+                raise argparse.ArgumentTypeError(f"storage option {key}: {'.'.join(parents[:i + 1])} is already "
+                                                 f"set to a value, not a group of options")
+        if isinstance(value, dict) and isinstance(into.get(last), dict):
+            into[last].update(value)
+        else:
+            into[last] = value
+    return options
+
+
 # ---- formatting ---------------------------------------------------------------------------------
 def human_bytes(n: int | None) -> str:
     """1536 -> '1.5 KiB'; None (size unknown) -> '-'."""

@@ -3,6 +3,7 @@ against checkpoints written by CheckpointManager."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from dtrain.checkpoint import CheckpointManager, storage
-from dtrain.checkpoint.cli import main, parse_size, parse_storage_option, utc
+from dtrain.checkpoint.cli import main, parse_size, parse_storage_option, storage_options_of, utc
 from tests.checkpoint import workers
 from tests.checkpoint.models import make_all, train
 from tests.multiproc import run_ranks
@@ -420,6 +421,14 @@ def test_argument_parsers() -> None:
     assert parse_storage_option('client_kwargs={"region_name": "eu-west-1"}') == (
         "client_kwargs", {"region_name": "eu-west-1"})
     assert parse_storage_option("default_block_size=5242880") == ("default_block_size", 5242880)
+    # dotted keys nest, as checkpoint.storage_options.client_kwargs.endpoint_url does in the training
+    # config: they reached s3fs as one keyword argument 'client_kwargs.endpoint_url' (a TypeError)
+    pairs = [parse_storage_option(t) for t in ("client_kwargs.endpoint_url=http://h:9", "key=k",
+                                                'client_kwargs={"region_name": "r"}', "config_kwargs.retries.mode=std")]
+    assert storage_options_of(pairs) == {"client_kwargs": {"endpoint_url": "http://h:9", "region_name": "r"}, "key": "k",
+                                         "config_kwargs": {"retries": {"mode": "std"}}}
+    with pytest.raises(argparse.ArgumentTypeError, match="key is already set"):
+        storage_options_of([("key", "k"), ("key.x", 1)])
 
 
 def _sharded_save(rank: int, world: int, root: str) -> dict[str, Any] | None:
