@@ -24,6 +24,7 @@ from dtrain.errors import CheckpointError
 SCHEMA_VERSION = 1
 KNOWN_VERSIONS = (1,)
 MANIFEST = "manifest.json"
+NEWER_SCHEMA = "is not known to this dtrain"  # in the error for a manifest a newer dtrain wrote
 DAMAGED = MANIFEST + ".damaged"  # a damaged checkpoint's manifest, renamed by a resume that skipped it
 STATE = "state.json"
 _SEGMENT = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -133,7 +134,7 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
         raise CheckpointError(f"{where}: must be a JSON object, got {type(body).__name__}")
     v = _get(body, "version", int, where)
     if v not in KNOWN_VERSIONS:
-        raise CheckpointError(f"{where}: schema version {v} is not known to this dtrain (it reads "
+        raise CheckpointError(f"{where}: schema version {v} {NEWER_SCHEMA} (it reads "
                               f"{list(KNOWN_VERSIONS)}); upgrade dtrain to read this checkpoint")
     files = tuple(_file(f, i, where) for i, f in enumerate(_get(body, "files", list, where)))
     sizes = {f.path: f.size for f in files}

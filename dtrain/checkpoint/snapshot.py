@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from dtrain.checkpoint import comm, retention, rng, storage
-from dtrain.checkpoint.format import STATE, Manifest, rng_file
+from dtrain.checkpoint.format import NEWER_SCHEMA, STATE, Manifest, rng_file
 from dtrain.checkpoint.jsoncodec import encode
 from dtrain.checkpoint.plan import Box, assign, digest, first_with_same_memory, local_boxes, tied_boxes
 from dtrain.checkpoint.state import (
@@ -145,6 +145,9 @@ def _prepare_directory(dir_url: str, step: int, storage_options: storage.Storage
     if info.committed:
         log.info("checkpoint %s is already committed; not saving it again", dir_url)
         return True
+    if info.problem is not None and NEWER_SCHEMA in info.problem:  # never destroy what a newer dtrain wrote
+        raise CheckpointError(f"{dir_url} holds a checkpoint of a newer dtrain ({info.problem}); this one will not "
+                              f"save over it: upgrade dtrain, or use another checkpoint root")
     if info.problem != retention.NO_MANIFEST:
         log.warning("replacing the checkpoint %s, whose manifest is unusable: %s", dir_url, info.problem)
         storage.remove(dir_url, storage_options)

@@ -144,6 +144,19 @@ def test_an_unusable_manifest_does_not_count_as_committed_when_saving(scheme: st
     check_an_unusable_manifest_is_saved_over(str(tmp_path) if scheme == "local" else f"memory://ckpt-{uuid.uuid4().hex}")
 
 
+def test_a_save_never_replaces_a_newer_dtrains_checkpoint(tmp_path) -> None:
+    """An unusable manifest is saved over, but not one of a schema this dtrain does not know: that is
+    a newer dtrain's checkpoint, which an older one resuming the root must not destroy."""
+    _, m, o, s, c = saved_run(str(tmp_path), steps=(2, 4))
+    path = tmp_path / "step-000000004" / "manifest.json"
+    path.write_text(path.read_text().replace('"version": 1', '"version": 99', 1))
+    mgr = CheckpointManager(str(tmp_path))
+    with pytest.raises(CheckpointError, match="newer dtrain"):
+        mgr.save(4, model=m, optimizer=o, stateful={"sched": s, "counter": c})
+    assert '"version": 99' in path.read_text()
+    mgr.close()
+
+
 @pytest.mark.parametrize("set_aside", [False, True])
 def test_all_damaged_is_an_error_not_a_fresh_start(set_aside: bool, tmp_path) -> None:
     """Also with set_aside_damaged (the trainer): it renamed every damaged manifest before raising,
