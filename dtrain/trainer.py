@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from dtrain import __version__, dist, exitcodes
 from dtrain.agreement import Flag, StepAgreement
-from dtrain.checkpoint import CheckpointManager
+from dtrain.checkpoint import CheckpointManager, storage
 from dtrain.checkpoint.manager import load_weights
 from dtrain.checkpoint.reader import read_manifest, read_state
 from dtrain.config import JobConfig, changes, check_world_size, saved_form
@@ -209,8 +209,10 @@ class Trainer:
         """resume=<url>: that checkpoint on the first start, the run's own newest on a restart."""
         try:
             target = self.checkpoints.resolve(mode)
-        except CheckpointError as e:
-            raise ConfigError(f"resume={mode}: {e}") from None
+        except CheckpointError as e:  # a local path that is not there is a config error; a remote one may
+            if storage.is_local(mode):  # be an outage, which a restart (exit 1) can outlast
+                raise ConfigError(f"resume={mode}: {e}") from None
+            raise
         if own is None or own.url == target:
             extra = self.checkpoints.load(target, model=self.model, optimizer=self.optimizer,
                                           stateful=self._stateful(), optional=_OPTIONAL)
