@@ -7,13 +7,15 @@ Trainer, fit, and tear the group down on every path.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from pathlib import Path
 
-from dtrain import __version__, dist
+from dtrain import __version__, dist, exitcodes
 from dtrain.config import JobConfig, check_world_size, to_yaml
+from dtrain.errors import ConfigError
 from dtrain.metrics import setup_logging
 from dtrain.tasks import get_task, make_options
 from dtrain.trainer import Trainer
@@ -53,15 +55,29 @@ def run(cfg: JobConfig) -> int:
             (run_dir / "config.yaml").write_text(to_yaml(cfg))
         log.info("dtrain %s: %d rank(s), %s, strategy=%s, device=%s, backend=%s", __version__, env.world_size,
                  env.launcher, cfg.parallel.strategy, env.device, env.backend)
-        trainer = Trainer(cfg, env)
-        trainer.startup = {**startup, "built": time.time()}
-        code = trainer.fit()
+        try:
+            trainer = Trainer(cfg, env)
+            trainer.startup = {**startup, "built": time.time()}
+            code = trainer.fit()
+        except ConfigError as e:
+            _record_config_error(run_dir, env.rank, e)
+            raise
         # Nobody leaves before rank 0 has written the summary: torchrun tears down the other
         # workers as soon as one exits with a non-zero code (75 included).
         dist.barrier()
         return code
     finally:
         dist.shutdown()
+
+
+def _record_config_error(run_dir: Path, rank: int, error: ConfigError) -> None:
+    """This rank's exit record (as summary.py writes at the end) for a config error found after the
+    process group started (a checkpoint that does not fit): torchrun reports any failed worker as
+    exit 1, and launch/torchrun.sh reads these records to exit 2, which a launcher does not retry."""
+    ranks = run_dir / "ranks"
+    ranks.mkdir(parents=True, exist_ok=True)
+    (ranks / f"rank-{rank:05d}.json").write_text(json.dumps(
+        {"rank": rank, "stopped_by": "config_error", "exit_code": exitcodes.CONFIG_ERROR, "error": str(error)}) + "\n")
 
 
 def train(cfg: JobConfig) -> int:

@@ -62,6 +62,11 @@ def test_ctrl_c_checkpoints_exits_75_and_the_same_command_resumes(tmp_path: Path
     assert again.returncode == 0, again.stderr[-3000:]
     final = summary(run_dir)
     assert final["last_step"] == 200 and final["resumed_from"].endswith(f"step-{stopped['last_step']:09d}")
+    # a checkpoint that does not fit the config: torchrun says 1 after its restarts, the script says 2
+    other = subprocess.run([*argv, "model.hidden=64"], cwd=REPO, env={**_env(run_dir), "MAX_RESTARTS": "1"},
+                           capture_output=True, text=True, timeout=150)
+    assert other.returncode == 2, other.stderr[-3000:]
+    assert "model/fc1.bias" in other.stderr
 
 
 @pytest.mark.multiprocess
