@@ -7,7 +7,6 @@ Trainer, fit, and tear the group down on every path.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -17,6 +16,7 @@ from dtrain import __version__, dist, exitcodes
 from dtrain.config import JobConfig, check_world_size, to_yaml
 from dtrain.errors import ConfigError
 from dtrain.metrics import setup_logging
+from dtrain.summary import write_rank_record
 from dtrain.tasks import get_task, make_options
 from dtrain.trainer import Trainer
 
@@ -74,10 +74,8 @@ def _record_config_error(run_dir: Path, rank: int, error: ConfigError) -> None:
     """This rank's exit record (as summary.py writes at the end) for a config error found after the
     process group started (a checkpoint that does not fit): torchrun reports any failed worker as
     exit 1, and launch/torchrun.sh reads these records to exit 2, which a launcher does not retry."""
-    ranks = run_dir / "ranks"
-    ranks.mkdir(parents=True, exist_ok=True)
-    (ranks / f"rank-{rank:05d}.json").write_text(json.dumps(
-        {"rank": rank, "stopped_by": "config_error", "exit_code": exitcodes.CONFIG_ERROR, "error": str(error)}) + "\n")
+    write_rank_record(run_dir, rank, {"stopped_by": "config_error", "exit_code": exitcodes.CONFIG_ERROR,
+                                      "error": str(error)})
 
 
 def train(cfg: JobConfig) -> int:

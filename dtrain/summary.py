@@ -11,6 +11,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dtrain import exitcodes
 from dtrain.checkpoint import CheckpointManager
@@ -33,15 +34,19 @@ class Outcome:
     final_metrics: dict[str, float] = field(default_factory=dict)
 
 
+def write_rank_record(run_dir: Path, rank: int, record: dict[str, Any]) -> None:
+    """<run_dir>/ranks/rank-NNNNN.json: how this rank ended (launch/torchrun.sh reads `exit_code`)."""
+    ranks_dir = run_dir / "ranks"
+    ranks_dir.mkdir(parents=True, exist_ok=True)
+    (ranks_dir / f"rank-{rank:05d}.json").write_text(json.dumps({"rank": rank, **record}) + "\n")
+
+
 def write_summary(outcome: Outcome, *, run_dir: Path, env: DistEnv, cfg: JobConfig,
                   early_stopping: EarlyStopping | None, checkpoints: CheckpointManager) -> None:
     """Every rank writes its own record; rank 0 also writes summary.json (the best checkpoint is
     looked up there only, so the other ranks do not scan the checkpoint root)."""
-    ranks_dir = run_dir / "ranks"
-    ranks_dir.mkdir(parents=True, exist_ok=True)
-    (ranks_dir / f"rank-{env.rank:05d}.json").write_text(json.dumps(
-        {"rank": env.rank, "last_step": outcome.last_step, "stopped_by": outcome.stopped_by,
-         "exit_code": outcome.exit_code, "final_metrics": outcome.final_metrics}) + "\n")
+    write_rank_record(run_dir, env.rank, {"last_step": outcome.last_step, "stopped_by": outcome.stopped_by,
+                                          "exit_code": outcome.exit_code, "final_metrics": outcome.final_metrics})
     if not env.is_main:
         return
     es = early_stopping
