@@ -145,7 +145,7 @@ def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.o
     assert target is not None  # every rank got this far without an error
     set_states(model, optimizers, target.model_sd, target.optim_sd, strict)
     clear_optimizer_state([optimizers[i] for i in target.never_stepped])
-    load_stateful(stateful or {}, target.state.get("stateful") or {}, strict, dir_url, optional)
+    load_stateful(stateful or {}, target.state.get("stateful") or {}, dir_url)
     if rng_state is not None:
         rng.restore(rng_state, dir_url)
     manifest = target.manifest

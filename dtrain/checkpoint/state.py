@@ -157,14 +157,12 @@ def stateful_states(stateful: dict[str, Stateful]) -> dict[str, Any]:
     return out
 
 
-def load_stateful(stateful: dict[str, Stateful], saved: dict[str, Any], strict: bool, where: str,
-                  optional: tuple[str, ...] = ()) -> None:
-    """Each component's saved state into it; `optional` ones may be missing even when `strict`."""
+def load_stateful(stateful: dict[str, Stateful], saved: dict[str, Any], where: str) -> None:
+    """Each component's saved state into it. One the checkpoint lacks keeps its state, with a warning:
+    whether it may lack it (strict, optional) was checked before anything was loaded
+    (restore._check_components)."""
     for name, obj in stateful.items():
         if name not in saved:
-            if strict and name not in optional:
-                raise CheckpointMismatchError(f"{where}: no state for component {name!r} in the checkpoint "
-                                              f"(it has {sorted(saved)}); pass strict=False to skip it")
             log.warning("%s: no state for component %r; it keeps its current state", where, name)
             continue
         try:
