@@ -152,14 +152,14 @@ class Trainer:
         # Refuse before any work if another job holds this checkpoint root (its lease names it).
         self.checkpoints.acquire_lease()
         mode, root = self.cfg.resume, self.cfg.checkpoint_root
-        own = self.checkpoints.latest_committed()
+        # resume=auto needs no listing of its own: restore_latest lists the root (one scan fewer at start-up)
+        own = None if mode == "auto" else self.checkpoints.latest_committed()
         if mode == "never":
             if own is not None:
                 raise ConfigError(f"resume=never, but {root} already holds committed checkpoints (newest: step "
                                   f"{own.step}); {_MIXED} Use another run_dir (or checkpoint.root), resume them "
                                   f"(resume=auto), or remove them first (`dtrain ckpt prune`, or delete them)")
             return None
-        tried = own.url if own is not None else None
         try:
             if mode == "auto":
                 found = self._restore_own()
@@ -169,7 +169,8 @@ class Trainer:
             else:
                 url, extra = self._resume_from(mode, own)
         except CheckpointError as e:
-            raise self._resume_error(e, tried if mode == "auto" else mode) from e
+            newest = self.checkpoints.latest_committed() if mode == "auto" else None
+            raise self._resume_error(e, mode if mode != "auto" else newest.url if newest else None) from e
         self.step = self.last_saved_step = int(extra["step"])
         window = extra.get("loss_window", [0.0, 0])
         self.loss_window = (float(window[0]), int(window[1]))
