@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import operator
 import weakref
 from typing import Any
@@ -94,7 +95,7 @@ class CheckpointManager:
         """Collective: checkpoint everything at `step` into `<root>/step-{step:09d}/`. A step
         already committed under the root is not saved again (committed checkpoints never change;
         logged at INFO), so a second save of one step keeps the first."""
-        step, metrics = _checked_step(step), _checked_metrics(metrics)
+        step, recorded = _checked_step(step), _checked_metrics(metrics)
         if not isinstance(model, nn.Module):
             raise CheckpointError(f"save needs model=<the torch.nn.Module to checkpoint>, got {type(model).__name__}")
         self.wait()
@@ -108,7 +109,7 @@ class CheckpointManager:
         fault_point("save_begin")
         captured = capture(comm.rank(self.group), stateful=stateful or {}, extra=extra or {}, error=lease_error)
         plan = functools.partial(prepare, step_dir(self.root, step), step, captured, model=model,
-                                 optimizers=optimizers, metrics=metrics, reason=reason, group=self.group,
+                                 optimizers=optimizers, metrics=recorded, reason=reason, group=self.group,
                                  storage_options=self.storage_options)
         if deferred:
             assert self._saves is not None
@@ -340,16 +341,18 @@ def _checked_step(step: object) -> int:
     return value
 
 
-def _checked_metrics(metrics: dict[str, Any] | None) -> dict[str, float] | None:
-    """Metrics as floats (tensors and NumPy scalars too); an error naming the key of one that is not a number."""
+def _checked_metrics(metrics: dict[str, Any] | None) -> dict[str, float | None] | None:
+    """Metrics as the manifest stores them: floats (from tensors and NumPy scalars too), None for a
+    non-finite value (strict JSON has no NaN); an error naming the key of one that is not a number."""
     if metrics is None:
         return None
-    out = {}
+    out: dict[str, float | None] = {}
     for key, value in metrics.items():
         try:
             if isinstance(value, (bool, str, bytes)):
                 raise TypeError
-            out[str(key)] = float(value)
+            number = float(value)
         except (TypeError, ValueError, RuntimeError):
             raise CheckpointError(f"checkpoint metrics[{key!r}] must be a number, got {value!r}") from None
+        out[str(key)] = number if math.isfinite(number) else None
     return out

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -54,14 +53,6 @@ class PreparedSave:
         return sum(b.nbytes for b, _ in self.items)
 
 
-def _clean_metrics(metrics: dict[str, float] | None) -> dict[str, float | None]:
-    out: dict[str, float | None] = {}
-    for k, v in (metrics or {}).items():
-        f = float(v)
-        out[str(k)] = f if math.isfinite(f) else None
-    return out
-
-
 @dataclass
 class Captured:
     """What a save reads at the call itself: the state that changes outside optimizer.step() (RNG
@@ -91,7 +82,7 @@ def capture(rank: int, *, stateful: dict[str, Stateful], extra: dict[str, Any], 
 
 
 def prepare(dir_url: str, step: int, captured: Captured, *, model: nn.Module,
-            optimizers: tuple[torch.optim.Optimizer, ...], metrics: dict[str, float] | None,
+            optimizers: tuple[torch.optim.Optimizer, ...], metrics: dict[str, float | None] | None,
             reason: str, group: comm.ProcessGroup, storage_options: storage.StorageOptions) -> PreparedSave:
     """Collective: decide this rank's share and build the JSON state. Raises on every rank if any
     rank cannot save; returns `skip=True` everywhere if this step is already committed."""
@@ -128,7 +119,7 @@ def prepare(dir_url: str, step: int, captured: Captured, *, model: nn.Module,
     owner, prep.meta = assign([boxes] * world, tied) if same else assign(comm.all_gather_object(boxes, group))
     prep.items = [(b, data[b.key]) for b in boxes if owner[b.id] == rank]
     prep.manifest_fields = {"step": step, "strategy": head["strategy"] if head else None,
-                            "metrics": _clean_metrics(metrics), "reason": reason, "versions": versions()}
+                            "metrics": dict(metrics or {}), "reason": reason, "versions": versions()}
     if head is not None:  # rank 0
         body = {"format": "dtrain-state", "step": step, "world_size": world, "strategy": head["strategy"],
                 "versions": versions(), **head}
