@@ -189,9 +189,11 @@ class ChunkReader:
             else:
                 self._verify(url, key, chunk, self._read_remote(url, begin, mv))
         reads = []
-        for url in sorted(local):
+        urls = sorted(local)
+        for url in urls:
             group = sorted(local[url], key=lambda j: j[1].data_offsets[0])
-            reads.append((url, group, self._read_local(url, [(c.data_offsets[0], mv) for _, c, mv in group])))
+            segments = [(c.data_offsets[0], mv) for _, c, mv in group]
+            reads.append((url, group, self._read_local(url, segments, last=url == urls[-1])))
         _wait_all([src for url, _, hashes in reads if self._direct.get(url) is not None
                    for parts in hashes for src, _, _ in parts])  # direct reads: bytes in place
         for url, group, hashes in reads:
@@ -250,12 +252,13 @@ class ChunkReader:
         with self._lock:
             self.bytes_read += end - begin
 
-    def _read_local(self, url: str, segments: list[tuple[int, memoryview]]) -> list[list[Part]]:
+    def _read_local(self, url: str, segments: list[tuple[int, memoryview]], last: bool = True) -> list[list[Part]]:
         """Fill each `(file offset, destination)` of `url` (in file order); each segment's hashes to
-        come. With O_DIRECT the bytes are in place only once those hashes are (`_wait_all`)."""
+        come. With O_DIRECT the bytes are in place only once those hashes are (`_wait_all`).
+        `last`: no other file is read after this one (`_read_buffered`)."""
         if self._direct.get(url) is not None:
             return self._read_direct(url, segments)
-        return self._read_buffered(url, segments)
+        return self._read_buffered(url, segments, last)
 
     def _read_direct(self, url: str, segments: list[tuple[int, memoryview]]) -> list[list[Part]]:
         """Submit `DIRECT_REQUEST`-aligned requests, each trimmed to whole blocks around the wanted
@@ -316,10 +319,12 @@ class ChunkReader:
         finally:
             self._buffers.put(buf)
 
-    def _read_buffered(self, url: str, segments: list[tuple[int, memoryview]]) -> list[list[Part]]:
+    def _read_buffered(self, url: str, segments: list[tuple[int, memoryview]], last: bool = True
+                       ) -> list[list[Part]]:
         """Fill each `(file offset, destination)` of `url`, in the order given, in `SPAN`-aligned
         requests on this thread; a request's buffers are hashed on the hashing thread (a small
-        request here: a thread hand-off costs more). Returns each segment's hashes to come."""
+        request here: a thread hand-off costs more), the very last big one of the read (`last`:
+        no file follows) half here. Returns each segment's hashes to come."""
         if self._hasher is None:
             with self._lock:
                 if self._hasher is None:
@@ -347,11 +352,11 @@ class ChunkReader:
             if pos - start < INLINE:  # small: hashed here
                 for owner, b in zip(owners, bufs, strict=True):
                     out[owner].append((crc32(b), 0, len(b)))
-            elif left >= INLINE:  # the hashing thread keeps up while this thread reads on
+            elif left >= INLINE or not last:  # the hashing thread keeps up while this thread reads on
                 crcs = self._hasher.submit(_crcs, bufs)
                 for k, (owner, b) in enumerate(zip(owners, bufs, strict=True)):
                     out[owner].append((crcs, k, len(b)))
-            else:  # the last big request: little left to read, so this thread hashes half of it
+            else:  # the last big request of the read: nothing left to read, so this thread hashes half
                 self._hash_shared(bufs, owners, out)
         return out
 

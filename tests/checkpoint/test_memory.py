@@ -178,7 +178,8 @@ def test_a_non_contiguous_destination_is_filled_through_a_bounded_window(tmp_pat
     reads: list[int] = []
     real = reader._read_local
     monkeypatch.setattr(reader, "_read_local",
-                        lambda url, segments: (reads.extend(len(mv) for _, mv in segments), real(url, segments))[1])
+                        lambda url, segments, last=True: (reads.extend(len(mv) for _, mv in segments),
+                                                          real(url, segments, last))[1])
     monkeypatch.setattr(reader_mod, "BUFFER", 2 * 6 * 4)  # two rows
     dest = torch.empty(6, 8).t()  # a transposed view: no chunk is a contiguous run of it
     fill_tensor(reader, "model/w", dest)
