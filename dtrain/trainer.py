@@ -336,7 +336,13 @@ class Trainer:
             metrics_log.log(self.step, {"event": "resume", "from": outcome.resumed_from})
         if outcome.initialised_from:
             metrics_log.log(self.step, {"event": "init", "from": outcome.initialised_from})
-        loader = DataLoader(self.train_ds, batch_sampler=self.sampler, num_workers=self.cfg.data.num_workers)
+        # The loader draws its workers' base seed when iterated; from the global generator that draw
+        # would come after the resume restored this rank's RNG state, so a resumed run's dropout
+        # masks (and every later random draw) would shift by one number. Its own generator leaves
+        # the global stream to the model.
+        seeds = torch.Generator().manual_seed(self.cfg.seed + 1 + self.env.rank)
+        loader = DataLoader(self.train_ds, batch_sampler=self.sampler, num_workers=self.cfg.data.num_workers,
+                            generator=seeds)
         batches = iter(loader)
         finished = self._already_stopped(outcome)
         self.preemption.install()
