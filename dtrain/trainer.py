@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -390,6 +389,7 @@ class Trainer:
             self.faults.at_step(self.step + 1)
             loss = self.train_step(batches)
             self.step += 1
+            loss = self.faults.loss_override(self.step, loss)
             self.sampler.advance(self.cfg.data.batch_size)
             if "first_step" not in self.startup:
                 self.startup["first_step"] = time.time()
@@ -399,7 +399,7 @@ class Trainer:
 
             local = rules.local_flags(loss, self.step)
             do_eval, save_due = rules.eval_due(self.step), rules.save_due(self.step)
-            if do_eval and math.isfinite(loss):
+            if do_eval:  # on every rank, whatever its own loss: evaluation is a collective
                 local |= self._evaluate(metrics_log)
             agreed = self.agreement.step(local, sync=do_eval or save_due or self.step == max_steps)
 

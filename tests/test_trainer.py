@@ -221,3 +221,19 @@ def test_early_stopping_turned_on_for_a_running_job_resumes_and_starts_fresh(tmp
     assert lrs[20] == lrs[10]  # the resumed optimizer's learning rate, as the warning says
     s = summary(tmp_path / "run")
     assert s["resumed_from"].endswith("step-000000010") and s["last_step"] == 20 and s["best_step"] in (15, 20)
+
+
+@pytest.mark.timeout(120)
+def test_nan_loss_on_one_rank_at_an_evaluation_step_stops_every_rank(tmp_path: Path) -> None:
+    """A rank whose loss is not finite used to skip the evaluation of that step while the others ran
+    it: their collectives no longer matched, and the job hung until dist.timeout_s, then crashed
+    without a record. Every rank evaluates; the agreed NON_FINITE flag stops all of them."""
+    run_dir = tmp_path / "nanloss"
+    proc = dtrain(["train", *FAST, f"run_dir={run_dir}", "train.max_steps=40", "train.eval_every=10",
+                   "dist.timeout_s=30", "faults.nan_loss_rank=1", "faults.nan_loss_step=10"], nproc=2, timeout=100)
+    assert proc.returncode != 0
+    ranks = rank_summaries(run_dir)
+    assert [(r["last_step"], r["stopped_by"], r["exit_code"]) for r in ranks] == [(10, "non_finite_loss", 1)] * 2, \
+        proc.stderr[-4000:]
+    committed = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*/manifest.json"))
+    assert committed == [], "nothing is saved after a non-finite loss"
