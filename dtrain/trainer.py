@@ -32,7 +32,7 @@ from dtrain.faults import FaultInjector
 from dtrain.metrics import MetricsLogger
 from dtrain.optim import build_optimizer, build_scheduler
 from dtrain.parallel import unwrap, wrap_model
-from dtrain.preemption import PreemptionHandler
+from dtrain.preemption import PreemptionHandler, ignore_stop_signals
 from dtrain.step_rules import StepRules
 from dtrain.summary import Outcome, write_summary
 from dtrain.tasks import Task, get_task, make_options, to_device
@@ -341,7 +341,7 @@ class Trainer:
         # the global stream to the model.
         seeds = torch.Generator().manual_seed(self.cfg.seed + 1 + self.env.rank)
         loader = DataLoader(self.train_ds, batch_sampler=self.sampler, num_workers=self.cfg.data.num_workers,
-                            generator=seeds)
+                            generator=seeds, worker_init_fn=ignore_stop_signals)
         batches = iter(loader)
         finished = self._already_stopped(outcome)
         self.preemption.install()
