@@ -99,6 +99,9 @@ def test_ranks_fed_different_metrics_still_stop_together(tmp_path: Path) -> None
         (["optim.lr_typo=1"], "unknown config key 'optim.lr_typo'"),
         (["model.depth=3"], "depth"),
         (["task=nosuch"], "nosuch"),
+        # was exit 1, which launchers restart
+        pytest.param(["dist.backend=nccl"], "dist.backend='nccl' needs CUDA", marks=pytest.mark.skipif(
+            torch.cuda.is_available(), reason="needs a machine without CUDA")),
     ],
 )
 def test_bad_input_gives_one_clear_message(tmp_path: Path, args: list[str], needle: str) -> None:
