@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,9 @@ def test_nan_metric_on_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path
     assert [r["last_step"] for r in ranks] == [30, 30]
     assert ranks[1]["stopped_by"] == "early_stopping:non_finite"
     assert ranks[0]["stopped_by"].startswith("early_stopping:")
+    # strict JSON (jq, JavaScript): the NaN that stopped rank 1 is written as null, not as NaN
+    record = (run_dir / "ranks" / "rank-00001.json").read_text()
+    assert json.loads(record, parse_constant=lambda c: pytest.fail(f"{c} in {record}"))["final_metrics"]["val/loss"] is None
 
 
 @pytest.mark.timeout(180)
