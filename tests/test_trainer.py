@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dtrain import dist
+from dtrain.errors import DtrainError
 from dtrain.evaluation import evaluate
 from dtrain.models import digits
 from tests.launch import FAST, dtrain, losses, rank_summaries, read_jsonl, summary
@@ -62,6 +63,27 @@ def test_evaluation_metrics_are_identical_on_every_rank_and_match_one_process() 
     assert set(one) == {"val/loss", "val/acc"}
     for k in one:
         assert two[0][k] == pytest.approx(one[k], rel=1e-9)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("reduce", [lambda v: v.mean(), lambda v: v.mean().unsqueeze(0)], ids=["mean", "mean-of-shape-1"])
+def test_eval_per_sample_must_return_one_value_per_sample(reduce) -> None:  # type: ignore[no-untyped-def]
+    """A batch mean, the habit from Lightning's validation_step, failed with an IndexError; a mean
+    of shape [1] was summed as if it were one sample's loss and the metric came out ~batch times too
+    small. Both are an error that says what to return."""
+    dist.init(timeout_s=30)
+    try:
+        torch.manual_seed(0)
+        model = digits.build_model(digits.DigitsModelConfig())
+        _, val = digits.build_datasets(digits.DigitsDataConfig(), seed=0)
+
+        def per_sample(m: torch.nn.Module, batch: tuple) -> dict[str, torch.Tensor]:
+            return {k: reduce(v) for k, v in digits.eval_per_sample(m, batch).items()}
+
+        with pytest.raises(DtrainError, match=r"eval_per_sample returned 'loss' of shape .* for a batch of 64"):
+            evaluate(model, val, per_sample, batch_size=64, device=torch.device("cpu"))
+    finally:
+        dist.shutdown()
 
 
 @pytest.mark.timeout(180)
