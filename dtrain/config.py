@@ -149,7 +149,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 _NON_NEGATIVE = (
-    "data.grad_accum", "data.num_workers", "optim.lr", "optim.weight_decay", "optim.grad_clip",
+    "data.grad_accum", "data.num_workers", "optim.lr", "optim.weight_decay", "optim.momentum", "optim.grad_clip",
     "scheduler.warmup_steps", "scheduler.min_lr_ratio", "train.max_time", "checkpoint.every_steps",
     "checkpoint.every_minutes", "checkpoint.keep_last_n", "checkpoint.keep_best_k",
     "checkpoint.keep_every_n_steps", "early_stopping.patience", "early_stopping.min_delta",
@@ -173,8 +173,11 @@ def validate(cfg: JobConfig) -> JobConfig:
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
     for key in _POSITIVE:
-        if not _get(cfg, key) > 0:
-            raise ConfigError(f"{key}={_get(cfg, key)!r} must be > 0")
+        value = _get(cfg, key)
+        if not value > 0:
+            raise ConfigError(f"{key}={value!r} must be > 0")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r} must be a finite number > 0")
     for key in _NON_NEGATIVE:
         value = _get(cfg, key)
         if not (value >= 0 and math.isfinite(value)):
@@ -183,8 +186,13 @@ def validate(cfg: JobConfig) -> JobConfig:
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} is not divisible by data.grad_accum={cfg.data.grad_accum}"
         )
-    if len(cfg.optim.betas) != 2:
-        raise ConfigError(f"optim.betas={cfg.optim.betas!r} must be a list of two numbers")
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas={cfg.optim.betas!r} must be a list of two numbers in [0, 1), "
+                          "e.g. [0.9, 0.999]")
+    if cfg.early_stopping.enabled:  # its own checks (thresholds, max_time), before any process group starts
+        from dtrain.early_stopping import EarlyStopping
+
+        EarlyStopping.from_config(cfg.early_stopping)
     if not cfg.run_dir:
         raise ConfigError("run_dir is empty; set run_dir=<directory for logs, metrics and checkpoints>")
     return cfg

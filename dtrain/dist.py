@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
-from dtrain.errors import DistributedError
+from dtrain.errors import ConfigError, DistributedError
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,8 @@ def init(timeout_s: float = 300.0, backend: str = "auto") -> DistEnv:
     if backend not in ("auto", "nccl", "gloo"):
         raise DistributedError(f"dist.backend={backend!r} is not one of auto, nccl, gloo")
     if backend == "nccl" and not torch.cuda.is_available():
-        raise DistributedError("dist.backend='nccl' needs CUDA, and none is available; use 'auto' or 'gloo'")
+        # a config no restart fixes: exit 2, not 1
+        raise ConfigError("dist.backend='nccl' needs CUDA, and none is available; use 'auto' or 'gloo'")
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         fast_pinned_memory()

@@ -159,10 +159,24 @@ class EarlyStopping:
 
     # -- the decision ------------------------------------------------------------------------------
     def update(self, value: float, step: int) -> bool:
-        """Count one evaluation of the monitored metric at `step`; True means stop now."""
+        """Count one evaluation of the monitored metric at `step`; True means stop now.
+
+        A time budget that `time_exceeded` found spent stays spent (time only grows): this
+        evaluation is still counted, and unless it stops for a reason of its own, the max_time
+        stop is kept and True returned."""
         value = float(value)
         if step < self.start_from_step:
             return False
+        if self.stop_reason == "max_time":
+            spent = (self.stopped_step, self.stop_reason, self.stop_message)
+            self._judge(value, step)
+            if self.stop_reason is None:
+                self.stopped_step, self.stop_reason, self.stop_message = spent
+            return True
+        return self._judge(value, step)
+
+    def _judge(self, value: float, step: int) -> bool:
+        """`update` without the time budget: this evaluation's own verdict."""
         self.stopped_step = self.stop_reason = self.stop_message = None
         if self.check_finite and not math.isfinite(value):
             return self._stop("non_finite", step, f"{self.monitor}={value} is not finite")

@@ -13,11 +13,24 @@ from torch.utils.data import Dataset
 
 from dtrain import dist
 from dtrain.data import ShardedEvalBatches
+from dtrain.errors import DtrainError
 from dtrain.tasks import to_device
 
 
 def _collate(dataset: Dataset, indices: list[int]) -> Any:
     return torch.utils.data.default_collate([dataset[i] for i in indices])
+
+
+def _check_per_sample(values: dict[str, torch.Tensor], batch: int) -> None:
+    """One value per sample, or the padding cannot be masked and the means are wrong: a batch mean
+    (shape []) failed with an IndexError, one of shape [1] was silently counted as one sample's."""
+    for name, value in values.items():
+        if not isinstance(value, torch.Tensor) or value.ndim < 1 or value.shape[0] != batch or value.numel() != batch:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise DtrainError(
+                f"the task's eval_per_sample returned {name!r} of shape {shape} for a batch of {batch} samples; "
+                f"it must return one value per sample, shape ({batch},) (e.g. F.cross_entropy(logits, y, "
+                f"reduction='none'), not the batch mean)")
 
 
 @torch.no_grad()
@@ -47,6 +60,7 @@ def evaluate(
             batch = to_device(_collate(dataset, indices), device)
             with autocast or contextlib.nullcontext():
                 values = per_sample(model, batch)
+            _check_per_sample(values, len(indices))
             if names is None:
                 names = sorted(values)
                 sums = torch.zeros(len(names) + 1, dtype=torch.float64)

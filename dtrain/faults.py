@@ -8,6 +8,7 @@ test can target one attempt of a restarted job:
     hang_rank / hang_step        sleep forever before step S (a silent peer)
     signal_rank / signal_step    send SIGTERM to ourselves before step S (a preemption)
     nan_rank / nan_step          this rank's monitored validation metric becomes NaN at step S
+    nan_loss_rank / nan_loss_step  this rank's training loss of step S reads as NaN (the weights stay)
     metric_rank / metric_offset  add an offset to this rank's validation metrics (ranks disagree)
     only_attempt                 apply only when TORCHELASTIC_RESTART_COUNT/SLURM_RESTART_COUNT equals it
     chaos_seed / chaos_kills     chaos: in each of the first `chaos_kills` attempts, SIGKILL a rank
@@ -43,6 +44,8 @@ class FaultInjector:
     signal_step: int | None = None
     nan_rank: int | None = None
     nan_step: int | None = None
+    nan_loss_rank: int | None = None
+    nan_loss_step: int | None = None
     metric_rank: int | None = None
     metric_offset: float = 0.0
     only_attempt: int | None = None
@@ -109,6 +112,10 @@ class FaultInjector:
         if self._me(self.kill_rank) and step == self.kill_during_save_step:
             log.warning("fault: SIGKILL rank %d during the save of step %d", self.rank, step)
             threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGKILL)).start()
+
+    def loss_override(self, step: int, loss: float) -> float:
+        """The training loss this rank reports for `step` (NaN where configured)."""
+        return float("nan") if self._me(self.nan_loss_rank) and step == self.nan_loss_step else loss
 
     def metric_override(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
         out: dict[str, float] = {}

@@ -17,6 +17,15 @@ log = logging.getLogger(__name__)
 DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A DataLoader `worker_init_fn`: workers ignore the stop signals. Slurm (`--signal` without
+    `B:`, time limits, scancel) and Ctrl-C signal every process of the job or terminal, loader
+    workers included; SIGTERM or SIGUSR1 ended a worker, and the loader then failed the training
+    process before its emergency checkpoint. The training process decides, and ends its workers."""
+    for sig in DEFAULT_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class PreemptionHandler:
     """`requested` turns True on SIGTERM, SIGUSR1 or a first SIGINT; a second SIGINT exits at once."""
 

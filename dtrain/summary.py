@@ -34,11 +34,16 @@ class Outcome:
     final_metrics: dict[str, float] = field(default_factory=dict)
 
 
+def _json_metrics(metrics: dict[str, float]) -> dict[str, float | None]:
+    """Metrics for strict JSON (jq, JavaScript): NaN and inf, which JSON has no numbers for, become null."""
+    return {k: v if math.isfinite(v) else None for k, v in metrics.items()}
+
+
 def write_rank_record(run_dir: Path, rank: int, record: dict[str, Any]) -> None:
     """<run_dir>/ranks/rank-NNNNN.json: how this rank ended (launch/torchrun.sh reads `exit_code`)."""
     ranks_dir = run_dir / "ranks"
     ranks_dir.mkdir(parents=True, exist_ok=True)
-    (ranks_dir / f"rank-{rank:05d}.json").write_text(json.dumps({"rank": rank, **record}) + "\n")
+    (ranks_dir / f"rank-{rank:05d}.json").write_text(json.dumps({"rank": rank, **record}, allow_nan=False) + "\n")
 
 
 def write_summary(outcome: Outcome, *, run_dir: Path, env: DistEnv, cfg: JobConfig,
@@ -46,7 +51,8 @@ def write_summary(outcome: Outcome, *, run_dir: Path, env: DistEnv, cfg: JobConf
     """Every rank writes its own record; rank 0 also writes summary.json (the best checkpoint is
     looked up there only, so the other ranks do not scan the checkpoint root)."""
     write_rank_record(run_dir, env.rank, {"last_step": outcome.last_step, "stopped_by": outcome.stopped_by,
-                                          "exit_code": outcome.exit_code, "final_metrics": outcome.final_metrics})
+                                          "exit_code": outcome.exit_code,
+                                          "final_metrics": _json_metrics(outcome.final_metrics)})
     if not env.is_main:
         return
     es = early_stopping
@@ -62,10 +68,10 @@ def write_summary(outcome: Outcome, *, run_dir: Path, env: DistEnv, cfg: JobConf
         "best_checkpoint": best.url if best else None,
         "resumed_from": outcome.resumed_from,
         "initialised_from": outcome.initialised_from,
-        "final_metrics": outcome.final_metrics,
+        "final_metrics": _json_metrics(outcome.final_metrics),
         "world_size": env.world_size,
         "strategy": cfg.parallel.strategy,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     log.info("summary: %s", json.dumps({k: summary[k] for k in ("stopped_by", "last_step", "best_step",
                                                                "best_metric")}))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from dtrain.faults import FaultInjector
 from dtrain.metrics import MetricsLogger
 from dtrain.optim import build_optimizer, build_scheduler
 from dtrain.parallel import unwrap, wrap_model
-from dtrain.preemption import PreemptionHandler
+from dtrain.preemption import PreemptionHandler, ignore_stop_signals
 from dtrain.step_rules import StepRules
 from dtrain.summary import Outcome, write_summary
 from dtrain.tasks import Task, get_task, make_options, to_device
@@ -336,7 +335,13 @@ class Trainer:
             metrics_log.log(self.step, {"event": "resume", "from": outcome.resumed_from})
         if outcome.initialised_from:
             metrics_log.log(self.step, {"event": "init", "from": outcome.initialised_from})
-        loader = DataLoader(self.train_ds, batch_sampler=self.sampler, num_workers=self.cfg.data.num_workers)
+        # The loader draws its workers' base seed when iterated; from the global generator that draw
+        # would come after the resume restored this rank's RNG state, so a resumed run's dropout
+        # masks (and every later random draw) would shift by one number. Its own generator leaves
+        # the global stream to the model.
+        seeds = torch.Generator().manual_seed(self.cfg.seed + 1 + self.env.rank)
+        loader = DataLoader(self.train_ds, batch_sampler=self.sampler, num_workers=self.cfg.data.num_workers,
+                            generator=seeds, worker_init_fn=ignore_stop_signals)
         batches = iter(loader)
         finished = self._already_stopped(outcome)
         self.preemption.install()
@@ -384,6 +389,7 @@ class Trainer:
             self.faults.at_step(self.step + 1)
             loss = self.train_step(batches)
             self.step += 1
+            loss = self.faults.loss_override(self.step, loss)
             self.sampler.advance(self.cfg.data.batch_size)
             if "first_step" not in self.startup:
                 self.startup["first_step"] = time.time()
@@ -393,7 +399,7 @@ class Trainer:
 
             local = rules.local_flags(loss, self.step)
             do_eval, save_due = rules.eval_due(self.step), rules.save_due(self.step)
-            if do_eval and math.isfinite(loss):
+            if do_eval:  # on every rank, whatever its own loss: evaluation is a collective
                 local |= self._evaluate(metrics_log)
             agreed = self.agreement.step(local, sync=do_eval or save_due or self.step == max_steps)
 

@@ -26,6 +26,10 @@ from torch.utils.data import TensorDataset
 
 from dtrain.tasks import Task, register_task
 
+# Both the data and the model's output layer depend on it, and each builder sees only its own
+# options, so it is fixed here rather than an option of one of them.
+NUM_CLASSES = 3
+
 
 @dataclass
 class SpiralModelConfig:  # becomes the config's `model:` section; every field needs a default
@@ -35,7 +39,6 @@ class SpiralModelConfig:  # becomes the config's `model:` section; every field n
 
 @dataclass
 class SpiralDataConfig:  # becomes `data.options:`
-    n_classes: int = 3
     n_train: int = 3000
     n_val: int = 600
     noise: float = 0.15
@@ -43,10 +46,10 @@ class SpiralDataConfig:  # becomes `data.options:`
 
 
 def make_spirals(n: int, cfg: SpiralDataConfig, gen: torch.Generator) -> TensorDataset:
-    """`n` 2-D points on `n_classes` noisy spiral arms, labelled by arm."""
-    labels = torch.randint(cfg.n_classes, (n,), generator=gen)
+    """`n` 2-D points on NUM_CLASSES noisy spiral arms, labelled by arm."""
+    labels = torch.randint(NUM_CLASSES, (n,), generator=gen)
     radius = torch.rand(n, generator=gen)
-    angle = labels * (2 * math.pi / cfg.n_classes) + 3 * radius + cfg.noise * torch.randn(n, generator=gen)
+    angle = labels * (2 * math.pi / NUM_CLASSES) + 3 * radius + cfg.noise * torch.randn(n, generator=gen)
     points = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)
     return TensorDataset(points, labels)
 
@@ -57,7 +60,7 @@ def build_model(cfg: SpiralModelConfig) -> nn.Module:
     for _ in range(cfg.depth):
         layers += [nn.Linear(width, cfg.hidden), nn.ReLU()]
         width = cfg.hidden
-    return nn.Sequential(*layers, nn.Linear(width, 3))
+    return nn.Sequential(*layers, nn.Linear(width, NUM_CLASSES))
 
 
 def build_datasets(cfg: SpiralDataConfig, seed: int) -> tuple[TensorDataset, TensorDataset]:

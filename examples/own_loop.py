@@ -30,7 +30,7 @@ def main() -> int:
     with dtrain.distributed() as env:
         torch.manual_seed(0)  # same initial weights on every rank
         train_ds, val_ds = digits.build_datasets(digits.DigitsDataConfig(), seed=0)
-        model = digits.build_model(digits.DigitsModelConfig())
+        model = digits.build_model(digits.DigitsModelConfig(dropout=0.1))
         ddp = DDP(model) if env.world_size > 1 else model
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         sampler = dtrain.ResumableDistributedSampler(len(train_ds), args.batch_size, 1, env.rank, env.world_size,
@@ -41,7 +41,9 @@ def main() -> int:
         restored = ckpt.restore_latest(model=ddp, optimizer=opt, stateful=state)
         step = restored[1]["step"] if restored else 0
 
-        loader = iter(torch.utils.data.DataLoader(train_ds, batch_sampler=sampler))
+        # Its own generator: from the global one, the loader's seed draw would follow the RNG state
+        # the restore just set, and shift every dropout mask of a resumed run by one number.
+        loader = iter(torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, generator=torch.Generator()))
         agreement, code = dtrain.StepAgreement(), dtrain.exitcodes.OK
         with dtrain.PreemptionHandler() as preempt:
             while step < args.max_steps and not stopper.should_stop:  # a finished run stays finished
@@ -56,8 +58,10 @@ def main() -> int:
                 flags = dtrain.Flag.PREEMPT if preempt.requested else dtrain.Flag.NONE
                 evaluating = step % args.eval_every == 0
                 if evaluating:
+                    model.eval()
                     with torch.no_grad():  # each rank has the whole (small) validation set here
                         val_loss = F.cross_entropy(model(val_ds.tensors[0]), val_ds.tensors[1]).item()
+                    model.train()
                     val_loss = dtrain.all_reduce_mean(val_loss)  # identical on every rank
                     if stopper.update(val_loss, step):
                         flags |= dtrain.Flag.EARLY_STOP

@@ -42,6 +42,13 @@ def test_yaml_then_overrides_win(tmp_path: Path) -> None:
         (["early_stopping.mode=up"], "early_stopping.mode='up'"),
         (["train.max_steps=0"], "train.max_steps=0 must be > 0"),
         (["lr"], "must look like key=value"),
+        # torch's own checks said these with a traceback and exit 1 (a launcher restarts that)
+        (["optim.betas=[0.9,1.5]"], "optim.betas=[0.9, 1.5] must be a list of two numbers in [0, 1)"),
+        (["optim.name=sgd", "optim.momentum=-1"], "optim.momentum=-1.0 must be a finite number >= 0"),
+        (["dist.timeout_s=inf"], "dist.timeout_s=inf must be a finite number > 0"),
+        # early stopping's own checks ran only once the process group had started
+        (["early_stopping.enabled=true", "early_stopping.max_time=0"], "early_stopping.max_time=0.0 must be"),
+        (["early_stopping.enabled=true", "early_stopping.baseline=nan"], "early_stopping.baseline=nan must be"),
     ],
 )
 def test_bad_values_name_the_key(overrides: list[str], needle: str) -> None:

@@ -119,6 +119,23 @@ def test_max_time() -> None:
     assert not EarlyStopping().time_exceeded(1e9)
 
 
+def test_an_evaluation_after_the_time_budget_keeps_the_max_time_stop() -> None:
+    """The trainer asks the clock before it evaluates. An evaluation at the step the budget ran out
+    used to clear the max_time stop: summary.json said the run stopped by train.max_time, the saved
+    state had no stop, and every restart trained one more step."""
+    es = EarlyStopping(max_time=10.0, patience=5)
+    assert es.time_exceeded(10.5, step=8)
+    assert es.update(0.5, 8)  # an improvement, still counted
+    assert (es.best, es.best_step, es.stop_reason, es.stopped_step) == (0.5, 8, "max_time", 8)
+    resumed = EarlyStopping(max_time=10.0, patience=5)
+    resumed.load_state_dict(json.loads(json.dumps(es.state_dict())))
+    assert resumed.still_stopped(10.5)
+    # a stop of the evaluation's own wins
+    es = EarlyStopping(max_time=10.0, stopping_threshold=1.0)
+    assert es.time_exceeded(10.5, step=8) and es.update(0.5, 8)
+    assert es.stop_reason == "stopping_threshold"
+
+
 def test_is_improvement_has_no_side_effects() -> None:
     es = EarlyStopping(min_delta=0.25)
     assert es.is_improvement(5.0)  # anything finite beats the initial +inf

@@ -256,3 +256,24 @@ def test_checkpoints_between_evaluations_do_not_take_over_the_best(tmp_path: Pat
     _ok(dtrain([*JOB, f"run_dir={run_dir}", "train.max_steps=200", "early_stopping.enabled=true",
                 "early_stopping.patience=4", "checkpoint.keep_best_k=1", "checkpoint.keep_last_n=1"]))
     assert summary(run_dir)["last_step"] > s["last_step"]
+
+
+@pytest.mark.timeout(120)
+def test_dropout_run_resumes_bitwise(tmp_path: Path) -> None:
+    """Dropout draws from each rank's global RNG, which checkpoints carry. The train loader drew its
+    workers' base seed from that same generator when the loop started, after a resume had restored
+    it, so every resumed run's dropout masks were one number off and the weights drifted apart."""
+    job = [*JOB, "train.max_steps=15", "model.dropout=0.3", "data.grad_accum=2", "scheduler.warmup_steps=3",
+           "scheduler.decay=cosine"]
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "kill"
+    _ok(dtrain([*job, f"run_dir={ref_dir}"]))
+    killed = dtrain([*job, f"run_dir={run_dir}"], env={"DTRAIN_FAULTS": json.dumps({"kill_rank": 0, "kill_step": 8})})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    _ok(dtrain([*job, f"run_dir={run_dir}"]))
+    assert summary(run_dir)["resumed_from"].endswith("step-000000005")
+    weights = []
+    for d in (ref_dir, run_dir):
+        export(str(d / "checkpoints" / "step-000000015"), str(tmp_path / f"{d.name}.safetensors"))
+        weights.append(load_file(str(tmp_path / f"{d.name}.safetensors")))
+    assert_same_weights(*weights)
+    assert losses(run_dir) == losses(ref_dir)

@@ -265,5 +265,13 @@ def test_custom_task_example_registers_a_working_task() -> None:
         task.train_loss(model, train[:32]).backward()
         assert task.eval_per_sample(model, val[:7])["acc"].shape == (7,)
         assert any(o.startswith("task=spirals") for o in module.DEFAULTS)
+        # data.options.n_classes=5 made labels the 3-way output layer cannot score (IndexError
+        # mid-training): a class count is refused up front, or the model follows it
+        try:
+            five = make_options(task.data_config, {"n_classes": 5, "n_train": 256}, "data.options")
+        except ConfigError:
+            pass
+        else:
+            task.train_loss(model, task.build_datasets(five, 0)[0][:256])
     finally:
         sys.modules.pop(spec.name, None)

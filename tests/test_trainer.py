@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from dtrain import dist
+from dtrain.errors import DtrainError
 from dtrain.evaluation import evaluate
 from dtrain.models import digits
 from tests.launch import FAST, dtrain, losses, rank_summaries, read_jsonl, summary
@@ -63,6 +65,27 @@ def test_evaluation_metrics_are_identical_on_every_rank_and_match_one_process() 
         assert two[0][k] == pytest.approx(one[k], rel=1e-9)
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("reduce", [lambda v: v.mean(), lambda v: v.mean().unsqueeze(0)], ids=["mean", "mean-of-shape-1"])
+def test_eval_per_sample_must_return_one_value_per_sample(reduce) -> None:  # type: ignore[no-untyped-def]
+    """A batch mean, the habit from Lightning's validation_step, failed with an IndexError; a mean
+    of shape [1] was summed as if it were one sample's loss and the metric came out ~batch times too
+    small. Both are an error that says what to return."""
+    dist.init(timeout_s=30)
+    try:
+        torch.manual_seed(0)
+        model = digits.build_model(digits.DigitsModelConfig())
+        _, val = digits.build_datasets(digits.DigitsDataConfig(), seed=0)
+
+        def per_sample(m: torch.nn.Module, batch: tuple) -> dict[str, torch.Tensor]:
+            return {k: reduce(v) for k, v in digits.eval_per_sample(m, batch).items()}
+
+        with pytest.raises(DtrainError, match=r"eval_per_sample returned 'loss' of shape .* for a batch of 64"):
+            evaluate(model, val, per_sample, batch_size=64, device=torch.device("cpu"))
+    finally:
+        dist.shutdown()
+
+
 @pytest.mark.timeout(180)
 def test_nan_metric_on_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
     run_dir = tmp_path / "nan"
@@ -74,6 +97,9 @@ def test_nan_metric_on_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path
     assert [r["last_step"] for r in ranks] == [30, 30]
     assert ranks[1]["stopped_by"] == "early_stopping:non_finite"
     assert ranks[0]["stopped_by"].startswith("early_stopping:")
+    # strict JSON (jq, JavaScript): the NaN that stopped rank 1 is written as null, not as NaN
+    record = (run_dir / "ranks" / "rank-00001.json").read_text()
+    assert json.loads(record, parse_constant=lambda c: pytest.fail(f"{c} in {record}"))["final_metrics"]["val/loss"] is None
 
 
 @pytest.mark.timeout(180)
@@ -99,6 +125,9 @@ def test_ranks_fed_different_metrics_still_stop_together(tmp_path: Path) -> None
         (["optim.lr_typo=1"], "unknown config key 'optim.lr_typo'"),
         (["model.depth=3"], "depth"),
         (["task=nosuch"], "nosuch"),
+        # was exit 1, which launchers restart
+        pytest.param(["dist.backend=nccl"], "dist.backend='nccl' needs CUDA", marks=pytest.mark.skipif(
+            torch.cuda.is_available(), reason="needs a machine without CUDA")),
     ],
 )
 def test_bad_input_gives_one_clear_message(tmp_path: Path, args: list[str], needle: str) -> None:
@@ -221,3 +250,19 @@ def test_early_stopping_turned_on_for_a_running_job_resumes_and_starts_fresh(tmp
     assert lrs[20] == lrs[10]  # the resumed optimizer's learning rate, as the warning says
     s = summary(tmp_path / "run")
     assert s["resumed_from"].endswith("step-000000010") and s["last_step"] == 20 and s["best_step"] in (15, 20)
+
+
+@pytest.mark.timeout(120)
+def test_nan_loss_on_one_rank_at_an_evaluation_step_stops_every_rank(tmp_path: Path) -> None:
+    """A rank whose loss is not finite used to skip the evaluation of that step while the others ran
+    it: their collectives no longer matched, and the job hung until dist.timeout_s, then crashed
+    without a record. Every rank evaluates; the agreed NON_FINITE flag stops all of them."""
+    run_dir = tmp_path / "nanloss"
+    proc = dtrain(["train", *FAST, f"run_dir={run_dir}", "train.max_steps=40", "train.eval_every=10",
+                   "dist.timeout_s=30", "faults.nan_loss_rank=1", "faults.nan_loss_step=10"], nproc=2, timeout=100)
+    assert proc.returncode != 0
+    ranks = rank_summaries(run_dir)
+    assert [(r["last_step"], r["stopped_by"], r["exit_code"]) for r in ranks] == [(10, "non_finite_loss", 1)] * 2, \
+        proc.stderr[-4000:]
+    committed = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*/manifest.json"))
+    assert committed == [], "nothing is saved after a non-finite loss"
