@@ -44,7 +44,10 @@ def open_write(path: str, url: str, size: int | None = None) -> Iterator[BinaryI
         f.flush()
         os.fsync(f.fileno())
     except BaseException:
-        f.close()
+        # close() of a buffered file flushes again and, on a full disk, fails again: that second
+        # error must neither hide the first nor skip the removal (the truncated file held the space)
+        with contextlib.suppress(OSError):
+            f.close()
         with contextlib.suppress(OSError):
             os.unlink(path)
         raise
