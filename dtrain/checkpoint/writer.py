@@ -162,7 +162,8 @@ def build_manifest(reports: list[RankReport], meta: dict[str, Box], *, step: int
 def commit(dir_url: str, report: RankReport, meta: dict[str, Box], group: comm.ProcessGroup,
            storage_options: storage.StorageOptions = None, **manifest_fields: object) -> Manifest | None:
     """Gather every rank's report on rank 0, which writes manifest.json only if all succeeded, LAST.
-    Any failure is raised on every rank. Returns the manifest on rank 0, None elsewhere."""
+    Any failure is raised on every rank, after rank 0 removed the uncommitted directory. Returns the
+    manifest on rank 0, None elsewhere."""
     reports: list[RankReport] | None = comm.gather_object(report, group)
     manifest = None
     outcome: str | None = None
@@ -180,7 +181,25 @@ def commit(dir_url: str, report: RankReport, meta: dict[str, Box], group: comm.P
             except Exception as e:
                 log.exception("writing the manifest of %s failed", dir_url)
                 outcome = f"rank 0: writing {MANIFEST}: {type(e).__name__}: {e}"
+        if outcome is not None and storage.is_local(dir_url):
+            _remove_uncommitted(dir_url, storage_options)
     if comm.broadcast_code(outcome is not None, group):  # the reason travels only on failure
         outcome = comm.broadcast_object(outcome, group)
         raise CheckpointError(f"checkpoint {dir_url} was not committed: {outcome}")
     return manifest
+
+
+def _remove_uncommitted(dir_url: str, storage_options: storage.StorageOptions) -> None:
+    """Rank 0, after a failed save, once every rank has reported (nobody writes there any more):
+    remove the step directory, whose files would otherwise hold the space of a checkpoint that
+    will never be committed (on a full disk, the space the next save needs). Local storage only:
+    an object store does not fill up, and when it is down each removal would wait out the retries
+    again. Best effort: left behind, the directory is only incomplete, and retention removes it
+    once a newer checkpoint commits."""
+    try:
+        if storage.exists(storage.join(dir_url, MANIFEST), storage_options):
+            return  # the manifest landed before the failure: never remove what may read as committed
+        storage.remove(dir_url, storage_options)
+        log.info("removed %s, which was not committed", dir_url)
+    except Exception as e:
+        log.warning("could not remove the uncommitted checkpoint %s: %s", dir_url, e)
