@@ -9,7 +9,9 @@ costs more). The file is a standard safetensors file (`safetensors.torch.load_fi
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +38,7 @@ class RankReport:
     files: list[FileEntry] = field(default_factory=list)
     chunks: list[tuple[str, Chunk]] = field(default_factory=list)
     error: str | None = None
+    out_of_space: bool = False  # the error is ENOSPC or EDQUOT: the commit's message says what to do
 
 
 def _bytes_view(t: torch.Tensor) -> memoryview:
@@ -123,6 +126,7 @@ def write_rank(dir_url: str, rank: int, world: int, items: list[tuple[Box, torch
                small_files: dict[str, bytes], storage_options: storage.StorageOptions = None) -> RankReport:
     """Write this rank's files; any error is captured in the report so every rank learns of it."""
     report = RankReport(rank)
+    name = ""
     try:
         for name, part in zip(file_names(rank, world), _split(items), strict=True):
             if part:
@@ -133,7 +137,9 @@ def write_rank(dir_url: str, rank: int, world: int, items: list[tuple[Box, torch
             report.files.append(write_small_file(storage.join(dir_url, name), name, data, storage_options))
     except Exception as e:  # reported to every rank and re-raised there
         log.exception("rank %d failed to write its checkpoint files under %s", rank, dir_url)
-        report.error = f"rank {rank}: {type(e).__name__}: {e}"
+        # an OSError from a write names no file: say which one
+        report.error = f"rank {rank}: writing {name}: {type(e).__name__}: {e}"
+        report.out_of_space = _out_of_space(e)
     return report
 
 
@@ -169,6 +175,7 @@ def commit(dir_url: str, report: RankReport, meta: dict[str, Box], group: comm.P
     outcome: str | None = None
     if reports is not None:  # rank 0
         errors = [r.error for r in reports if r.error]
+        full = any(r.out_of_space for r in reports)
         if errors:
             outcome = "; ".join(errors)
         else:
@@ -181,8 +188,11 @@ def commit(dir_url: str, report: RankReport, meta: dict[str, Box], group: comm.P
             except Exception as e:
                 log.exception("writing the manifest of %s failed", dir_url)
                 outcome = f"rank 0: writing {MANIFEST}: {type(e).__name__}: {e}"
+                full = _out_of_space(e)
         if outcome is not None and storage.is_local(dir_url):
             _remove_uncommitted(dir_url, storage_options)
+        if outcome is not None and full:
+            outcome += _no_space_hint(dir_url)
     if comm.broadcast_code(outcome is not None, group):  # the reason travels only on failure
         outcome = comm.broadcast_object(outcome, group)
         raise CheckpointError(f"checkpoint {dir_url} was not committed: {outcome}")
@@ -203,3 +213,21 @@ def _remove_uncommitted(dir_url: str, storage_options: storage.StorageOptions) -
         log.info("removed %s, which was not committed", dir_url)
     except Exception as e:
         log.warning("could not remove the uncommitted checkpoint %s: %s", dir_url, e)
+
+
+def _out_of_space(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _no_space_hint(dir_url: str) -> str:
+    """What a user whose checkpoint storage is full should know and do (rank 0, after the cleanup)."""
+    root = os.path.dirname(storage.local_path(dir_url).rstrip("/")) if storage.is_local(dir_url) else dir_url
+    try:
+        st = os.statvfs(root)
+        free = f" ({st.f_bavail * st.f_frsize / 2**20:.1f} MiB free now)"
+    except OSError:
+        free = ""
+    return (f". The storage under {root} is full{free}: free space there, or keep fewer checkpoints "
+            f"(checkpoint.keep_last_n; a save needs room for one more checkpoint than retention keeps, since "
+            f"older ones are removed only after it commits). The committed checkpoints are intact, and a "
+            f"restart resumes from the newest")

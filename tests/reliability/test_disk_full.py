@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -79,7 +80,12 @@ def test_a_save_that_runs_out_of_space_leaves_nothing_behind(tmp_path: Path, asy
         with pytest.raises(CheckpointError) as e:
             mgr.save(2, model=m, optimizer=o)
             mgr.wait()
-        assert "No space left on device" in str(e.value) and f"{root}/step-000000002" in str(e.value)
+        message = str(e.value)
+        assert "No space left on device" in message and f"{root}/step-000000002" in message
+        # which file, and what to do about it
+        assert re.search(r"writing (model|optim)-00000-of-00001\.safetensors" if where == "tensors" else
+                         r"writing manifest\.json", message), message
+        assert f"The storage under {root} is full" in message and "checkpoint.keep_last_n" in message
         assert step_dirs(root) == ["step-000000001"]
         assert_loads(root, None, 1, saved, width=256)
         ballast.unlink()
@@ -139,5 +145,6 @@ def test_two_ranks_on_a_full_disk_stop_together_and_save_again_once_there_is_spa
     for n in (0, 1):
         error, after_failure, after_retry = results[0][3 * n:3 * n + 3]
         assert "No space left on device" in error and f"ckpts-{n}/step-000000002" in error, error
+        assert "-of-00002.safetensors" in error and f"{disk}/ckpts-{n} is full" in error, error
         assert after_failure == "step-000000001"
         assert after_retry == "step-000000001,step-000000003"
