@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,7 +49,9 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, *, enabled: bool, progress: bool, tensorboard: bool,
                  max_steps: int, start_step: int) -> None:
         self.enabled = enabled
-        self._file = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
+        self.path = run_dir / "metrics.jsonl"
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644) if enabled else None
+        self._lost = 0  # records not written since the last one that was
         self._bar = (
             tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                  file=sys.stderr, disable=not (enabled and progress))
@@ -63,13 +68,34 @@ class MetricsLogger:
             return
         record = {"step": step, "time": round(time.time() - self._t0, 3)}
         record.update({k: _json_safe(v) for k, v in values.items()})
-        assert self._file is not None
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        self._append((json.dumps(record) + "\n").encode("utf-8"))
         if self._tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and k not in ("epoch",):
                     self._tb.add_scalar(k, v, step)
+
+    def _append(self, line: bytes) -> None:
+        """One record, whole or not at all. A full disk (the run directory holds the checkpoints by
+        default) must neither stop rank 0 alone, which left the other ranks failing in their next
+        collective, nor leave half a line that breaks every reader of the file: the record is
+        dropped with a warning (as train.log's lines are, through logging), and a checkpoint save
+        on that disk then stops every rank together."""
+        assert self._fd is not None
+        before = os.fstat(self._fd).st_size
+        try:
+            if os.write(self._fd, line) != len(line):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, before)  # no torn line
+            if not self._lost:
+                log.warning("cannot write %s (%s); metric records are dropped until it can be written again",
+                            self.path, e)
+            self._lost += 1
+            return
+        if self._lost:
+            log.warning("%s is written again; %d record(s) were dropped", self.path, self._lost)
+            self._lost = 0
 
     def progress(self, step: int, postfix: dict[str, float]) -> None:
         if not self.enabled:
@@ -83,9 +109,9 @@ class MetricsLogger:
             self._bar.write(message, file=sys.stderr)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         self._bar.close()
         if self._tb is not None:
             self._tb.close()
