@@ -33,6 +33,13 @@ from dtrain.checkpoint.s3upload import with_retries
 from dtrain.errors import CheckpointError
 
 log = logging.getLogger(__name__)
+
+
+class LeaseConflictError(CheckpointError):
+    """Another job holds the lease, or changed it under this one: the root is not ours to write.
+    Storage that cannot be read or written raises a plain CheckpointError (it may come back)."""
+
+
 LEASE_FILE = ".dtrain-lease.json"
 DEFAULT_TTL_S = 60.0
 
@@ -118,7 +125,7 @@ class Lease:
                     and 0 <= now - current.renewed < self.ttl_s / 3):
                 return  # still ours and fresh: nobody may take it before it expires
             if current is not None and current.token != self.token and not self._may_take(current, now):
-                raise CheckpointError(
+                raise LeaseConflictError(
                     f"checkpoint root {self.root} is in use by another job: {current.describe(now)}. Two "
                     f"jobs writing one root would mix their checkpoints. Stop the other job or use another "
                     f"checkpoint root; if it is this job restarted, give both the same job id "
@@ -151,7 +158,9 @@ class Lease:
         self.since = None
 
     def start_heartbeat(self) -> None:
-        if self._thread is None:
+        """Renew the lease every ttl/3 s on a thread, until `stop_heartbeat` or until another job
+        holds it; called again (every save does), it starts a heartbeat that has ended."""
+        if self._thread is None or not self._thread.is_alive():
             self._stop.clear()
             self._thread = threading.Thread(target=self._beat, name="dtrain-lease", daemon=True)
             self._thread.start()
@@ -167,10 +176,10 @@ class Lease:
         while not self._stop.wait(self.ttl_s / 3):
             try:
                 self.acquire(renew=True)
-            except CheckpointError as e:  # taken over after we missed renewals: the next save fails
+            except LeaseConflictError as e:  # taken over after we missed renewals: the next save fails
                 log.error("lost the checkpoint lease on %s: %s", self.root, e)
                 return
-            except Exception as e:  # storage trouble: try again at the next beat
+            except Exception as e:  # storage trouble (an outage past the retries): try again at the next beat
                 log.warning("could not renew the checkpoint lease %s: %s", self.url, e)
 
     # ---- storage: local (flock + rename) or S3 (conditional requests) --------------------------
@@ -229,7 +238,7 @@ class Lease:
             again, _ = self._read()
             if again is not None and again.token == self.token:
                 return  # a retry after a lost answer: our write went through
-            raise CheckpointError(f"checkpoint root {self.root}: another job changed the lease while this one "
+            raise LeaseConflictError(f"checkpoint root {self.root}: another job changed the lease while this one "
                                   f"took it ({type(e).__name__}: {e}); holder now: "
                                   f"{again.describe() if again else 'none'}") from e
 

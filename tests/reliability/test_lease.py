@@ -191,3 +191,54 @@ def test_acquire_on_a_fresh_lease_of_ours_does_not_rewrite_it(root: tuple[str, d
     forge(url, so, job="job-x", host="other-host", renewed_ago=0)
     with pytest.raises(CheckpointError, match="job 'job-x'"):
         lease.acquire()
+
+
+@pytest.mark.timeout(30)
+def test_the_heartbeat_outlives_a_storage_outage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A renewal that fails past its retries (on S3 a CheckpointError: 'cannot write the lease')
+    is tried again at the next beat; the heartbeat used to end there for good, so the lease ran
+    out between saves and another job could take the root."""
+    url = str(tmp_path / "ckpts")
+    lease = Lease(url, job_id="job-a", ttl_s=0.3)  # a beat every 0.1 s
+    lease.acquire()
+    real, failures = Lease._write, [0]
+
+    def flaky(self: Lease, data: bytes, etag: str | None) -> None:
+        if failures[0] < 3:
+            failures[0] += 1
+            raise CheckpointError(f"{self.url}: cannot write the lease: ConnectionError: the endpoint is down")
+        real(self, data, etag)
+    monkeypatch.setattr(Lease, "_write", flaky)
+    lease.start_heartbeat()
+    try:
+        time.sleep(1.0)
+        before = read_holder(url)
+        time.sleep(0.5)
+        after = read_holder(url)
+        assert failures[0] == 3
+        assert before is not None and after is not None and after.renewed > before.renewed
+        assert time.time() - after.renewed < lease.ttl_s  # alive: nobody may take it
+    finally:
+        lease.release()
+
+
+@pytest.mark.timeout(30)
+def test_the_heartbeat_ends_when_another_job_holds_the_lease_and_starts_again_with_the_next_save(
+        tmp_path: Path) -> None:
+    url = str(tmp_path / "ckpts")
+    lease = Lease(url, job_id="job-a", ttl_s=0.3)
+    lease.acquire()
+    storage.remove(storage.join(url, LEASE_FILE), None)
+    forge(url, None, job="job-x", host="other-host", renewed_ago=0, ttl=0.3)  # taken over while we stalled
+    lease.start_heartbeat()
+    try:
+        time.sleep(0.5)
+        assert lease._thread is not None and not lease._thread.is_alive()  # lost: nothing to renew
+        time.sleep(0.3)  # the other job stopped renewing: expired
+        lease.acquire()  # the next save takes it back...
+        lease.start_heartbeat()  # ...and keeps it alive again
+        time.sleep(0.5)
+        holder = read_holder(url)
+        assert holder is not None and holder.job_id == "job-a" and time.time() - holder.renewed < lease.ttl_s
+    finally:
+        lease.release()
