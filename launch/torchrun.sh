@@ -50,11 +50,24 @@ fi
 
 log() { echo "[torchrun.sh ${HOSTNAME%%.*} $(date +%H:%M:%S)] $*" >&2; }
 
+# Launcher settings are checked here, like the config below: a bad value exits 2 (not retried by
+# Slurm or a Job's podFailurePolicy) with its name, instead of a torchrun traceback and exit 1.
+check_env() {  # NAME VALUE REGEX WHAT
+    [[ "$2" =~ $3 ]] && return
+    log "$1=$2 is not valid: expected $4 (set it in the environment, or unset it for the default)"
+    exit 2
+}
+check_env NPROC_PER_NODE "$NPROC_PER_NODE" '^([1-9][0-9]*|auto|cpu|gpu|xpu)$' \
+    "a positive number of processes per node (or torchrun's auto, cpu, gpu, xpu)"
+check_env NNODES "$NNODES" '^[1-9][0-9]*(:[1-9][0-9]*)?$' "a positive number of nodes, or a range MIN:MAX"
+check_env SHUTDOWN_TIMEOUT "$SHUTDOWN_TIMEOUT" '^[0-9]+$' "a whole number of seconds"
+
 # In-place restarts re-form reliably on one node, and across nodes after a worker crash; but a
 # replaced peer (a new torchrun next to restarted ones) failed to rejoin in our tests, so across
 # nodes the default is 0 and the scheduler restarts everything.
 MAX_RESTARTS=${MAX_RESTARTS:-${PET_MAX_RESTARTS:-}}
 [[ -n "$MAX_RESTARTS" ]] || { [[ -n "$RDZV_ENDPOINT" ]] && MAX_RESTARTS=0 || MAX_RESTARTS=3; }
+check_env MAX_RESTARTS "$MAX_RESTARTS" '^[0-9]+$' "a whole number of in-place restarts (0 for none)"
 args=(--nproc-per-node "$NPROC_PER_NODE" --max-restarts "$MAX_RESTARTS")
 if [[ -n "$RDZV_ENDPOINT" ]]; then
     args+=(--nnodes "$NNODES" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "$RDZV_ID")

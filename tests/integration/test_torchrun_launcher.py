@@ -33,6 +33,19 @@ def test_config_error_exits_2_before_torchrun_starts(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name,value", [("NPROC_PER_NODE", "0"), ("NPROC_PER_NODE", "two"), ("NNODES", "2:x"),
+                                        ("MAX_RESTARTS", "x"), ("SHUTDOWN_TIMEOUT", "2m")])
+def test_bad_launcher_setting_exits_2_naming_it(tmp_path: Path, name: str, value: str) -> None:
+    """torchrun used to reject these with a traceback and exit 1 (which Slurm and a Job retry), or
+    not at all: SHUTDOWN_TIMEOUT=2m broke the script's own arithmetic after the run."""
+    done = subprocess.run([str(SCRIPT), "train.max_steps=1"], cwd=REPO, env={**_env(tmp_path / "run"), name: value},
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"{name}={value} is not valid" in done.stderr and "torchrun --nproc-per-node" not in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.multiprocess
 @pytest.mark.timeout(240)
 def test_ctrl_c_checkpoints_exits_75_and_the_same_command_resumes(tmp_path: Path) -> None:
