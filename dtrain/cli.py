@@ -10,11 +10,15 @@ from dtrain.errors import ConfigError, DtrainError
 
 
 def _train(args: argparse.Namespace) -> int:
-    from dtrain.config import load_config
-    from dtrain.run import run
+    from dtrain.preemption import PreemptionHandler
 
-    cfg = load_config(args.config, args.overrides)
-    return run(cfg)
+    # Before torch is imported (seconds): from here on a stop signal is kept for the first step.
+    with PreemptionHandler() as preemption:
+        from dtrain.config import load_config
+        from dtrain.run import run
+
+        cfg = load_config(args.config, args.overrides)
+        return run(cfg, preemption)
 
 
 def _plot(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """Signal handlers that only set a flag; the step loop turns the flag into an agreed decision.
 
 A handler never calls a collective or writes a file: it may run between any two bytecodes of the
-main thread, including inside a collective. Installed when training starts, never at import.
+main thread, including inside a collective. Never installed at import: `dtrain train` installs it
+as it starts (before torch is imported), so that a stop during start-up is kept for the first step.
 """
 
 from __future__ import annotations
@@ -52,7 +53,14 @@ class PreemptionHandler:
         self.signal_name = signal.Signals(signum).name
         self._event.set()
 
+    @property
+    def installed(self) -> bool:
+        return bool(self._previous)
+
     def install(self) -> PreemptionHandler:
+        """Take over the signals; a no-op when already installed (`uninstall` restores the originals)."""
+        if self.installed:
+            return self
         if threading.current_thread() is not threading.main_thread():
             log.warning("signal handlers can only be installed from the main thread; preemption is off")
             return self

@@ -16,6 +16,7 @@ from dtrain import __version__, dist, exitcodes
 from dtrain.config import JobConfig, check_world_size, to_yaml
 from dtrain.errors import ConfigError
 from dtrain.metrics import setup_logging
+from dtrain.preemption import PreemptionHandler
 from dtrain.summary import write_rank_record
 from dtrain.tasks import get_task, make_options
 from dtrain.trainer import Trainer
@@ -40,8 +41,24 @@ def check_task_options(cfg: JobConfig) -> None:
     make_options(task.data_config, cfg.data.options, "data.options")
 
 
-def run(cfg: JobConfig) -> int:
-    """Train under whatever launcher started us; the process group is torn down on every path."""
+def run(cfg: JobConfig, preemption: PreemptionHandler | None = None) -> int:
+    """Train under whatever launcher started us; the process group is torn down on every path.
+
+    The stop-signal handler is installed first (`dtrain train` installs it even before the imports):
+    a SIGTERM while the group forms, the model builds or a checkpoint loads only sets its flag, and
+    the first step boundary turns it into the emergency checkpoint and exit 75, which launchers
+    requeue (a worker killed by the signal would report a failure instead)."""
+    preemption = preemption or PreemptionHandler()
+    owned = not preemption.installed
+    preemption.install()
+    try:
+        return _run(cfg, preemption)
+    finally:
+        if owned:
+            preemption.uninstall()
+
+
+def _run(cfg: JobConfig, preemption: PreemptionHandler) -> int:
     startup = {"process_start": process_start_time()}
     check_task_options(cfg)
     check_world_size(cfg, dist.detect_launcher()[2])
@@ -56,7 +73,7 @@ def run(cfg: JobConfig) -> int:
         log.info("dtrain %s: %d rank(s), %s, strategy=%s, device=%s, backend=%s", __version__, env.world_size,
                  env.launcher, cfg.parallel.strategy, env.device, env.backend)
         try:
-            trainer = Trainer(cfg, env)
+            trainer = Trainer(cfg, env, preemption)
             trainer.startup = {**startup, "built": time.time()}
             code = trainer.fit()
         except ConfigError as e:

@@ -63,7 +63,7 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     """Builds every component from a JobConfig, then `fit()` runs the loop."""
 
-    def __init__(self, cfg: JobConfig, env: dist.DistEnv) -> None:
+    def __init__(self, cfg: JobConfig, env: dist.DistEnv, preemption: PreemptionHandler | None = None) -> None:
         self.cfg, self.env = cfg, env
         self.run_dir = Path(cfg.run_dir)
         self.task: Task = get_task(cfg.task)
@@ -95,7 +95,9 @@ class Trainer:
             overlap_staging=True,  # only optimizer.step() changes parameters in this loop
             job_id=ck.job_id or None, lease=ck.lease, lease_ttl_s=ck.lease_ttl_s, check_finite=ck.check_finite,
         )
-        self.preemption = PreemptionHandler()
+        # `run` hands over the handler it installed at process start: a stop signal during start-up
+        # (process group, build, checkpoint load) is already in it
+        self.preemption = preemption or PreemptionHandler()
         self.faults = FaultInjector.from_config(cfg.faults, env.rank, env.world_size)
         ddp = self.model if isinstance(self.model, torch.nn.parallel.DistributedDataParallel) else None
         self.agreement = StepAgreement(device=env.device if env.backend == "nccl" else None, ddp=ddp)
@@ -344,7 +346,11 @@ class Trainer:
                             generator=seeds, worker_init_fn=ignore_stop_signals)
         batches = iter(loader)
         finished = self._already_stopped(outcome)
+        owned = not self.preemption.installed
         self.preemption.install()
+        if self.preemption.requested and not finished:
+            log.warning("a stop (%s) arrived during start-up: the emergency checkpoint follows the first step",
+                        self.preemption.signal_name)
         try:
             if not finished:
                 self._train_until_stop(batches, metrics_log, outcome)
@@ -355,7 +361,8 @@ class Trainer:
             if outcome.exit_code == exitcodes.OK:
                 self._restore_best()
         finally:
-            self.preemption.uninstall()
+            if owned:
+                self.preemption.uninstall()
             metrics_log.close()
             self.checkpoints.close()
         outcome.last_step = self.step

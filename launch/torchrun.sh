@@ -197,6 +197,6 @@ fi
 if [[ $rc -eq 75 ]]; then
     log "preempted: the emergency checkpoint is committed; run the same command again to resume (exit 75)"
 elif [[ -n "$stop_requested" ]]; then
-    log "stop (SIG$stop_requested) requested, but the workers exited $rc (a signal before training started kills them)"
+    log "stop (SIG$stop_requested) requested, but the workers exited $rc (a signal that reaches a worker before its Python runs dtrain kills it)"
 fi
 exit "$rc"

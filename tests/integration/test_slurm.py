@@ -57,7 +57,7 @@ def test_usr1_warning_checkpoints_requeues_and_resumes(slurm: SlurmCluster, tmp_
     job_id = _submit(slurm, run_dir, log, f"train.max_steps={MAX_STEPS}", "train.eval_every=20",
                      "early_stopping.enabled=false", *FAST)
 
-    # Warn only once training makes progress: a signal during start-up would find no handler yet.
+    # Warn only once training makes progress: a signal before the workers' Python runs dtrain kills them.
     slurm.wait_for("training progress in metrics.jsonl", lambda: any(s >= 40 for s in _train_steps(run_dir)),
                    timeout=120)
     first = slurm.job(job_id)

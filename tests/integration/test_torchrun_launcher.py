@@ -82,6 +82,63 @@ def test_ctrl_c_checkpoints_exits_75_and_the_same_command_resumes(tmp_path: Path
     assert "model/fc1.bias" in other.stderr
 
 
+def _workers(launcher_pid: int) -> list[int]:
+    """Pids of the `python -m dtrain train` workers under this torchrun.sh (not torchrun itself)."""
+    from tests.integration.k8s_local import _descendants
+
+    out = []
+    for pid in _descendants(launcher_pid):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"dtrain" in argv and b"train" in argv and not any(a.endswith(b"torchrun") for a in argv):
+            out.append(pid)
+    return out
+
+
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    try:
+        caught = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(caught.split()[1], 16) >> (sig - 1) & 1)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+def test_stop_during_start_up_checkpoints_after_the_first_step_and_exits_75(tmp_path: Path) -> None:
+    """SIGTERM while the workers still import torch and form the group (no train.log yet). It used to
+    kill them (no handler until the loop started): torchrun.sh exited 1, which a Job counts as a
+    failure, instead of 75 with a checkpoint."""
+    run_dir = tmp_path / "run"
+    argv = [str(SCRIPT), "train.max_steps=20", "train.eval_every=10", "early_stopping.enabled=false", *FAST]
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(argv, cwd=REPO, env=_env(run_dir), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            workers = _workers(proc.pid)
+            if len(workers) == 2 and all(_catches(w, signal.SIGTERM) for w in workers):
+                break
+            assert not (run_dir / "train.log").exists() and proc.poll() is None and time.monotonic() < deadline, \
+                "the workers did not catch SIGTERM before their start-up ended\n" + (tmp_path / "first.log").read_text()
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 75, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    stopped = summary(run_dir)
+    assert stopped["stopped_by"] == "preempted" and 0 < stopped["last_step"] < 20, stopped
+    assert (run_dir / "checkpoints" / f"step-{stopped['last_step']:09d}" / "manifest.json").exists()
+
+    again = subprocess.run(argv, cwd=REPO, env=_env(run_dir), capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert summary(run_dir)["resumed_from"].endswith(f"step-{stopped['last_step']:09d}")
+
+
 @pytest.mark.multiprocess
 @pytest.mark.timeout(240)
 def test_two_nodes_restart_in_place_after_a_worker_crash(tmp_path: Path) -> None:
