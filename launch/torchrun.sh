@@ -12,7 +12,8 @@
 # NNODES may be a range MIN:MAX (elastic: training starts once MIN nodes joined).
 #
 # Arguments are dtrain config overrides (KEY=VALUE). Environment (defaults in brackets):
-#   CONFIG [configs/digits.yaml]  RUN_DIR [runs/<config name>]  NPROC_PER_NODE [GPUs, else 1]
+#   CONFIG [configs/digits.yaml]  RUN_DIR [runs/<config name>; replaces the config file's run_dir, and a
+#       run_dir=... argument replaces it]  NPROC_PER_NODE [GPUs, else 1]
 #   NNODES [1]  RDZV_ENDPOINT (host:port, needed when NNODES is not 1)  RDZV_ID [dtrain]  NODE_RANK
 #   LOCAL_ADDR (address other nodes reach this one at; default: torchrun's fully qualified hostname)
 #   MAX_RESTARTS [3 standalone, 0 with RDZV_ENDPOINT]: torchrun's in-place restarts of all local
@@ -114,17 +115,25 @@ EOF
 }
 
 # A bad config fails here, on every node, with exit 2 before any process group is formed (and
-# before torchrun, which would report it as exit 1).
-"$PYTHON" - "$CONFIG" "run_dir=$RUN_DIR" "$@" <<'EOF' || exit $?
+# before torchrun, which would report it as exit 1). It also prints the run directory the ranks
+# will use: a run_dir=... argument wins over RUN_DIR there, and the exit codes are read from it.
+resolved=$("$PYTHON" - "$CONFIG" "run_dir=$RUN_DIR" "$@" <<'EOF'
 import sys
 from dtrain.config import load_config
 from dtrain.errors import ConfigError
 try:
-    load_config(sys.argv[1], sys.argv[2:])
+    cfg = load_config(sys.argv[1], sys.argv[2:])
 except ConfigError as e:
     print(f"dtrain: config error: {e}", file=sys.stderr)
     sys.exit(2)
+print(cfg.run_dir)
 EOF
+) || exit $?
+resolved=$(tail -n 1 <<<"$resolved")
+if [[ "$resolved" != "$RUN_DIR" ]]; then
+    log "run_dir=$resolved on the command line replaces RUN_DIR=$RUN_DIR"
+    RUN_DIR=$resolved
+fi
 
 before=$(mktemp) && after=$(mktemp) && fresh=$(mktemp)
 trap 'rm -f "$before" "$after" "$fresh"' EXIT

@@ -82,6 +82,19 @@ def test_ctrl_c_checkpoints_exits_75_and_the_same_command_resumes(tmp_path: Path
     assert "model/fc1.bias" in other.stderr
 
 
+@pytest.mark.multiprocess
+@pytest.mark.timeout(90)
+def test_run_dir_argument_is_where_the_exit_codes_are_read(tmp_path: Path) -> None:
+    """`run_dir=...` on the command line wins over RUN_DIR for dtrain; the script read the ranks' exit
+    codes from RUN_DIR and so exited 1 for a preempted run that had committed its checkpoint."""
+    env = {**_env(tmp_path / "env-run"), "MAX_RESTARTS": "0", "DTRAIN_FAULTS": '{"signal_rank": 0, "signal_step": 4}'}
+    done = subprocess.run([str(SCRIPT), f"run_dir={tmp_path / 'arg-run'}", "train.max_steps=20", *FAST], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=80)
+    assert done.returncode == 75, done.stderr[-3000:]
+    assert summary(tmp_path / "arg-run")["stopped_by"] == "preempted"
+    assert not (tmp_path / "env-run").exists()
+
+
 def _workers(launcher_pid: int) -> list[int]:
     """Pids of the `python -m dtrain train` workers under this torchrun.sh (not torchrun itself)."""
     from tests.integration.k8s_local import _descendants
