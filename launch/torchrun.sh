@@ -29,11 +29,14 @@
 # would kill torchrun itself). dtrain then agrees on a stop at the next step boundary, commits an
 # emergency checkpoint and exits 75. torchrun reports any worker exit other than 0 as its own exit 1,
 # so this script reads the exit codes that this attempt's ranks wrote (RUN_DIR/ranks/rank-*.json and
-# RUN_DIR/summary.json) and exits with theirs when they all agree.
+# RUN_DIR/summary.json) and exits with theirs when they all agree. A stop that comes before any
+# worker can save (during the config check, or while torchrun and its workers start) also exits 75:
+# nothing was trained yet, so the newest committed checkpoint holds all the work.
 # A signal that was ignored when this script started cannot be trapped (bash): a script started
 # in the background of a non-interactive shell (`cmd &`) ignores SIGINT, so stop it with SIGTERM.
-# Exit codes: 0 done (finished or early-stopped), 75 preempted with a committed checkpoint (requeue and
-# run the same command again: it resumes), 2 config error, anything else a failure.
+# Exit codes: 0 done (finished or early-stopped), 75 preempted with a committed checkpoint, or before
+# training started (requeue and run the same command again: it resumes), 2 config error, anything
+# else a failure.
 set -uo pipefail
 
 CONFIG=${CONFIG:-configs/digits.yaml}
@@ -114,6 +117,62 @@ if len(codes) == 1:
 EOF
 }
 
+# Pids of torchrun's children (the workers), read from /proc so that no extra tool is needed.
+workers_of() {
+    local stat line rest
+    for stat in /proc/[0-9]*/stat; do
+        { line=$(<"$stat"); } 2>/dev/null || continue
+        rest=${line##*) }            # drop "pid (comm) ": comm may contain spaces
+        read -r _ ppid _ <<<"$rest"
+        [[ "$ppid" == "$1" ]] && echo "${stat//[^0-9]/}"
+    done
+}
+
+# Whether a process catches SIGTERM: a worker does once dtrain's stop handler is installed (before
+# it imports torch); until then it has trained nothing, and the SIGTERM kills it.
+catches_sigterm() {
+    local key mask
+    while read -r key mask; do
+        [[ "$key" == SigCgt: ]] && return $(( (0x$mask >> 14 & 1) == 0 ))
+    done 2>/dev/null <"/proc/$1/status"
+    return 1
+}
+
+# The traps go in first: a stop during the checks below, or while torchrun and its workers start,
+# must still end in exit 75 ("requeue me"), not in a signal death the launcher counts as a failure.
+stop_requested=""
+stop_before_training=""  # no worker could save when the stop came: this attempt trained nothing
+torchrun_pid=""
+workers=()
+forward_stop() {
+    if [[ -n "$stop_requested" ]]; then
+        log "got SIG$1 again: the workers are already saving"
+        return
+    fi
+    stop_requested=$1
+    [[ -n "$torchrun_pid" ]] || return  # torchrun is not started at all then (below)
+    mapfile -t workers < <(workers_of "$torchrun_pid")
+    local pid
+    stop_before_training=1
+    for pid in "${workers[@]}"; do catches_sigterm "$pid" && stop_before_training=""; done
+    if [[ -n "$stop_before_training" ]]; then
+        log "got SIG$1 while torchrun and its workers are starting: stopping them (SIGTERM to torchrun $torchrun_pid)"
+    else
+        log "got SIG$1: asking workers ${workers[*]} for an emergency checkpoint (SIGTERM to torchrun $torchrun_pid)"
+    fi
+    kill -TERM "$torchrun_pid" 2>/dev/null
+}
+
+for sig in TERM INT USR1 HUP; do
+    # shellcheck disable=SC2064
+    trap "forward_stop $sig" "$sig"
+done
+exit_if_stopped() {  # before torchrun starts
+    [[ -n "$stop_requested" ]] || return 0
+    log "stopped (SIG$stop_requested) before torchrun started: nothing was trained, so nothing is lost; run the same command again to resume (exit 75)"
+    exit 75
+}
+
 # A bad config fails here, on every node, with exit 2 before any process group is formed (and
 # before torchrun, which would report it as exit 1). It also prints the run directory the ranks
 # will use: a run_dir=... argument wins over RUN_DIR there, and the exit codes are read from it.
@@ -128,7 +187,8 @@ except ConfigError as e:
     sys.exit(2)
 print(cfg.run_dir)
 EOF
-) || exit $?
+) || { rc=$?; exit_if_stopped; exit $rc; }  # a Ctrl-C also interrupts the check itself
+exit_if_stopped
 resolved=$(tail -n 1 <<<"$resolved")
 if [[ "$resolved" != "$RUN_DIR" ]]; then
     log "run_dir=$resolved on the command line replaces RUN_DIR=$RUN_DIR"
@@ -138,45 +198,16 @@ fi
 before=$(mktemp) && after=$(mktemp) && fresh=$(mktemp)
 trap 'rm -f "$before" "$after" "$fresh"' EXIT
 exit_files_stamp > "$before"
+exit_if_stopped
 
-# Pids of torchrun's children (the workers), read from /proc so that no extra tool is needed.
-workers_of() {
-    local stat line rest
-    for stat in /proc/[0-9]*/stat; do
-        { line=$(<"$stat"); } 2>/dev/null || continue
-        rest=${line##*) }            # drop "pid (comm) ": comm may contain spaces
-        read -r _ ppid _ <<<"$rest"
-        [[ "$ppid" == "$1" ]] && echo "${stat//[^0-9]/}"
-    done
-}
-
-stop_requested=""
-torchrun_pid=""
-workers=()
-forward_stop() {
-    if [[ -n "$stop_requested" ]]; then
-        log "got SIG$1 again: the workers are already saving"
-        return
-    fi
-    stop_requested=$1
-    [[ -n "$torchrun_pid" ]] || return  # not started yet: it gets the SIGTERM right after its start
-    mapfile -t workers < <(workers_of "$torchrun_pid")
-    log "got SIG$1: asking workers ${workers[*]} for an emergency checkpoint (SIGTERM to torchrun $torchrun_pid)"
-    kill -TERM "$torchrun_pid" 2>/dev/null
-}
-
-for sig in TERM INT USR1 HUP; do
-    # shellcheck disable=SC2064
-    trap "forward_stop $sig" "$sig"
-done
 log "$TORCHRUN ${args[*]} -m dtrain train --config $CONFIG run_dir=$RUN_DIR $*"
 # torchrun dies of a SIGUSR1 it does not handle (Slurm signals every process of a step), so it starts
 # with SIGUSR1 ignored; the workers install dtrain's own handler, which overrides the inherited ignore.
 # (A subshell drops this script's traps; an ignored signal stays ignored across exec.)
 (trap '' USR1; exec "$TORCHRUN" "${args[@]}" -m dtrain train --config "$CONFIG" "run_dir=$RUN_DIR" "$@") &
 torchrun_pid=$!
-if [[ -n "$stop_requested" ]]; then
-    log "a stop (SIG$stop_requested) arrived during start-up: passing it on"
+if [[ -n "$stop_requested" ]]; then  # in the instant between the check above and the start
+    stop_before_training=1
     kill -TERM "$torchrun_pid" 2>/dev/null
 fi
 
@@ -194,6 +225,7 @@ for pid in "${workers[@]}"; do
 done
 trap - TERM INT USR1 HUP
 
+code=""
 if [[ $rc -ne 0 ]]; then
     exit_files_stamp > "$after"
     comm -13 "$before" "$after" > "$fresh"
@@ -203,9 +235,13 @@ if [[ $rc -ne 0 ]]; then
         rc=$code
     fi
 fi
-if [[ $rc -eq 75 ]]; then
+if [[ $rc -ne 0 && -z "$code" && -n "$stop_before_training" ]]; then
+    # torchrun or its workers were still starting, before dtrain's handler: they died of the stop
+    log "stopped (SIG$stop_requested) while torchrun and its workers were starting (torchrun exited $rc): nothing was trained, so nothing is lost; run the same command again to resume (exit 75)"
+    rc=75
+elif [[ $rc -eq 75 ]]; then
     log "preempted: the emergency checkpoint is committed; run the same command again to resume (exit 75)"
 elif [[ -n "$stop_requested" ]]; then
-    log "stop (SIG$stop_requested) requested, but the workers exited $rc (a signal that reaches a worker before its Python runs dtrain kills it)"
+    log "stop (SIG$stop_requested) requested, but the workers exited $rc"
 fi
 exit "$rc"

@@ -95,6 +95,44 @@ def test_run_dir_argument_is_where_the_exit_codes_are_read(tmp_path: Path) -> No
     assert not (tmp_path / "env-run").exists()
 
 
+def _slow_start(tmp_path: Path, name: str, seconds: float) -> tuple[Path, Path]:
+    """An executable that stands for `name` (torchrun, python) still starting: it touches a marker,
+    sleeps, then becomes the real program; a SIGTERM meanwhile kills it, as it would the real one."""
+    marker, wrapper = tmp_path / f"{name}.started", tmp_path / f"slow-{name}"
+    real = str(Path(sys.executable).parent / name) if name == "torchrun" else sys.executable
+    wrapper.write_text(f"#!{sys.executable}\nimport os, sys, time\nopen({str(marker)!r}, 'w').close()\n"
+                       f"time.sleep({seconds})\nos.execv({real!r}, [{real!r}, *sys.argv[1:]])\n")
+    wrapper.chmod(0o755)
+    return wrapper, marker
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("starting", ["PYTHON", "TORCHRUN"])
+def test_stop_before_the_workers_can_save_exits_75(tmp_path: Path, starting: str) -> None:
+    """A stop during the config check (PYTHON) or while torchrun itself starts (TORCHRUN): nothing
+    was trained, so the launcher should run it again. The script died of the signal (143), or said
+    torchrun's 143, which a Job counts as a failure and Slurm does not requeue without a warning."""
+    wrapper, marker = _slow_start(tmp_path, starting.lower(), 3 if starting == "PYTHON" else 30)
+    run_dir = tmp_path / "run"
+    with open(tmp_path / "out.log", "w") as log:
+        proc = subprocess.Popen([str(SCRIPT), "train.max_steps=5", *FAST], cwd=REPO,
+                                env={**_env(run_dir), starting: str(wrapper)}, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "out.log").read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(40)  # PYTHON: the trap runs once the check is done (bash waits for it)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    out = (tmp_path / "out.log").read_text()
+    assert code == 75, out[-3000:]
+    assert "nothing was trained" in out and not (run_dir / "summary.json").exists(), out[-3000:]
+
+
 def _workers(launcher_pid: int) -> list[int]:
     """Pids of the `python -m dtrain train` workers under this torchrun.sh (not torchrun itself)."""
     from tests.integration.k8s_local import _descendants
