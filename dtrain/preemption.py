@@ -8,8 +8,10 @@ as it starts (before torch is imported), so that a stop during start-up is kept 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -78,3 +80,24 @@ class PreemptionHandler:
 
     def __exit__(self, *exc: object) -> None:
         self.uninstall()
+
+
+def keep_torchrun_from_restarting(handler: PreemptionHandler) -> None:
+    """After an agreed preemption this process did not get a signal for (another node was
+    preempted), SIGTERM our torchrun agent, once per node (local rank 0), so that it stops instead
+    of restarting the workers in place: the restarted workers waited for the preempted node in the
+    rendezvous (15 min by default) instead of exiting 75 to be requeued with it. Called after the
+    checkpoint and the exit records are written; a no-op without torchrun or its restarts."""
+    if handler.signal_name is not None or os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    if os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") in ("", "0"):
+        return
+    agent = os.getppid()
+    try:
+        argv = Path(f"/proc/{agent}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return
+    if not any(a.endswith(b"torchrun") or a == b"torch.distributed.run" for a in argv):
+        return  # started through a wrapper (torchrun --no-python): not ours to stop
+    log.info("preempted by a peer: asking torchrun (pid %d) to stop rather than restart this node's workers", agent)
+    os.kill(agent, signal.SIGTERM)

@@ -16,7 +16,7 @@ from dtrain import __version__, dist, exitcodes
 from dtrain.config import JobConfig, check_world_size, to_yaml
 from dtrain.errors import ConfigError
 from dtrain.metrics import setup_logging
-from dtrain.preemption import PreemptionHandler
+from dtrain.preemption import PreemptionHandler, keep_torchrun_from_restarting
 from dtrain.summary import write_rank_record
 from dtrain.tasks import get_task, make_options
 from dtrain.trainer import Trainer
@@ -82,6 +82,8 @@ def _run(cfg: JobConfig, preemption: PreemptionHandler) -> int:
         # Nobody leaves before rank 0 has written the summary: torchrun tears down the other
         # workers as soon as one exits with a non-zero code (75 included).
         dist.barrier()
+        if code == exitcodes.PREEMPTED:
+            keep_torchrun_from_restarting(preemption)
         return code
     finally:
         dist.shutdown()

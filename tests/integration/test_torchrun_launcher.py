@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -221,3 +222,43 @@ def test_two_nodes_restart_in_place_after_a_worker_crash(tmp_path: Path) -> None
     assert codes == [0, 0], logs
     final = summary(run_dir)
     assert final["last_step"] == 20 and final["resumed_from"].endswith("step-000000005"), logs
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(150)
+def test_the_other_node_exits_75_too_instead_of_restarting_in_place(tmp_path: Path) -> None:
+    """One node of two is preempted (its torchrun.sh gets SIGTERM); with MAX_RESTARTS > 0 the other
+    node's torchrun restarted its workers (they exited 75 by agreement) and they waited in the
+    rendezvous for the preempted node, 15 min by default, instead of exiting 75 to be requeued."""
+    from tests.integration.k8s_local import _descendants
+    from tests.multiproc import free_port
+
+    run_dir = tmp_path / "run"
+    endpoint = f"127.0.0.1:{free_port()}"
+    argv = [str(SCRIPT), "train.max_steps=400", "train.eval_every=50", "dist.timeout_s=30", *FAST]
+    procs = []
+    for node in range(2):
+        env = {**_env(run_dir), "NNODES": "2", "NPROC_PER_NODE": "1", "RDZV_ENDPOINT": endpoint, "RDZV_ID": "pre",
+               "LOCAL_ADDR": "127.0.0.1", "MAX_RESTARTS": "2", "OMP_NUM_THREADS": "1"}
+        with open(tmp_path / f"node{node}.log", "w") as log:
+            procs.append(subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+    logs = lambda: "\n".join((tmp_path / f"node{n}.log").read_text()[-3000:] for n in range(2))  # noqa: E731
+    try:
+        deadline = time.monotonic() + 90
+        while not (run_dir / "metrics.jsonl").exists() or \
+                not any(r.get("step", 0) >= 10 for r in read_jsonl(run_dir / "metrics.jsonl")):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), logs()
+            time.sleep(0.2)
+        procs[0].send_signal(signal.SIGTERM)
+        codes = [p.wait(40) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                for pid in [*_descendants(p.pid), p.pid]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                p.wait(10)
+    assert codes == [75, 75], logs()
+    stopped = summary(run_dir)
+    assert stopped["stopped_by"] == "preempted" and 10 <= stopped["last_step"] < 400, stopped
+    assert (tmp_path / "node1.log").read_text().count(" rank(s), torchrun") == 1, logs()  # started once
