@@ -195,6 +195,13 @@ def validate(cfg: JobConfig) -> JobConfig:
         EarlyStopping.from_config(cfg.early_stopping)
     if not cfg.run_dir:
         raise ConfigError("run_dir is empty; set run_dir=<directory for logs, metrics and checkpoints>")
+    if "://" in cfg.run_dir:
+        # It was taken as a local path: `s3://b/x` became the directory ./s3:/b/x, checkpoints included.
+        raise ConfigError(
+            f"run_dir={cfg.run_dir!r} is a URL, but run_dir is a local (or shared-filesystem) directory for "
+            f"logs, metrics and exit records; keep it local and put the checkpoints in the bucket with "
+            f"checkpoint.root={cfg.run_dir.rstrip('/')}/checkpoints"
+        )
     return cfg
 
 

@@ -49,6 +49,8 @@ def test_yaml_then_overrides_win(tmp_path: Path) -> None:
         # early stopping's own checks ran only once the process group had started
         (["early_stopping.enabled=true", "early_stopping.max_time=0"], "early_stopping.max_time=0.0 must be"),
         (["early_stopping.enabled=true", "early_stopping.baseline=nan"], "early_stopping.baseline=nan must be"),
+        # was taken as the local directory ./s3:/b/run, checkpoints included (lost with the pod)
+        (["run_dir=s3://b/run"], "run_dir='s3://b/run' is a URL, but run_dir is a local"),
     ],
 )
 def test_bad_values_name_the_key(overrides: list[str], needle: str) -> None:
