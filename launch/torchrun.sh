@@ -141,6 +141,7 @@ catches_sigterm() {
 # The traps go in first: a stop during the checks below, or while torchrun and its workers start,
 # must still end in exit 75 ("requeue me"), not in a signal death the launcher counts as a failure.
 stop_requested=""
+stop_at=0                # $SECONDS when the stop was passed on to torchrun
 stop_before_training=""  # no worker could save when the stop came: this attempt trained nothing
 torchrun_pid=""
 workers=()
@@ -150,6 +151,7 @@ forward_stop() {
         return
     fi
     stop_requested=$1
+    stop_at=$SECONDS
     [[ -n "$torchrun_pid" ]] || return  # torchrun is not started at all then (below)
     mapfile -t workers < <(workers_of "$torchrun_pid")
     local pid
@@ -241,6 +243,11 @@ if [[ $rc -ne 0 && -z "$code" && -n "$stop_before_training" ]]; then
     rc=75
 elif [[ $rc -eq 75 ]]; then
     log "preempted: the emergency checkpoint is committed; run the same command again to resume (exit 75)"
+elif [[ -n "$stop_requested" && -z "$code" ]] && ((SECONDS - stop_at >= SHUTDOWN_TIMEOUT)); then
+    log "stop (SIG$stop_requested) requested, but no rank recorded an exit code: torchrun killed the workers" \
+        "SHUTDOWN_TIMEOUT=$SHUTDOWN_TIMEOUT s after passing the stop on, before the emergency checkpoint was" \
+        "committed (the run resumes from the one before). Raise SHUTDOWN_TIMEOUT above the time two steps," \
+        "an evaluation and a save take, and the platform's grace period above that (exit $rc)"
 elif [[ -n "$stop_requested" ]]; then
     log "stop (SIG$stop_requested) requested, but the workers exited $rc"
 fi

@@ -262,3 +262,30 @@ def test_the_other_node_exits_75_too_instead_of_restarting_in_place(tmp_path: Pa
     stopped = summary(run_dir)
     assert stopped["stopped_by"] == "preempted" and 10 <= stopped["last_step"] < 400, stopped
     assert (tmp_path / "node1.log").read_text().count(" rank(s), torchrun") == 1, logs()  # started once
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(90)
+def test_a_stop_cut_short_by_shutdown_timeout_says_so(tmp_path: Path) -> None:
+    """torchrun SIGKILLs the workers SHUTDOWN_TIMEOUT s after the stop; the script only said "the
+    workers exited 1", not that the emergency checkpoint was cut short or which setting to raise."""
+    run_dir = tmp_path / "run"
+    argv = [str(SCRIPT), "train.max_steps=400", "early_stopping.enabled=false", *FAST]
+    with open(tmp_path / "out.log", "w") as log:
+        proc = subprocess.Popen(argv, cwd=REPO, env={**_env(run_dir), "SHUTDOWN_TIMEOUT": "0"}, stdout=log,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not (run_dir / "metrics.jsonl").exists() or \
+                not any(r.get("step", 0) >= 10 for r in read_jsonl(run_dir / "metrics.jsonl")):
+            assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "out.log").read_text()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    out = (tmp_path / "out.log").read_text()
+    assert code not in (0, 75), out[-3000:]
+    assert "no rank recorded an exit code" in out and "Raise SHUTDOWN_TIMEOUT" in out, out[-3000:]
