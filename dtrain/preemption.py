@@ -86,8 +86,10 @@ def keep_torchrun_from_restarting(handler: PreemptionHandler) -> None:
     """After an agreed preemption this process did not get a signal for (another node was
     preempted), SIGTERM our torchrun agent, once per node (local rank 0), so that it stops instead
     of restarting the workers in place: the restarted workers waited for the preempted node in the
-    rendezvous (15 min by default) instead of exiting 75 to be requeued with it. Called after the
-    checkpoint and the exit records are written; a no-op without torchrun or its restarts."""
+    rendezvous (15 min by default) instead of exiting 75 to be requeued with it. An elastic job
+    that may shrink (`--nnodes MIN:MAX` with fewer than the current nodes) keeps torchrun's restart:
+    the remaining nodes re-form without the preempted one. Called after the checkpoint and the exit
+    records are written; a no-op without torchrun or its restarts."""
     if handler.signal_name is not None or os.environ.get("LOCAL_RANK", "0") != "0":
         return
     if os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") in ("", "0"):
@@ -99,5 +101,22 @@ def keep_torchrun_from_restarting(handler: PreemptionHandler) -> None:
         return
     if not any(a.endswith(b"torchrun") or a == b"torch.distributed.run" for a in argv):
         return  # started through a wrapper (torchrun --no-python): not ours to stop
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > min_nodes(argv, os.environ.get("PET_NNODES", "")):
+        return
     log.info("preempted by a peer: asking torchrun (pid %d) to stop rather than restart this node's workers", agent)
     os.kill(agent, signal.SIGTERM)
+
+
+def min_nodes(agent_argv: list[bytes], pet_nnodes: str = "") -> int:
+    """The fewest nodes torchrun may re-form with: MIN of its `--nnodes MIN:MAX` (or PET_NNODES,
+    which torchrun reads when the option is absent); 1 for a standalone run."""
+    value = pet_nnodes or "1"
+    for i, arg in enumerate(agent_argv):
+        if arg == b"--nnodes" and i + 1 < len(agent_argv):
+            value = agent_argv[i + 1].decode(errors="replace")
+        elif arg.startswith(b"--nnodes="):
+            value = arg.split(b"=", 1)[1].decode(errors="replace")
+    try:
+        return int(value.split(":")[0])
+    except ValueError:
+        return 1

@@ -80,3 +80,12 @@ def test_a_signal_to_the_whole_process_group_reaches_loader_workers_and_still_sa
     s = summary(run_dir)
     assert s["stopped_by"] == "preempted"
     assert (run_dir / "checkpoints" / f"step-{s['last_step']:09d}" / "manifest.json").exists()
+
+
+def test_min_nodes_reads_torchruns_nnodes_option_or_its_environment() -> None:
+    from dtrain.preemption import min_nodes
+
+    assert min_nodes([b"python", b"torchrun", b"--nnodes", b"2", b"-m", b"dtrain"]) == 2
+    assert min_nodes([b"torchrun", b"--nnodes=1:4", b"-m", b"dtrain"]) == 1
+    assert min_nodes([b"torchrun", b"--standalone", b"-m", b"dtrain"]) == 1
+    assert min_nodes([b"torchrun", b"-m", b"dtrain"], pet_nnodes="3:8") == 3

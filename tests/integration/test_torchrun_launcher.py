@@ -261,7 +261,6 @@ def test_the_other_node_exits_75_too_instead_of_restarting_in_place(tmp_path: Pa
     assert codes == [75, 75], logs()
     stopped = summary(run_dir)
     assert stopped["stopped_by"] == "preempted" and 10 <= stopped["last_step"] < 400, stopped
-    assert (tmp_path / "node1.log").read_text().count(" rank(s), torchrun") == 1, logs()  # started once
 
 
 @pytest.mark.multiprocess
