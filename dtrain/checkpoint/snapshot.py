@@ -193,10 +193,16 @@ def stage_copies(tensors: list[tuple[Hashable, torch.Tensor]], cache: dict[Hasha
 def execute(prep: PreparedSave, group: comm.ProcessGroup, storage_options: storage.StorageOptions
             ) -> Manifest | None:
     """Collective: write this rank's files, then commit. Manifest on rank 0, None elsewhere."""
-    if prep.rank != 0:
-        storage.makedirs(prep.dir_url, storage_options)
-    if prep.error is not None:
-        report = RankReport(prep.rank, error=prep.error)
+    error = prep.error
+    if error is None and prep.rank != 0:
+        try:  # rank 0 made it in `prepare`; on node-local disks each host needs its own
+            storage.makedirs(prep.dir_url, storage_options)
+        except Exception as e:  # reported like a failed write: raised here, this rank would skip
+            # the commit's gather, and rank 0 would wait in it until the timeout
+            log.exception("rank %d could not create %s", prep.rank, prep.dir_url)
+            error = f"rank {prep.rank}: creating {prep.dir_url}: {type(e).__name__}: {e}"
+    if error is not None:
+        report = RankReport(prep.rank, error=error)
     else:
         report = write_rank(prep.dir_url, prep.rank, prep.world, prep.items, prep.small_files, storage_options)
     return commit(prep.dir_url, report, prep.meta, group, storage_options, **prep.manifest_fields)

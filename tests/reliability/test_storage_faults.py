@@ -259,3 +259,48 @@ def test_trainer_exits_with_code_1_when_its_checkpoint_root_is_read_only(tmp_pat
                        "train.max_steps=10", "checkpoint.every_steps=5", "early_stopping.enabled=false"], timeout=100)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "dtrain: error:" in proc.stderr and f"{disk}/ckpts" in proc.stderr and "Read-only" in proc.stderr
+
+
+def rank_cannot_create_the_step_directory(rank: int, world: int, root: str) -> list[str]:
+    """Rank 1 cannot create the step directory (a node-local disk out of inodes, say), sync and
+    async: every rank must get the same CheckpointError and go on, none may wait in the commit."""
+    from dtrain import dist
+    from tests.checkpoint.workers import wrap
+
+    dist.init(timeout_s=20, backend="gloo")
+    m, o = make_model(width=32)
+    model = wrap(m, "ddp", world)
+    if rank == 1:
+        real = storage.makedirs
+
+        def refuse(url: str, so: storage.StorageOptions = None) -> None:
+            if "step-" in url:
+                raise OSError(28, "No space left on device", url)
+            real(url, so)
+        storage.makedirs = refuse  # type: ignore[assignment]
+    out = []
+    for n, async_save in enumerate((False, True)):
+        mgr = CheckpointManager(f"{root}/ckpts-{n}", async_save=async_save)
+        train_step(model, o, 1)
+        try:
+            mgr.save(1, model=model, optimizer=o)
+            mgr.wait()
+        except CheckpointError as e:
+            out.append(str(e))
+        else:
+            out.append("no error")
+        train_step(model, o, 2)  # a training collective: a rank left in the commit would hang here
+        mgr.close()
+    dist.shutdown()
+    return out
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(90)
+def test_a_rank_that_cannot_create_the_step_directory_fails_every_rank_without_a_hang(tmp_path: Path) -> None:
+    from tests.multiproc import run_ranks
+
+    results = run_ranks(rank_cannot_create_the_step_directory, 2, str(tmp_path))
+    assert results[0] == results[1], results
+    for error in results[0]:
+        assert "was not committed" in error and "rank 1: creating" in error and "No space left" in error, error
