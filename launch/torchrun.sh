@@ -156,7 +156,7 @@ forward_stop() {
     mapfile -t workers < <(workers_of "$torchrun_pid")
     local pid
     stop_before_training=1
-    for pid in "${workers[@]}"; do catches_sigterm "$pid" && stop_before_training=""; done
+    for pid in ${workers[@]+"${workers[@]}"}; do catches_sigterm "$pid" && stop_before_training=""; done
     if [[ -n "$stop_before_training" ]]; then
         log "got SIG$1 while torchrun and its workers are starting: stopping them (SIGTERM to torchrun $torchrun_pid)"
     else
@@ -222,7 +222,8 @@ done
 # A second signal makes torchrun give up waiting for its workers: wait for them here instead, or the
 # exit codes below would be read before the emergency checkpoint is committed.
 deadline=$((SECONDS + SHUTDOWN_TIMEOUT))
-for pid in "${workers[@]}"; do
+# (${a[@]+...}: bash before 4.4 takes an empty array for an unset variable under `set -u`)
+for pid in ${workers[@]+"${workers[@]}"}; do
     while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.5; done
 done
 trap - TERM INT USR1 HUP

@@ -94,3 +94,16 @@ def test_usr1_warning_checkpoints_requeues_and_resumes(slurm: SlurmCluster, tmp_
     assert "attempt 0" in text and "attempt 1" in text, text[-4000:]
     assert "requeueing job" in text and text.count("training step exited 75") == 1, text[-4000:]
     assert json.loads((run_dir / "ranks" / "rank-00001.json").read_text())["last_step"] == MAX_STEPS
+
+
+@pytest.mark.timeout(30)
+def test_a_dtrain_home_without_the_launcher_exits_2_naming_it(tmp_path: Path) -> None:
+    """sbatch runs a copy of the script, which finds the checkout through DTRAIN_HOME (or the
+    submit directory); one without launch/torchrun.sh used to end in srun's 'execve: No such file'."""
+    import subprocess
+
+    env = {**os.environ, "SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "x", "SLURM_JOB_NODELIST": "localhost",
+           "SLURM_JOB_NUM_NODES": "1", "DTRAIN_HOME": str(tmp_path)}
+    done = subprocess.run(["bash", str(SBATCH)], env=env, capture_output=True, text=True, timeout=20)
+    assert done.returncode == 2, done
+    assert f"DTRAIN_HOME={tmp_path} has no launch/torchrun.sh" in done.stdout, done
