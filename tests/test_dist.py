@@ -182,3 +182,29 @@ def _clear_alloc_conf(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
+
+
+def _ddp_forward_without_collectives(rank: int, world: int) -> list[float]:
+    import warnings
+
+    from torch import nn
+
+    from dtrain.parallel.ddp import wrap_ddp
+
+    env = dist.init(timeout_s=20)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # torch 2.13 deprecated broadcast_buffers
+        ddp = wrap_ddp(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)), env)
+    for _ in range(rank + 1):  # different forward counts, as in a sharded evaluation: no collective
+        ddp(torch.full((4, 3), float(rank + 1)) + torch.arange(12.0).view(4, 3))
+    means = ddp.module[1].running_mean.tolist()
+    dist.shutdown()
+    return means
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(60)
+def test_ddp_forward_makes_no_buffer_collective_and_warns_nothing() -> None:
+    results = run_ranks(_ddp_forward_without_collectives, 2)
+    assert results[0] != results[1]  # each rank's running stats are its own
