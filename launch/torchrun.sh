@@ -5,7 +5,8 @@
 #     CONFIG=configs/digits.yaml RUN_DIR=runs/digits NPROC_PER_NODE=2 launch/torchrun.sh optim.lr=3e-3
 #
 # Several nodes (c10d rendezvous): run the same command on every node, same RDZV_ENDPOINT and RDZV_ID.
-# The torchrun on the host named in RDZV_ENDPOINT hosts the rendezvous store; ranks are assigned by
+# The torchrun on the host named in RDZV_ENDPOINT hosts the rendezvous store (the node whose short
+# hostname is the endpoint's first name is told so, without a DNS lookup); ranks are assigned by
 # the rendezvous, so NODE_RANK is optional (when set it is passed on and shown in the logs).
 #     NNODES=2 NPROC_PER_NODE=8 RDZV_ENDPOINT=node0.example:29400 RDZV_ID=exp42 \
 #         CONFIG=configs/gpt.yaml RUN_DIR=/shared/runs/exp42 launch/torchrun.sh
@@ -80,6 +81,13 @@ if [[ -n "$RDZV_ENDPOINT" ]]; then
     # the nodes' attempt numbers (dtrain's key prefix there) drift apart and the group never forms.
     export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
     if [[ -n "${NODE_RANK:-}" ]]; then args+=(--node-rank "$NODE_RANK"); fi
+    # torchrun decides whether it hosts the store by comparing the endpoint's name with its hostname
+    # and, failing that, by resolving it (DNS): a pod's own name under a Service (dtrain-0.dtrain)
+    # may not resolve yet when the pod starts, and then no node hosts the store and the rendezvous
+    # times out on all of them. The node whose short hostname begins that name hosts it. (A name equal
+    # to the hostname is left to torchrun, which then also copes with several nodes on one machine.)
+    rdzv_host=${RDZV_ENDPOINT%:*}
+    if [[ "$rdzv_host" == "${HOSTNAME%%.*}".* ]]; then args+=(--rdzv-conf is_host=1); fi
 elif [[ "$NNODES" == 1 || "$NNODES" == 1:1 ]]; then
     args+=(--standalone)
 else

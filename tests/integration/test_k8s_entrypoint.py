@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.k8s_local import LocalPod, find, policy_action, start_pod, stop_pods
+from tests.integration.k8s_local import LocalPod, expand, find, pod_env, policy_action, start_pod, stop_pods
 from tests.integration.kustomize import render
 from tests.launch import read_jsonl, summary
 from tests.multiproc import free_port
@@ -104,3 +106,31 @@ def test_indexed_job_pods_resume_after_preemption_and_finish(tmp_path: Path) -> 
     assert resumes == [preempted["last_step"]]
     # The rendezvous really went through the Service name of pod 0, mapped to this machine.
     assert f"--rdzv-endpoint 127.0.0.1:{port}" in second[1].output()
+
+
+def _torchrun_argv(resources: list[dict], job: dict, index: int, tmp: Path) -> list[str]:
+    """The torchrun command line pod `index`'s container would run, from a stand-in torchrun."""
+    fake = tmp / "torchrun"
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{tmp}/argv-$JOB_COMPLETION_INDEX"\n')
+    fake.chmod(0o755)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    env = {**_base_env(), **pod_env(resources, job, index, "6f1c2d3e-uid"), "TORCHRUN": str(fake)}
+    env["RUN_DIR"] = str(tmp / "runs")
+    argv = [expand(a, env) for a in container["command"] + container["args"]]
+    out = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return (tmp / f"argv-{index}").read_text().splitlines()
+
+
+@pytest.mark.timeout(60)
+def test_indexed_job_pod_zero_hosts_the_rendezvous_store_without_dns(tmp_path: Path) -> None:
+    # torchrun's own guess resolves the endpoint's name: pod 0's name under the Service may not be in
+    # DNS yet when pod 0 starts (here it never is), and then no pod hosts the store.
+    from torch.distributed.elastic.rendezvous.utils import _matches_machine_hostname
+    assert not _matches_machine_hostname(f"{socket.gethostname()}.no-such-subdomain.invalid")
+
+    resources = render(REPO / "k8s" / "base")
+    job = find(resources, "Job")
+    argvs = [_torchrun_argv(resources, job, i, tmp_path) for i in range(job["spec"]["completions"])]
+    assert "--rdzv-conf" in argvs[0] and argvs[0][argvs[0].index("--rdzv-conf") + 1] == "is_host=1", argvs[0]
+    assert "--rdzv-conf" not in argvs[1], argvs[1]  # the others connect to it
