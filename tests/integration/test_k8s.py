@@ -232,3 +232,16 @@ def test_dockerfile_pins_torch_like_the_makefile_and_installs_it_first() -> None
     assert "WORKDIR /app" in instructions  # the manifests' workingDir
     assert "COPY launch ./launch" in instructions and "COPY configs ./configs" in instructions
     assert (REPO / "launch" / "torchrun.sh").stat().st_mode & 0o111
+
+
+def _kubernetes_part() -> str:
+    readme = (REPO / "launch" / "README.md").read_text()
+    return readme[readme.index("## Kubernetes"):readme.index("\n## ", readme.index("## Kubernetes") + 1)]
+
+
+def test_readme_builds_the_image_tag_each_component_runs() -> None:
+    built = set(re.findall(r"docker build -t \S+?:(\S+)", _kubernetes_part()))
+    for component in ("cpu", "gpu"):
+        k = yaml.safe_load((K8S / "components" / component / "kustomization.yaml").read_text())
+        assert {image["newTag"] for image in k["images"]} <= built, (component, built)
+
