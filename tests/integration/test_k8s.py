@@ -245,3 +245,14 @@ def test_readme_builds_the_image_tag_each_component_runs() -> None:
         k = yaml.safe_load((K8S / "components" / component / "kustomization.yaml").read_text())
         assert {image["newTag"] for image in k["images"]} <= built, (component, built)
 
+
+def test_readme_grace_period_numbers_are_the_manifests() -> None:
+    text = _kubernetes_part()
+    grace = {int(n) for n in re.findall(r"`terminationGracePeriodSeconds` \((\d+)", text)}
+    timeout = {int(n) for n in re.findall(r"`SHUTDOWN_TIMEOUT` \((\d+)", text)}
+    for overlay in ("base", "pytorchjob"):
+        resources = render(K8S / overlay)
+        pod = _pod_spec(_workload(resources))
+        assert grace == {pod["terminationGracePeriodSeconds"]}
+        assert timeout == {int(_container_env(pod["containers"][0], resources)["SHUTDOWN_TIMEOUT"])}
+    assert "plus one step" not in text  # the step is inside SHUTDOWN_TIMEOUT: both clocks start at SIGTERM
