@@ -13,6 +13,16 @@ from dtrain.checkpoint import CheckpointManager, writer
 from dtrain.errors import CheckpointError
 
 
+def save_error(mgr: CheckpointManager, step: int, **components: Any) -> str:
+    """Save (and wait for an async save): the CheckpointError's message, or "no error"."""
+    try:
+        mgr.save(step, **components)
+        mgr.wait()
+    except CheckpointError as e:
+        return str(e)
+    return "no error"
+
+
 def make_mlp(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
@@ -188,13 +198,7 @@ def failing_rank_save(rank: int, world: int, roots: list[str]) -> list[str]:
     messages = []
     for root, async_save in zip(roots, (False, True), strict=True):
         mgr = CheckpointManager(root, async_save=async_save)
-        try:
-            mgr.save(1, model=model, optimizer=opt)
-            mgr.wait()
-        except CheckpointError as e:
-            messages.append(str(e))
-        else:
-            messages.append("no error")
+        messages.append(save_error(mgr, 1, model=model, optimizer=opt))
         mgr.close()
     writer.write_tensor_file = real  # type: ignore[assignment]
     dist.shutdown()

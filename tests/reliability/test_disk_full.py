@@ -14,7 +14,7 @@ import pytest
 from dtrain import dist
 from dtrain.checkpoint import CheckpointManager, storage
 from dtrain.errors import CheckpointError
-from tests.checkpoint.workers import wrap
+from tests.checkpoint.workers import save_error, wrap
 from tests.multiproc import run_ranks
 from tests.reliability.conftest import make_model, tmpfs, train_step
 from tests.reliability.test_storage_faults import assert_loads
@@ -116,13 +116,7 @@ def two_ranks_fill_the_disk(rank: int, world: int, disk: str) -> list[str]:
             fill(Path(disk), leave=32 << 10)
         dist.barrier()
         train_step(model, o, 2)
-        try:
-            mgr.save(2, model=model, optimizer=o)
-            mgr.wait()
-        except CheckpointError as e:
-            out.append(str(e))
-        else:
-            out.append("no error")
+        out.append(save_error(mgr, 2, model=model, optimizer=o))
         out.append(",".join(step_dirs(root)))
         dist.barrier()
         if rank == 1:
