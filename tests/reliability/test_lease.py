@@ -193,13 +193,20 @@ def test_acquire_on_a_fresh_lease_of_ours_does_not_rewrite_it(root: tuple[str, d
         lease.acquire()
 
 
+def _until(what: str, cond: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.02)
+
+
 @pytest.mark.timeout(30)
 def test_the_heartbeat_outlives_a_storage_outage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A renewal that fails past its retries (on S3 a CheckpointError: 'cannot write the lease')
     is tried again at the next beat; the heartbeat used to end there for good, so the lease ran
     out between saves and another job could take the root."""
     url = str(tmp_path / "ckpts")
-    lease = Lease(url, job_id="job-a", ttl_s=0.3)  # a beat every 0.1 s
+    lease = Lease(url, job_id="job-a", ttl_s=0.6)  # a beat every 0.2 s
     lease.acquire()
     real, failures = Lease._write, [0]
 
@@ -211,13 +218,10 @@ def test_the_heartbeat_outlives_a_storage_outage(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(Lease, "_write", flaky)
     lease.start_heartbeat()
     try:
-        time.sleep(1.0)
+        _until("three renewals failed", lambda: failures[0] == 3)
         before = read_holder(url)
-        time.sleep(0.5)
-        after = read_holder(url)
-        assert failures[0] == 3
-        assert before is not None and after is not None and after.renewed > before.renewed
-        assert time.time() - after.renewed < lease.ttl_s  # alive: nobody may take it
+        assert before is not None
+        _until("a renewal after the outage", lambda: read_holder(url).renewed > before.renewed)  # type: ignore[union-attr]
     finally:
         lease.release()
 
@@ -226,19 +230,18 @@ def test_the_heartbeat_outlives_a_storage_outage(tmp_path: Path, monkeypatch: py
 def test_the_heartbeat_ends_when_another_job_holds_the_lease_and_starts_again_with_the_next_save(
         tmp_path: Path) -> None:
     url = str(tmp_path / "ckpts")
-    lease = Lease(url, job_id="job-a", ttl_s=0.3)
+    lease = Lease(url, job_id="job-a", ttl_s=0.6)
     lease.acquire()
     storage.remove(storage.join(url, LEASE_FILE), None)
-    forge(url, None, job="job-x", host="other-host", renewed_ago=0, ttl=0.3)  # taken over while we stalled
+    forge(url, None, job="job-x", host="other-host", renewed_ago=0, ttl=0.6)  # taken over while we stalled
     lease.start_heartbeat()
     try:
-        time.sleep(0.5)
-        assert lease._thread is not None and not lease._thread.is_alive()  # lost: nothing to renew
-        time.sleep(0.3)  # the other job stopped renewing: expired
+        _until("the heartbeat ends", lambda: lease._thread is not None and not lease._thread.is_alive())
+        time.sleep(0.7)  # the other job stopped renewing: its lease expired
         lease.acquire()  # the next save takes it back...
+        taken = read_holder(url)
+        assert taken is not None and taken.job_id == "job-a"
         lease.start_heartbeat()  # ...and keeps it alive again
-        time.sleep(0.5)
-        holder = read_holder(url)
-        assert holder is not None and holder.job_id == "job-a" and time.time() - holder.renewed < lease.ttl_s
+        _until("the heartbeat renews it", lambda: read_holder(url).renewed > taken.renewed)  # type: ignore[union-attr]
     finally:
         lease.release()
