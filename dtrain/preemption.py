@@ -7,10 +7,12 @@ as it starts (before torch is imported), so that a stop during start-up is kept 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -74,6 +76,18 @@ class PreemptionHandler:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[PreemptionHandler]:
+        """Installed for the block, then left as found: a handler someone installed earlier (`dtrain
+        train`, before its imports) stays installed for them to remove."""
+        owned = not self.installed
+        self.install()
+        try:
+            yield self
+        finally:
+            if owned:
+                self.uninstall()
 
     def __enter__(self) -> PreemptionHandler:
         return self.install()

@@ -49,13 +49,8 @@ def run(cfg: JobConfig, preemption: PreemptionHandler | None = None) -> int:
     the first step boundary turns it into the emergency checkpoint and exit 75, which launchers
     requeue (a worker killed by the signal would report a failure instead)."""
     preemption = preemption or PreemptionHandler()
-    owned = not preemption.installed
-    preemption.install()
-    try:
+    with preemption.held():
         return _run(cfg, preemption)
-    finally:
-        if owned:
-            preemption.uninstall()
 
 
 def _run(cfg: JobConfig, preemption: PreemptionHandler) -> int:

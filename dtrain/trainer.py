@@ -346,23 +346,20 @@ class Trainer:
                             generator=seeds, worker_init_fn=ignore_stop_signals)
         batches = iter(loader)
         finished = self._already_stopped(outcome)
-        owned = not self.preemption.installed
-        self.preemption.install()
-        if self.preemption.requested and not finished:
-            log.warning("a stop (%s) arrived during start-up: the emergency checkpoint follows the first step",
-                        self.preemption.signal_name)
         try:
-            if not finished:
-                self._train_until_stop(batches, metrics_log, outcome)
-            self.agreement.drain()
-            if outcome.exit_code == exitcodes.OK:
-                self.save("end")
-            self.checkpoints.wait()
-            if outcome.exit_code == exitcodes.OK:
-                self._restore_best()
+            with self.preemption.held():
+                if self.preemption.requested and not finished:
+                    log.warning("a stop (%s) arrived during start-up: the emergency checkpoint follows the first "
+                                "step", self.preemption.signal_name)
+                if not finished:
+                    self._train_until_stop(batches, metrics_log, outcome)
+                self.agreement.drain()
+                if outcome.exit_code == exitcodes.OK:
+                    self.save("end")
+                self.checkpoints.wait()
+                if outcome.exit_code == exitcodes.OK:
+                    self._restore_best()
         finally:
-            if owned:
-                self.preemption.uninstall()
             metrics_log.close()
             self.checkpoints.close()
         outcome.last_step = self.step
