@@ -110,7 +110,7 @@ def cmd_ls(args: argparse.Namespace, so: dict[str, Any]) -> int:
     infos = tools.list_checkpoints(args.url, so)
     if storage.exists(storage.join(args.url, MANIFEST), so) or (not infos and retention.is_step_dir(args.url)):
         raise CheckpointError(f"{args.url} is a checkpoint directory, not a root: use `{PROG} inspect {args.url}` "
-                              f"on it, or `{PROG} ls {_parent(args.url)}`")
+                              f"on it, or `{PROG} ls {storage.parent(args.url)}`")
     monitor, mode, _ = _monitor(args, infos, so)
     best = retention.best_of(infos, monitor, mode)
     if not infos:
@@ -152,12 +152,6 @@ def _problem(i: CheckpointInfo, status: str) -> str:
     if status == "set aside":
         return f"damaged, its manifest renamed {DAMAGED} by a resume; `{PROG} verify {i.url}` says why"
     return (i.problem or "?").removesuffix(" (incomplete)")
-
-
-def _parent(url: str) -> str:
-    if storage.is_local(url):
-        return os.path.dirname(os.path.normpath(storage.local_path(url))) or "."
-    return url.rstrip("/").rsplit("/", 1)[0]
 
 
 def cmd_inspect(args: argparse.Namespace, so: dict[str, Any]) -> int:

@@ -59,6 +59,14 @@ def local_path(url: str) -> str:
     return url[len("file://"):] if url.startswith("file://") else url
 
 
+def parent(url: str) -> str:
+    """The directory (or prefix) `url` is in: a local path's directory ("." for a bare name), else
+    the URL without its last part."""
+    if is_local(url):
+        return os.path.dirname(os.path.normpath(local_path(url))) or "."
+    return url.rstrip("/").rsplit("/", 1)[0]
+
+
 def join(url: str, *parts: str) -> str:
     """`url/part/...` for any scheme (local paths keep the OS form)."""
     if is_local(url):

@@ -320,12 +320,10 @@ def _loader(reader: ChunkReader, key: str, dt: torch.dtype, to: torch.dtype, sha
 
 def _make_parent(target: str, so: storage.StorageOptions) -> None:
     """Create the directory `target` goes in (on S3: check that its bucket exists)."""
+    parent = storage.parent(target)
     if storage.is_local(target):
-        parent = os.path.dirname(storage.local_path(target)) or "."
         _no_file_on_the_way(parent, target)
-        storage.makedirs(parent, so)
-    else:
-        storage.makedirs(target.rsplit("/", 1)[0], so)
+    storage.makedirs(parent, so)
 
 
 def _no_file_on_the_way(directory: str, target: str) -> None:

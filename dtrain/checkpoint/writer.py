@@ -221,7 +221,7 @@ def _out_of_space(e: BaseException) -> bool:
 
 def _no_space_hint(dir_url: str) -> str:
     """What a user whose checkpoint storage is full should know and do (rank 0, after the cleanup)."""
-    root = os.path.dirname(storage.local_path(dir_url).rstrip("/")) if storage.is_local(dir_url) else dir_url
+    root = storage.parent(dir_url) if storage.is_local(dir_url) else dir_url
     try:
         st = os.statvfs(root)
         free = f" ({st.f_bavail * st.f_frsize / 2**20:.1f} MiB free now)"
