@@ -54,6 +54,9 @@ class TrainConfig:
     deterministic: bool = True  # torch.use_deterministic_algorithms on CPU
     autocast: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
     max_time: float = 0.0  # wall-clock budget in seconds, 0 = none
+    # validation batches run at every start, before the first step: a crashing eval_per_sample or a
+    # wrong early_stopping.monitor fails there, not at the first evaluation hours later; 0 = off
+    sanity_eval_batches: int = 1
 
 
 @dataclass
@@ -153,7 +156,7 @@ _NON_NEGATIVE = (
     "scheduler.warmup_steps", "scheduler.min_lr_ratio", "train.max_time", "checkpoint.every_steps",
     "checkpoint.every_minutes", "checkpoint.keep_last_n", "checkpoint.keep_best_k",
     "checkpoint.keep_every_n_steps", "early_stopping.patience", "early_stopping.min_delta",
-    "early_stopping.start_from_step",
+    "early_stopping.start_from_step", "train.sanity_eval_batches",
 )
 _POSITIVE = ("data.batch_size", "data.grad_accum", "data.eval_batch_size", "train.max_steps",
              "train.eval_every", "train.log_every", "dist.timeout_s", "checkpoint.lease_ttl_s")
@@ -266,7 +269,7 @@ def to_dict(cfg: JobConfig) -> dict[str, Any]:
 
 # an optimizer's state_dict carries these in its param_groups, so a resume restores the saved values
 RESTORED_BY_OPTIMIZER = ("optim.lr", "optim.weight_decay", "optim.betas", "optim.momentum")
-_HOW_TO_RUN = ("run_dir", "resume", "logging.", "faults.")  # keys that say how to run, not what to train
+_HOW_TO_RUN = ("run_dir", "resume", "logging.", "faults.", "train.sanity_eval_batches")  # keys that say how to run, not what to train
 _SECRET = ("checkpoint.storage_options.",)  # may hold credentials: named, values not shown
 
 

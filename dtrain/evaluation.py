@@ -42,8 +42,10 @@ def evaluate(
     batch_size: int,
     device: torch.device,
     autocast: contextlib.AbstractContextManager[Any] | None = None,
+    max_batches: int | None = None,
 ) -> dict[str, float]:
-    """Returns {"val/<name>": mean over the whole set} for each per-sample value the task reports.
+    """Returns {"val/<name>": mean over the whole set} for each per-sample value the task reports
+    (over each rank's first `max_batches` batches when given: a sanity check, not a metric).
 
     Every rank runs the same number of batches (padding is masked out), because an FSDP forward is
     itself a collective.
@@ -56,7 +58,9 @@ def evaluate(
     sums: torch.Tensor | None = None
     count = 0
     try:
-        for indices, n_valid in batches:
+        for i_batch, (indices, n_valid) in enumerate(batches):
+            if max_batches is not None and i_batch >= max_batches:  # the same count on every rank
+                break
             batch = to_device(_collate(dataset, indices), device)
             with autocast or contextlib.nullcontext():
                 values = per_sample(model, batch)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from dtrain import __version__, dist, exitcodes
 from dtrain.agreement import Flag, StepAgreement
-from dtrain.checkpoint import CheckpointManager, storage
+from dtrain.checkpoint import CheckpointManager, rng, storage
 from dtrain.checkpoint.manager import load_weights
 from dtrain.checkpoint.reader import read_manifest, read_state
 from dtrain.config import JobConfig, changes, check_world_size, saved_form
@@ -352,6 +352,7 @@ class Trainer:
                     log.warning("a stop (%s) arrived during start-up: the emergency checkpoint follows the first "
                                 "step", self.preemption.signal_name)
                 if not finished:
+                    self._sanity_check()
                     self._train_until_stop(batches, metrics_log, outcome)
                 self.agreement.drain()
                 if outcome.exit_code == exitcodes.OK:
@@ -429,6 +430,27 @@ class Trainer:
                     metrics_log.write(f"preempted by {self.preemption.signal_name or 'a peer'} at step "
                                       f"{self.step}: emergency checkpoint committed, exiting for requeue")
                 return
+
+    def _sanity_check(self) -> None:
+        """Run the first `train.sanity_eval_batches` validation batches before the first step, so a
+        crashing eval_per_sample or an early_stopping.monitor the evaluation never produces fails
+        at start-up rather than at the first evaluation, maybe hours in. Every start runs it (fresh
+        or resumed) and it leaves no trace: RNG states are put back and the model is in eval mode,
+        so a resumed run stays on the uninterrupted run's trajectory."""
+        n = self.cfg.train.sanity_eval_batches
+        if n == 0:
+            return
+        t0, saved = time.monotonic(), rng.capture()
+        try:
+            metrics = evaluate(unwrap(self.model), self.val_ds, self.task.eval_per_sample,  # type: ignore[arg-type]
+                               batch_size=self.cfg.data.eval_batch_size, device=self.env.device,
+                               autocast=self._autocast(), max_batches=n)
+        finally:
+            rng.restore(saved, "the sanity check")
+        if self.early_stopping is not None:
+            self.early_stopping.check_metrics(metrics)
+        log.info("sanity check: %d validation batch(es) per rank ran in %.2fs, metrics %s (train.sanity_eval_batches)",
+                 n, time.monotonic() - t0, ", ".join(sorted(metrics)) or "none")
 
     def _evaluate(self, metrics_log: MetricsLogger) -> Flag:
         """Evaluate, log the metrics and feed early stopping; EARLY_STOP when it says stop."""

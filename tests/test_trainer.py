@@ -266,3 +266,25 @@ def test_nan_loss_on_one_rank_at_an_evaluation_step_stops_every_rank(tmp_path: P
         proc.stderr[-4000:]
     committed = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*/manifest.json"))
     assert committed == [], "nothing is saved after a non-finite loss"
+
+
+@pytest.mark.timeout(120)
+def test_a_monitor_the_evaluation_never_produces_fails_before_the_first_step(tmp_path: Path) -> None:
+    """The sanity check runs a validation batch at start-up: a typo in early_stopping.monitor is a
+    config error there (exit 2, the metrics that exist listed), not after eval_every steps of work."""
+    run_dir = tmp_path / "typo"
+    job = ["train", *FAST, f"run_dir={run_dir}", "train.max_steps=30", "train.eval_every=30",
+           "early_stopping.enabled=true", "early_stopping.monitor=val/los"]
+    proc = dtrain(job)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "early_stopping.monitor='val/los'" in proc.stderr and "val/loss" in proc.stderr
+
+    def started(d: Path) -> list[int]:  # the step of the start-up record, written after the first step
+        log = d / "metrics.jsonl"
+        return [r["step"] for r in read_jsonl(log) if r.get("event") == "startup"] if log.exists() else []
+
+    assert started(run_dir) == [], "no step may run before the monitor is known to exist"
+    off = dtrain([*job, f"run_dir={tmp_path / 'off'}", "train.sanity_eval_batches=0", "train.max_steps=5",
+                  "train.eval_every=5"])
+    assert off.returncode == 2 and "sanity check" not in off.stderr  # off: found at the first evaluation
+    assert started(tmp_path / "off") == [1]
