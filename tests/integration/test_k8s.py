@@ -204,6 +204,27 @@ def test_cpu_overlays_give_each_process_a_core(overlay: str) -> None:
     assert container["image"].endswith("-cpu")
 
 
+_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def _bytes(quantity: str) -> int:
+    m = re.fullmatch(r"(\d+)([KMGT]i)?", quantity)
+    assert m, f"quantity {quantity!r} not understood by this test"
+    return int(m[1]) * _UNITS.get(m[2] or "", 1)
+
+
+@pytest.mark.parametrize("overlay", ALL)
+def test_shared_memory_leaves_the_workers_most_of_the_memory_limit(overlay: str) -> None:
+    """A memory-backed emptyDir's pages count against the container's memory limit, so /dev/shm
+    may take at most a quarter of it, or the kernel OOM-kills the workers that fill it."""
+    pod = _pod_spec(_workload(render(K8S / overlay)))
+    (shm,) = [v for v in pod["volumes"] if v["name"] == "shm"]
+    assert shm["emptyDir"]["medium"] == "Memory"
+    limit = pod["containers"][0].get("resources", {}).get("limits", {}).get("memory")
+    if limit is not None:  # the base leaves resources to the components
+        assert _bytes(shm["emptyDir"]["sizeLimit"]) <= _bytes(limit) // 4, (shm, limit)
+
+
 def test_s3_component_takes_credentials_from_a_secret_and_an_endpoint_from_config() -> None:
     resources = render(K8S / "overlays/pytorchjob-gpu")
     container = _pod_spec(_workload(resources))["containers"][0]
