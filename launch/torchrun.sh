@@ -49,8 +49,9 @@ SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-120}
 TORCHRUN=${TORCHRUN:-torchrun}
 PYTHON=${PYTHON:-python3}
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then
+    # The operator's value as it is (checked below: torchrun's auto/cpu/gpu/xpu pass through); else GPUs.
     NPROC_PER_NODE=${PET_NPROC_PER_NODE:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}
-    [[ "$NPROC_PER_NODE" =~ ^[1-9] ]] || NPROC_PER_NODE=1
+    [[ -n "${PET_NPROC_PER_NODE:-}" || "$NPROC_PER_NODE" =~ ^[1-9] ]] || NPROC_PER_NODE=1
 fi
 
 log() { echo "[torchrun.sh ${HOSTNAME%%.*} $(date +%H:%M:%S)] $*" >&2; }

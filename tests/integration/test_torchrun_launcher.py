@@ -288,3 +288,18 @@ def test_a_stop_cut_short_by_shutdown_timeout_says_so(tmp_path: Path) -> None:
     out = (tmp_path / "out.log").read_text()
     assert code not in (0, 75), out[-3000:]
     assert "no rank recorded an exit code" in out and "Raise SHUTDOWN_TIMEOUT" in out, out[-3000:]
+
+
+@pytest.mark.timeout(60)
+def test_the_operators_nproc_per_node_auto_reaches_torchrun(tmp_path: Path) -> None:
+    """The Kubeflow training operator sets PET_NPROC_PER_NODE=auto; the script ran 1 process."""
+    fake = tmp_path / "torchrun"
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{tmp_path}/argv"\n')
+    fake.chmod(0o755)
+    env = {**_env(tmp_path / "run"), "PET_NPROC_PER_NODE": "auto", "TORCHRUN": str(fake)}
+    del env["NPROC_PER_NODE"]
+    done = subprocess.run([str(SCRIPT), "train.max_steps=1"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=50)
+    assert done.returncode == 0, done.stderr[-3000:]
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert argv[argv.index("--nproc-per-node") + 1] == "auto", argv
