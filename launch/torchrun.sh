@@ -110,19 +110,26 @@ for path in sorted(glob.glob(os.path.join(run_dir, "ranks", "rank-*.json")) + [o
 EOF
 }
 
-# The exit code every rank of this attempt recorded, or nothing when they disagree or wrote none.
+# "CODE ATTEMPT": the exit code every rank of torchrun's last attempt recorded, or nothing when they
+# disagree or wrote none. With MAX_RESTARTS > 0 torchrun restarts the workers in place, and the records
+# of an earlier attempt (a 75 of a preemption that torchrun restarted, say) must not speak for a later
+# one that crashed. So every record carries its attempt (torchrun's TORCHELASTIC_RESTART_COUNT), each
+# rank rewrites its record as "running" (exit_code null) when it starts, and only records of the
+# highest attempt count: a rank of that attempt that died left "running", so there is no agreed code.
 agreed_exit_code() {
     "$PYTHON" - "$1" <<'EOF'
 import json, sys
-codes = set()
+records = []
 for line in open(sys.argv[1]).read().splitlines():
-    path = line.split(" ", 1)[1]
     try:
-        codes.add(int(json.load(open(path))["exit_code"]))
-    except (OSError, ValueError, KeyError, TypeError):
+        record = json.load(open(line.split(" ", 1)[1]))
+        records.append((int(record.get("attempt", 0)), record["exit_code"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
-if len(codes) == 1:
-    print(codes.pop())
+last = max((attempt for attempt, _ in records), default=0)
+codes = {code for attempt, code in records if attempt == last}
+if len(codes) == 1 and isinstance(code := codes.pop(), int):
+    print(code, last)
 EOF
 }
 
@@ -185,14 +192,26 @@ exit_if_stopped() {  # before torchrun starts
 }
 
 # A bad config fails here, on every node, with exit 2 before any process group is formed (and
-# before torchrun, which would report it as exit 1). It also prints the run directory the ranks
-# will use: a run_dir=... argument wins over RUN_DIR there, and the exit codes are read from it.
-resolved=$("$PYTHON" - "$CONFIG" "run_dir=$RUN_DIR" "$@" <<'EOF'
+# before torchrun, which would report it as exit 1 after restarting the workers MAX_RESTARTS times).
+# These are the checks every worker makes before it joins the group (dtrain.run.check_before_start):
+# keys and values, the task and its options, the backend, and the batch split over the world size
+# when it is known here (a fixed NNODES and a number of processes per node). What only the workers
+# can find (a checkpoint that does not fit the model, data that is missing, model options the model
+# rejects when built) they record, and this script still exits 2, after torchrun's restarts.
+# It also prints the run directory the ranks will use: a run_dir=... argument wins over RUN_DIR
+# there, and the exit codes are read from it.
+world_size=""
+if [[ "$NPROC_PER_NODE" =~ ^[0-9]+$ && "${NNODES%%:*}" == "${NNODES##*:}" ]]; then
+    world_size=$((NPROC_PER_NODE * ${NNODES%%:*}))
+fi
+resolved=$("$PYTHON" - "$world_size" "$CONFIG" "run_dir=$RUN_DIR" "$@" <<'EOF'
 import sys
 from dtrain.config import load_config
 from dtrain.errors import ConfigError
 try:
-    cfg = load_config(sys.argv[1], sys.argv[2:])
+    cfg = load_config(sys.argv[2], sys.argv[3:])
+    from dtrain.run import check_before_start  # imports torch: only for a config that loaded
+    check_before_start(cfg, int(sys.argv[1]) if sys.argv[1] else None)
 except ConfigError as e:
     print(f"dtrain: config error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -241,9 +260,9 @@ code=""
 if [[ $rc -ne 0 ]]; then
     exit_files_stamp > "$after"
     comm -13 "$before" "$after" > "$fresh"
-    code=$(agreed_exit_code "$fresh")
+    read -r code attempt < <(agreed_exit_code "$fresh")
     if [[ -n "$code" ]]; then
-        log "torchrun exited $rc; the ranks of this attempt exited $code"
+        log "torchrun exited $rc; the ranks of its last attempt (restart $attempt) exited $code"
         rc=$code
     fi
 fi
