@@ -29,15 +29,18 @@
 # which forwards it to every worker (torchrun forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT, but a SIGUSR1
 # would kill torchrun itself). dtrain then agrees on a stop at the next step boundary, commits an
 # emergency checkpoint and exits 75. torchrun reports any worker exit other than 0 as its own exit 1,
-# so this script reads the exit codes that this attempt's ranks wrote (RUN_DIR/ranks/rank-*.json and
-# RUN_DIR/summary.json) and exits with theirs when they all agree. A stop that comes before any
+# so this script reads the exit codes that the ranks of torchrun's last attempt wrote (RUN_DIR/ranks/
+# rank-*.json and RUN_DIR/summary.json; an attempt restarted in place does not count) and exits with
+# theirs when they all agree. A stop that comes before any
 # worker can save (during the config check, or while torchrun and its workers start) also exits 75:
 # nothing was trained yet, so the newest committed checkpoint holds all the work.
+# A second SIGINT (Ctrl-C twice) does not wait for the checkpoint: it SIGKILLs torchrun and the workers
+# and exits 130, as plain `dtrain train` exits at once on a second Ctrl-C; other repeated signals wait.
 # A signal that was ignored when this script started cannot be trapped (bash): a script started
 # in the background of a non-interactive shell (`cmd &`) ignores SIGINT, so stop it with SIGTERM.
 # Exit codes: 0 done (finished or early-stopped), 75 preempted with a committed checkpoint, or before
-# training started (requeue and run the same command again: it resumes), 2 config error, anything
-# else a failure.
+# training started (requeue and run the same command again: it resumes), 2 config error, 130 a second
+# Ctrl-C, anything else a failure.
 set -uo pipefail
 
 CONFIG=${CONFIG:-configs/digits.yaml}
@@ -99,7 +102,7 @@ if [[ -n "${LOCAL_ADDR:-}" ]]; then args+=(--local-addr "$LOCAL_ADDR"); fi
 # Read by torchrun >= 2.9 (older versions ignore it and wait 30 s).
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$SHUTDOWN_TIMEOUT
 
-# Stamp of every exit-code file before the run, so that only files this attempt wrote are read after it.
+# Stamp of every exit-code file before the run, so that only files this run wrote are read after it.
 exit_files_stamp() {
     "$PYTHON" - "$RUN_DIR" <<'EOF' | sort
 import glob, os, sys
@@ -116,6 +119,8 @@ EOF
 # one that crashed. So every record carries its attempt (torchrun's TORCHELASTIC_RESTART_COUNT), each
 # rank rewrites its record as "running" (exit_code null) when it starts, and only records of the
 # highest attempt count: a rank of that attempt that died left "running", so there is no agreed code.
+# (Across nodes the counts may differ, see launch/README.md; with the default MAX_RESTARTS=0 there,
+# every record is attempt 0 and the "running" rewrite alone keeps stale codes out.)
 agreed_exit_code() {
     "$PYTHON" - "$1" <<'EOF'
 import json, sys
@@ -163,7 +168,8 @@ torchrun_pid=""
 workers=()
 forward_stop() {
     if [[ -n "$stop_requested" ]]; then
-        log "got SIG$1 again: the workers are already saving"
+        [[ "$1" == INT ]] && stop_now
+        log "got SIG$1 again: the workers are already saving (a second SIGINT, Ctrl-C, stops them at once)"
         return
     fi
     stop_requested=$1
@@ -179,6 +185,26 @@ forward_stop() {
         log "got SIG$1: asking workers ${workers[*]} for an emergency checkpoint (SIGTERM to torchrun $torchrun_pid)"
     fi
     kill -TERM "$torchrun_pid" 2>/dev/null
+}
+
+# A second Ctrl-C (SIGINT) after a stop: the user wants out now, not after the emergency checkpoint,
+# as with plain `dtrain train` (dtrain/preemption.py). SIGKILL torchrun, then every worker and its
+# process group (its DataLoader workers and save helpers: the workers lead their own sessions), and
+# exit 130, as a shell reports a command ended by Ctrl-C: not 75, since no checkpoint may have been
+# committed (the run resumes from the newest one that was). Any other repeated signal keeps waiting
+# for the checkpoint: schedulers send SIGTERM again, or after their warning, within the grace period.
+stop_now() {
+    local pid now=()
+    if [[ -n "$torchrun_pid" ]]; then
+        mapfile -t now < <(workers_of "$torchrun_pid")
+        log "got SIGINT again: killing torchrun $torchrun_pid and its workers ${now[*]} now, without waiting for" \
+            "the emergency checkpoint (exit 130); the next run resumes from the newest committed checkpoint"
+        kill -KILL "$torchrun_pid" 2>/dev/null
+        for pid in ${workers[@]+"${workers[@]}"} ${now[@]+"${now[@]}"}; do kill -KILL -- "-$pid" "$pid" 2>/dev/null; done
+    else
+        log "got SIGINT again: stopping before torchrun started (exit 130)"
+    fi
+    exit 130
 }
 
 for sig in TERM INT USR1 HUP; do

@@ -350,3 +350,56 @@ def test_the_operators_nproc_per_node_auto_reaches_torchrun(tmp_path: Path) -> N
     assert done.returncode == 0, done.stderr[-3000:]
     argv = (tmp_path / "argv").read_text().splitlines()
     assert argv[argv.index("--nproc-per-node") + 1] == "auto", argv
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+def test_a_second_ctrl_c_stops_at_once_without_waiting_for_the_checkpoint(tmp_path: Path) -> None:
+    """A second SIGINT while the workers save: plain `dtrain train` exits at once, but the script
+    said "already saving" and waited up to SHUTDOWN_TIMEOUT. Rank 1 is stopped (SIGSTOP), so the
+    emergency checkpoint cannot finish until the timeout here."""
+    run_dir = tmp_path / "run"
+    argv = [str(SCRIPT), "train.max_steps=400", "early_stopping.enabled=false", *FAST]
+    with open(tmp_path / "out.log", "w") as log:
+        proc = subprocess.Popen(argv, cwd=REPO, env={**_env(run_dir), "SHUTDOWN_TIMEOUT": "300"}, stdout=log,
+                                stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not (run_dir / "metrics.jsonl").exists() or \
+                not any(r.get("step", 0) >= 10 for r in read_jsonl(run_dir / "metrics.jsonl")):
+            assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "out.log").read_text()
+            time.sleep(0.2)
+        workers = sorted(_workers(proc.pid))
+        assert len(workers) == 2
+        os.kill(workers[1], signal.SIGSTOP)
+        proc.send_signal(signal.SIGINT)
+        with pytest.raises(subprocess.TimeoutExpired):  # saving, as long as rank 1 is stopped
+            proc.wait(3)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(20)
+        took = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            for pid in [*_workers(proc.pid), proc.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait(10)
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    out = (tmp_path / "out.log").read_text()
+    assert code == 130 and took < 10, out[-3000:]
+    assert "got SIGINT again: killing torchrun" in out, out[-3000:]
+    time.sleep(0.5)
+    assert not [pid for pid in workers if _alive(pid)], out[-3000:]
+
+
+def _alive(pid: int) -> bool:
+    """Running, or stopped; not gone and not a zombie waiting for its parent."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
