@@ -209,7 +209,11 @@ def validate(cfg: JobConfig) -> JobConfig:
 
 
 def check_world_size(cfg: JobConfig, world_size: int) -> None:
-    """The global batch must split evenly over ranks and accumulation steps."""
+    """The global batch must split evenly over ranks and accumulation steps, and strategy `none`
+    trains one process (checked here too, before any process group, not only when the model is wrapped)."""
+    if cfg.parallel.strategy == "none" and world_size > 1:
+        raise ConfigError(f"parallel.strategy='none' trains one process, but this job has {world_size} ranks; "
+                          "use parallel.strategy=ddp or fsdp")
     per_step = world_size * cfg.data.grad_accum
     if cfg.data.batch_size % per_step:
         raise ConfigError(

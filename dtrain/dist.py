@@ -175,6 +175,12 @@ def fast_pinned_memory() -> None:
     os.environ[name] = f"{os.environ[name]},{ours}" if os.environ.get(name) else ours
 
 
+def check_backend(backend: str) -> None:
+    """A backend this machine cannot run is a config no restart fixes: ConfigError (exit 2), not 1."""
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("dist.backend='nccl' needs CUDA, and none is available; use 'auto' or 'gloo'")
+
+
 def init(timeout_s: float = 300.0, backend: str = "auto") -> DistEnv:
     """Initialise the default process group once from the launcher's environment."""
     global _ENV
@@ -185,9 +191,7 @@ def init(timeout_s: float = 300.0, backend: str = "auto") -> DistEnv:
     chosen = "nccl" if use_cuda else "gloo"
     if backend not in ("auto", "nccl", "gloo"):
         raise DistributedError(f"dist.backend={backend!r} is not one of auto, nccl, gloo")
-    if backend == "nccl" and not torch.cuda.is_available():
-        # a config no restart fixes: exit 2, not 1
-        raise ConfigError("dist.backend='nccl' needs CUDA, and none is available; use 'auto' or 'gloo'")
+    check_backend(backend)
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         fast_pinned_memory()

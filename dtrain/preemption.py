@@ -104,21 +104,39 @@ def keep_torchrun_from_restarting(handler: PreemptionHandler) -> None:
     that may shrink (`--nnodes MIN:MAX` with fewer than the current nodes) keeps torchrun's restart:
     the remaining nodes re-form without the preempted one. Called after the checkpoint and the exit
     records are written; a no-op without torchrun or its restarts."""
-    if handler.signal_name is not None or os.environ.get("LOCAL_RANK", "0") != "0":
+    if handler.signal_name is not None:
         return
-    if os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") in ("", "0"):
+    agent = _restarting_agent()
+    if agent is None or int(os.environ.get("GROUP_WORLD_SIZE", "1")) > min_nodes(agent[1], os.environ.get("PET_NNODES", "")):
         return
+    log.info("preempted by a peer: asking torchrun (pid %d) to stop rather than restart this node's workers", agent[0])
+    os.kill(agent[0], signal.SIGTERM)
+
+
+def stop_torchrun_restarts(why: str) -> None:
+    """SIGTERM our torchrun agent (once per node: local rank 0) after an error that a restart would
+    only repeat, a config error recorded by every rank: torchrun restarted the workers
+    --max-restarts times, each attempt building everything again to fail the same way. A no-op
+    without torchrun or its restarts."""
+    agent = _restarting_agent()
+    if agent is not None:
+        log.info("%s: asking torchrun (pid %d) not to restart the workers, which would fail the same way", why, agent[0])
+        os.kill(agent[0], signal.SIGTERM)
+
+
+def _restarting_agent() -> tuple[int, list[bytes]] | None:
+    """(pid, argv) of the torchrun agent that would restart this worker in place, when this is its
+    local rank 0 and it has restarts to make; None otherwise."""
+    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") in ("", "0"):
+        return None
     agent = os.getppid()
     try:
         argv = Path(f"/proc/{agent}/cmdline").read_bytes().split(b"\0")
     except OSError:
-        return
+        return None
     if not any(a.endswith(b"torchrun") or a == b"torch.distributed.run" for a in argv):
-        return  # started through a wrapper (torchrun --no-python): not ours to stop
-    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > min_nodes(argv, os.environ.get("PET_NNODES", "")):
-        return
-    log.info("preempted by a peer: asking torchrun (pid %d) to stop rather than restart this node's workers", agent)
-    os.kill(agent, signal.SIGTERM)
+        return None  # started through a wrapper (torchrun --no-python): not ours to stop
+    return agent, argv
 
 
 def min_nodes(agent_argv: list[bytes], pet_nnodes: str = "") -> int:

@@ -16,8 +16,8 @@ from dtrain import __version__, dist, exitcodes
 from dtrain.config import JobConfig, check_world_size, to_yaml
 from dtrain.errors import ConfigError
 from dtrain.metrics import setup_logging
-from dtrain.preemption import PreemptionHandler, keep_torchrun_from_restarting
-from dtrain.summary import write_rank_record
+from dtrain.preemption import PreemptionHandler, keep_torchrun_from_restarting, stop_torchrun_restarts
+from dtrain.summary import write_rank_record, write_start_record
 from dtrain.tasks import get_task, make_options
 from dtrain.trainer import Trainer
 
@@ -41,6 +41,17 @@ def check_task_options(cfg: JobConfig) -> None:
     make_options(task.data_config, cfg.data.options, "data.options")
 
 
+def check_before_start(cfg: JobConfig, world_size: int | None) -> None:
+    """The config checks that need no process group, data or checkpoint: the task and its options,
+    the batch split over `world_size` ranks (None where it is not known before the rendezvous) and
+    the backend. launch/torchrun.sh runs them before torchrun, so these errors exit 2 at once instead
+    of after torchrun's in-place restarts; every worker runs them again."""
+    check_task_options(cfg)
+    if world_size is not None:
+        check_world_size(cfg, world_size)
+    dist.check_backend(cfg.dist.backend)
+
+
 def run(cfg: JobConfig, preemption: PreemptionHandler | None = None) -> int:
     """Train under whatever launcher started us; the process group is torn down on every path.
 
@@ -55,13 +66,17 @@ def run(cfg: JobConfig, preemption: PreemptionHandler | None = None) -> int:
 
 def _run(cfg: JobConfig, preemption: PreemptionHandler) -> int:
     startup = {"process_start": process_start_time()}
-    check_task_options(cfg)
-    check_world_size(cfg, dist.detect_launcher()[2])
-    env = dist.init(cfg.dist.timeout_s, cfg.dist.backend)
+    _, rank, world_size, _ = dist.detect_launcher()
+    run_dir = Path(cfg.run_dir)
+    write_start_record(run_dir, rank)
+    try:
+        check_before_start(cfg, world_size)
+        env = dist.init(cfg.dist.timeout_s, cfg.dist.backend)
+    except ConfigError as e:
+        _record_config_error(run_dir, rank, e)
+        raise
     startup["init_done"] = time.time()
     try:
-        run_dir = Path(cfg.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
         setup_logging(env.rank, cfg.logging.level, run_dir / "train.log")
         if env.is_main:
             (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -85,11 +100,12 @@ def _run(cfg: JobConfig, preemption: PreemptionHandler) -> int:
 
 
 def _record_config_error(run_dir: Path, rank: int, error: ConfigError) -> None:
-    """This rank's exit record (as summary.py writes at the end) for a config error found after the
-    process group started (a checkpoint that does not fit): torchrun reports any failed worker as
-    exit 1, and launch/torchrun.sh reads these records to exit 2, which a launcher does not retry."""
+    """This rank's exit record (as summary.py writes at the end) for a config error: torchrun reports
+    any failed worker as exit 1, and launch/torchrun.sh reads these records to exit 2, which a
+    launcher does not retry."""
     write_rank_record(run_dir, rank, {"stopped_by": "config_error", "exit_code": exitcodes.CONFIG_ERROR,
                                       "error": str(error)})
+    stop_torchrun_restarts("config error")
 
 
 def train(cfg: JobConfig) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,11 +40,25 @@ def _json_metrics(metrics: dict[str, float]) -> dict[str, float | None]:
     return {k: v if math.isfinite(v) else None for k, v in metrics.items()}
 
 
+def attempt() -> int:
+    """torchrun's restart count for this worker group (0 without torchrun): which attempt wrote a
+    record. launch/torchrun.sh trusts only the records of the last attempt it ran."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+
+
 def write_rank_record(run_dir: Path, rank: int, record: dict[str, Any]) -> None:
     """<run_dir>/ranks/rank-NNNNN.json: how this rank ended (launch/torchrun.sh reads `exit_code`)."""
     ranks_dir = run_dir / "ranks"
     ranks_dir.mkdir(parents=True, exist_ok=True)
-    (ranks_dir / f"rank-{rank:05d}.json").write_text(json.dumps({"rank": rank, **record}, allow_nan=False) + "\n")
+    text = json.dumps({"rank": rank, "attempt": attempt(), **record}, allow_nan=False) + "\n"
+    (ranks_dir / f"rank-{rank:05d}.json").write_text(text)
+
+
+def write_start_record(run_dir: Path, rank: int) -> None:
+    """The record says "running" (exit_code null) until this rank ends: a rank that dies leaves that
+    behind, not the code an earlier attempt or run recorded (a 75 of an attempt that torchrun then
+    restarted made launch/torchrun.sh report a later crash as "preempted, requeue me")."""
+    write_rank_record(run_dir, rank, {"stopped_by": "running", "exit_code": None})
 
 
 def write_summary(outcome: Outcome, *, run_dir: Path, env: DistEnv, cfg: JobConfig,
@@ -60,6 +75,7 @@ def write_summary(outcome: Outcome, *, run_dir: Path, env: DistEnv, cfg: JobConf
     summary = {
         "stopped_by": outcome.stopped_by,
         "exit_code": outcome.exit_code,
+        "attempt": attempt(),
         "last_step": outcome.last_step,
         "max_steps": cfg.train.max_steps,
         "monitor": es.monitor if es else None,

@@ -29,15 +29,18 @@
 # which forwards it to every worker (torchrun forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT, but a SIGUSR1
 # would kill torchrun itself). dtrain then agrees on a stop at the next step boundary, commits an
 # emergency checkpoint and exits 75. torchrun reports any worker exit other than 0 as its own exit 1,
-# so this script reads the exit codes that this attempt's ranks wrote (RUN_DIR/ranks/rank-*.json and
-# RUN_DIR/summary.json) and exits with theirs when they all agree. A stop that comes before any
+# so this script reads the exit codes that the ranks of torchrun's last attempt wrote (RUN_DIR/ranks/
+# rank-*.json and RUN_DIR/summary.json; an attempt restarted in place does not count) and exits with
+# theirs when they all agree. A stop that comes before any
 # worker can save (during the config check, or while torchrun and its workers start) also exits 75:
 # nothing was trained yet, so the newest committed checkpoint holds all the work.
+# A second SIGINT (Ctrl-C twice) does not wait for the checkpoint: it SIGKILLs torchrun and the workers
+# and exits 130, as plain `dtrain train` exits at once on a second Ctrl-C; other repeated signals wait.
 # A signal that was ignored when this script started cannot be trapped (bash): a script started
 # in the background of a non-interactive shell (`cmd &`) ignores SIGINT, so stop it with SIGTERM.
 # Exit codes: 0 done (finished or early-stopped), 75 preempted with a committed checkpoint, or before
-# training started (requeue and run the same command again: it resumes), 2 config error, anything
-# else a failure.
+# training started (requeue and run the same command again: it resumes), 2 config error, 130 a second
+# Ctrl-C, anything else a failure.
 set -uo pipefail
 
 CONFIG=${CONFIG:-configs/digits.yaml}
@@ -49,8 +52,9 @@ SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-120}
 TORCHRUN=${TORCHRUN:-torchrun}
 PYTHON=${PYTHON:-python3}
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then
+    # The operator's value as it is (checked below: torchrun's auto/cpu/gpu/xpu pass through); else GPUs.
     NPROC_PER_NODE=${PET_NPROC_PER_NODE:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}
-    [[ "$NPROC_PER_NODE" =~ ^[1-9] ]] || NPROC_PER_NODE=1
+    [[ -n "${PET_NPROC_PER_NODE:-}" || "$NPROC_PER_NODE" =~ ^[1-9] ]] || NPROC_PER_NODE=1
 fi
 
 log() { echo "[torchrun.sh ${HOSTNAME%%.*} $(date +%H:%M:%S)] $*" >&2; }
@@ -98,7 +102,7 @@ if [[ -n "${LOCAL_ADDR:-}" ]]; then args+=(--local-addr "$LOCAL_ADDR"); fi
 # Read by torchrun >= 2.9 (older versions ignore it and wait 30 s).
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$SHUTDOWN_TIMEOUT
 
-# Stamp of every exit-code file before the run, so that only files this attempt wrote are read after it.
+# Stamp of every exit-code file before the run, so that only files this run wrote are read after it.
 exit_files_stamp() {
     "$PYTHON" - "$RUN_DIR" <<'EOF' | sort
 import glob, os, sys
@@ -109,19 +113,28 @@ for path in sorted(glob.glob(os.path.join(run_dir, "ranks", "rank-*.json")) + [o
 EOF
 }
 
-# The exit code every rank of this attempt recorded, or nothing when they disagree or wrote none.
+# "CODE ATTEMPT": the exit code every rank of torchrun's last attempt recorded, or nothing when they
+# disagree or wrote none. With MAX_RESTARTS > 0 torchrun restarts the workers in place, and the records
+# of an earlier attempt (a 75 of a preemption that torchrun restarted, say) must not speak for a later
+# one that crashed. So every record carries its attempt (torchrun's TORCHELASTIC_RESTART_COUNT), each
+# rank rewrites its record as "running" (exit_code null) when it starts, and only records of the
+# highest attempt count: a rank of that attempt that died left "running", so there is no agreed code.
+# (Across nodes the counts may differ, see launch/README.md; with the default MAX_RESTARTS=0 there,
+# every record is attempt 0 and the "running" rewrite alone keeps stale codes out.)
 agreed_exit_code() {
     "$PYTHON" - "$1" <<'EOF'
 import json, sys
-codes = set()
+records = []
 for line in open(sys.argv[1]).read().splitlines():
-    path = line.split(" ", 1)[1]
     try:
-        codes.add(int(json.load(open(path))["exit_code"]))
-    except (OSError, ValueError, KeyError, TypeError):
+        record = json.load(open(line.split(" ", 1)[1]))
+        records.append((int(record.get("attempt", 0)), record["exit_code"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
-if len(codes) == 1:
-    print(codes.pop())
+last = max((attempt for attempt, _ in records), default=0)
+codes = {code for attempt, code in records if attempt == last}
+if len(codes) == 1 and isinstance(code := codes.pop(), int):
+    print(code, last)
 EOF
 }
 
@@ -155,7 +168,8 @@ torchrun_pid=""
 workers=()
 forward_stop() {
     if [[ -n "$stop_requested" ]]; then
-        log "got SIG$1 again: the workers are already saving"
+        [[ "$1" == INT ]] && stop_now
+        log "got SIG$1 again: the workers are already saving (a second SIGINT, Ctrl-C, stops them at once)"
         return
     fi
     stop_requested=$1
@@ -173,6 +187,26 @@ forward_stop() {
     kill -TERM "$torchrun_pid" 2>/dev/null
 }
 
+# A second Ctrl-C (SIGINT) after a stop: the user wants out now, not after the emergency checkpoint,
+# as with plain `dtrain train` (dtrain/preemption.py). SIGKILL torchrun, then every worker and its
+# process group (its DataLoader workers and save helpers: the workers lead their own sessions), and
+# exit 130, as a shell reports a command ended by Ctrl-C: not 75, since no checkpoint may have been
+# committed (the run resumes from the newest one that was). Any other repeated signal keeps waiting
+# for the checkpoint: schedulers send SIGTERM again, or after their warning, within the grace period.
+stop_now() {
+    local pid now=()
+    if [[ -n "$torchrun_pid" ]]; then
+        mapfile -t now < <(workers_of "$torchrun_pid")
+        log "got SIGINT again: killing torchrun $torchrun_pid and its workers ${now[*]} now, without waiting for" \
+            "the emergency checkpoint (exit 130); the next run resumes from the newest committed checkpoint"
+        kill -KILL "$torchrun_pid" 2>/dev/null
+        for pid in ${workers[@]+"${workers[@]}"} ${now[@]+"${now[@]}"}; do kill -KILL -- "-$pid" "$pid" 2>/dev/null; done
+    else
+        log "got SIGINT again: stopping before torchrun started (exit 130)"
+    fi
+    exit 130
+}
+
 for sig in TERM INT USR1 HUP; do
     # shellcheck disable=SC2064
     trap "forward_stop $sig" "$sig"
@@ -184,14 +218,26 @@ exit_if_stopped() {  # before torchrun starts
 }
 
 # A bad config fails here, on every node, with exit 2 before any process group is formed (and
-# before torchrun, which would report it as exit 1). It also prints the run directory the ranks
-# will use: a run_dir=... argument wins over RUN_DIR there, and the exit codes are read from it.
-resolved=$("$PYTHON" - "$CONFIG" "run_dir=$RUN_DIR" "$@" <<'EOF'
+# before torchrun, which would report it as exit 1 after restarting the workers MAX_RESTARTS times).
+# These are the checks every worker makes before it joins the group (dtrain.run.check_before_start):
+# keys and values, the task and its options, the backend, and the batch split over the world size
+# when it is known here (a fixed NNODES and a number of processes per node). What only the workers
+# can find (a checkpoint that does not fit the model, data that is missing, model options the model
+# rejects when built) they record, and this script still exits 2, after torchrun's restarts.
+# It also prints the run directory the ranks will use: a run_dir=... argument wins over RUN_DIR
+# there, and the exit codes are read from it.
+world_size=""
+if [[ "$NPROC_PER_NODE" =~ ^[0-9]+$ && "${NNODES%%:*}" == "${NNODES##*:}" ]]; then
+    world_size=$((NPROC_PER_NODE * ${NNODES%%:*}))
+fi
+resolved=$("$PYTHON" - "$world_size" "$CONFIG" "run_dir=$RUN_DIR" "$@" <<'EOF'
 import sys
 from dtrain.config import load_config
 from dtrain.errors import ConfigError
 try:
-    cfg = load_config(sys.argv[1], sys.argv[2:])
+    cfg = load_config(sys.argv[2], sys.argv[3:])
+    from dtrain.run import check_before_start  # imports torch: only for a config that loaded
+    check_before_start(cfg, int(sys.argv[1]) if sys.argv[1] else None)
 except ConfigError as e:
     print(f"dtrain: config error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -240,9 +286,9 @@ code=""
 if [[ $rc -ne 0 ]]; then
     exit_files_stamp > "$after"
     comm -13 "$before" "$after" > "$fresh"
-    code=$(agreed_exit_code "$fresh")
+    read -r code attempt < <(agreed_exit_code "$fresh")
     if [[ -n "$code" ]]; then
-        log "torchrun exited $rc; the ranks of this attempt exited $code"
+        log "torchrun exited $rc; the ranks of its last attempt (restart $attempt) exited $code"
         rc=$code
     fi
 fi

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch import FAST, read_jsonl, summary
+from tests.launch import FAST, rank_summaries, read_jsonl, summary
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "launch" / "torchrun.sh"
@@ -288,3 +288,118 @@ def test_a_stop_cut_short_by_shutdown_timeout_says_so(tmp_path: Path) -> None:
     out = (tmp_path / "out.log").read_text()
     assert code not in (0, 75), out[-3000:]
     assert "no rank recorded an exit code" in out and "Raise SHUTDOWN_TIMEOUT" in out, out[-3000:]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(150)
+def test_a_crash_after_an_in_place_restart_is_not_reported_as_the_earlier_preemption(tmp_path: Path) -> None:
+    """Attempt 0 is preempted (rank 0 signals itself: every rank records 75, and torchrun restarts
+    them in place); attempt 1 resumes and rank 1 is killed, with no restarts left. The script read
+    attempt 0's records and exited 75, "checkpoint committed, requeue me", for a crash."""
+    run_dir = tmp_path / "run"
+    env = {**_env(run_dir), "MAX_RESTARTS": "1",
+           "DTRAIN_FAULTS": '{"signal_rank": 0, "signal_step": 3, "kill_rank": 1, "kill_step": 12}'}
+    done = subprocess.run([str(SCRIPT), "train.max_steps=30", "train.eval_every=100", "early_stopping.enabled=false",
+                           *FAST], cwd=REPO, env=env, capture_output=True, text=True, timeout=140)
+    assert done.returncode == 1, done.stderr[-3000:]
+    preempted = summary(run_dir)  # attempt 0's, still there: rank 0 of attempt 1 never finished
+    assert (preempted["attempt"], preempted["exit_code"]) == (0, 75), preempted
+    assert [e["from"] for e in read_jsonl(run_dir / "metrics.jsonl") if e.get("event") == "resume"] == \
+        [str(run_dir / "checkpoints" / f"step-{preempted['last_step']:09d}")], done.stderr[-3000:]
+    # every rank of attempt 1 rewrote its record when it started; rank 1 died with it saying "running"
+    assert [(r["attempt"], r["exit_code"]) for r in rank_summaries(run_dir)][1] == (1, None)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("override", ["model.depth=3", "data.batch_size=33", "parallel.strategy=none"])
+def test_config_errors_the_workers_check_before_the_group_exit_2_before_torchrun(tmp_path: Path, override: str) -> None:
+    """Task options, the batch split over the ranks and a one-process strategy on two ranks were only
+    checked by the workers: torchrun restarted them MAX_RESTARTS times, then the script said 1."""
+    done = subprocess.run([str(SCRIPT), "train.max_steps=5", *FAST, override], cwd=REPO,
+                          env={**_env(tmp_path / "run"), "MAX_RESTARTS": "2"}, capture_output=True, text=True,
+                          timeout=80)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert override.split("=")[0] in done.stderr and "torchrun --nproc-per-node" not in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(90)
+def test_a_config_error_only_workers_find_exits_2_without_restarts(tmp_path: Path) -> None:
+    """model.channels=0 is found when the workers build the model: they record exit 2 and stop
+    torchrun, which restarted them MAX_RESTARTS times to fail the same way."""
+    done = subprocess.run([str(SCRIPT), "train.max_steps=5", *FAST, "model.channels=0"], cwd=REPO,
+                          env={**_env(tmp_path / "run"), "MAX_RESTARTS": "2"}, capture_output=True, text=True,
+                          timeout=80)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "model.channels (0)" in done.stderr, done.stderr[-3000:]
+    assert [(r["attempt"], r["exit_code"]) for r in rank_summaries(tmp_path / "run")] == [(0, 2), (0, 2)]
+
+
+@pytest.mark.timeout(60)
+def test_the_operators_nproc_per_node_auto_reaches_torchrun(tmp_path: Path) -> None:
+    """The Kubeflow training operator sets PET_NPROC_PER_NODE=auto; the script ran 1 process."""
+    fake = tmp_path / "torchrun"
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{tmp_path}/argv"\n')
+    fake.chmod(0o755)
+    env = {**_env(tmp_path / "run"), "PET_NPROC_PER_NODE": "auto", "TORCHRUN": str(fake)}
+    del env["NPROC_PER_NODE"]
+    done = subprocess.run([str(SCRIPT), "train.max_steps=1"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=50)
+    assert done.returncode == 0, done.stderr[-3000:]
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert argv[argv.index("--nproc-per-node") + 1] == "auto", argv
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+def test_a_second_ctrl_c_stops_at_once_without_waiting_for_the_checkpoint(tmp_path: Path) -> None:
+    """A second SIGINT while the workers save: plain `dtrain train` exits at once, but the script
+    said "already saving" and waited up to SHUTDOWN_TIMEOUT. Rank 1 is stopped (SIGSTOP), so the
+    emergency checkpoint cannot finish until the timeout here."""
+    run_dir = tmp_path / "run"
+    argv = [str(SCRIPT), "train.max_steps=400", "early_stopping.enabled=false", *FAST]
+    with open(tmp_path / "out.log", "w") as log:
+        proc = subprocess.Popen(argv, cwd=REPO, env={**_env(run_dir), "SHUTDOWN_TIMEOUT": "300"}, stdout=log,
+                                stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not (run_dir / "metrics.jsonl").exists() or \
+                not any(r.get("step", 0) >= 10 for r in read_jsonl(run_dir / "metrics.jsonl")):
+            assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "out.log").read_text()
+            time.sleep(0.2)
+        workers = sorted(_workers(proc.pid))
+        assert len(workers) == 2
+        os.kill(workers[1], signal.SIGSTOP)
+        proc.send_signal(signal.SIGINT)
+        with pytest.raises(subprocess.TimeoutExpired):  # saving, as long as rank 1 is stopped
+            proc.wait(3)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(20)
+        took = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            for pid in [*_workers(proc.pid), proc.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait(10)
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    out = (tmp_path / "out.log").read_text()
+    assert code == 130 and took < 10, out[-3000:]
+    assert "got SIGINT again: killing torchrun" in out, out[-3000:]
+    time.sleep(0.5)
+    assert not [pid for pid in workers if _alive(pid)], out[-3000:]
+
+
+def _alive(pid: int) -> bool:
+    """Running, or stopped; not gone and not a zombie waiting for its parent."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
