@@ -15,6 +15,7 @@ from typing import Any
 
 from dtrain import exitcodes
 from dtrain.checkpoint import CheckpointManager
+from dtrain.checkpoint.localfs import out_of_space, storage_full, write_atomic
 from dtrain.config import JobConfig
 from dtrain.dist import DistEnv
 from dtrain.early_stopping import EarlyStopping
@@ -39,11 +40,27 @@ def _json_metrics(metrics: dict[str, float]) -> dict[str, float | None]:
     return {k: v if math.isfinite(v) else None for k, v in metrics.items()}
 
 
+def write_record(path: Path, text: str, exit_code: int) -> None:
+    """Write a record of how the run (or this rank) ended, whole or not at all: temp name + rename, so
+    a reader never sees half of one and a failed write leaves the previous one. A failure is logged,
+    not raised: these are written after the last checkpoint committed (or its failure was raised),
+    so a full disk at the very end must not turn exit 0 or 75 into a crash with exit 1.
+    launch/torchrun.sh then goes by the records the other ranks wrote, or by torchrun's own exit
+    code when none was written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(str(path), str(path), text.encode("utf-8"))
+    except OSError as e:
+        hint = f". {storage_full(str(path.parent))}: free space there" if out_of_space(e) else ""
+        log.error("cannot write %s (%s: %s)%s. This rank exits %d all the same: the checkpoints are not affected "
+                  "(launch/torchrun.sh goes by the records that were written, else by torchrun's exit code)",
+                  path, type(e).__name__, e, hint, exit_code)
+
+
 def write_rank_record(run_dir: Path, rank: int, record: dict[str, Any]) -> None:
     """<run_dir>/ranks/rank-NNNNN.json: how this rank ended (launch/torchrun.sh reads `exit_code`)."""
-    ranks_dir = run_dir / "ranks"
-    ranks_dir.mkdir(parents=True, exist_ok=True)
-    (ranks_dir / f"rank-{rank:05d}.json").write_text(json.dumps({"rank": rank, **record}, allow_nan=False) + "\n")
+    text = json.dumps({"rank": rank, **record}, allow_nan=False) + "\n"
+    write_record(run_dir / "ranks" / f"rank-{rank:05d}.json", text, int(record["exit_code"]))
 
 
 def write_summary(outcome: Outcome, *, run_dir: Path, env: DistEnv, cfg: JobConfig,
@@ -72,6 +89,6 @@ def write_summary(outcome: Outcome, *, run_dir: Path, env: DistEnv, cfg: JobConf
         "world_size": env.world_size,
         "strategy": cfg.parallel.strategy,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    write_record(run_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n", outcome.exit_code)
     log.info("summary: %s", json.dumps({k: summary[k] for k in ("stopped_by", "last_step", "best_step",
                                                                "best_metric")}))

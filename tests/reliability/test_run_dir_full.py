@@ -1,0 +1,52 @@
+"""The disk that holds run_dir (and by default the checkpoints) full outside a checkpoint write:
+at the very end of a run (summary.json, the exit records), while a run logs (train.log), and at its
+start (run_dir, config.yaml, the checkpoint root's lease). Real `dtrain train` processes on small
+tmpfs mounts; skipped where mounting is not allowed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.launch import FAST, REPO
+from tests.reliability.conftest import tmpfs
+
+SMALL = [*FAST, "train.max_steps=4", "train.eval_every=100", "early_stopping.enabled=false"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "DTRAIN_"))}
+    return {**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("ending,code", [("finished", 0), ("preempted", 75)])
+def test_a_disk_that_fills_at_the_end_keeps_the_exit_code(tmp_path: Path, ending: str, code: int) -> None:
+    """summary.json and ranks/rank-*.json were written with Path.write_text: on a disk that filled
+    after the last checkpoint committed, a finished run (0) or a preempted one whose emergency
+    checkpoint was committed (75) crashed with an OSError traceback and exit 1, leaving an empty
+    record behind (write_text creates the file, then cannot write it). Now each record is written
+    whole or not at all, a failure is one logged error naming the file and the free space, and the
+    exit code stays."""
+    faults = {"DTRAIN_FAULTS": json.dumps({"signal_rank": 0, "signal_step": 2})} if ending == "preempted" else {}
+    with tmpfs(tmp_path / "disk", "4m") as disk:
+        run_dir = disk / "run"
+        proc = subprocess.run([sys.executable, "-m", "tests.reliability.fill_at_end", "train", *SMALL,
+                               f"run_dir={run_dir}", f"checkpoint.root={tmp_path / 'ckpts'}"],
+                              cwd=REPO, env=_env(**faults), capture_output=True, text=True, timeout=50)
+        assert proc.returncode == code, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        for name in ("summary.json", "ranks/rank-00000.json"):
+            assert f"cannot write {run_dir / name} (OSError: [Errno 28] No space left on device)" in proc.stderr
+        assert f"The storage under {run_dir} is full (0.0 MiB free now)" in proc.stderr, proc.stderr[-3000:]
+        assert f"This rank exits {code} all the same" in proc.stderr
+        # nothing half-written, no temp files
+        assert sorted(p.name for p in run_dir.iterdir()) == ["ballast", "config.yaml", "metrics.jsonl", "ranks",
+                                                             "train.log"]
+        assert os.listdir(run_dir / "ranks") == []
+        assert any(p.startswith("step-") for p in os.listdir(tmp_path / "ckpts"))  # the work is saved
