@@ -83,8 +83,11 @@ def out_of_space(e: BaseException) -> bool:
 def storage_full(path: str) -> str:
     """'The storage under PATH is full (N MiB free now)': how every disk-full message begins, with
     what is free measured now (no free inodes, when they are what ran out)."""
+    where = path
+    while not os.path.exists(where) and os.path.dirname(where) != where:  # a directory not made yet
+        where = os.path.dirname(where)
     try:
-        st = os.statvfs(path)
+        st = os.statvfs(where)
         inodes = ", no free inodes" if st.f_files and not st.f_favail else ""
         free = f" ({st.f_bavail * st.f_frsize / 2**20:.1f} MiB free now{inodes})"
     except OSError:

@@ -191,7 +191,7 @@ def commit(dir_url: str, report: RankReport, meta: dict[str, Box], group: comm.P
         if outcome is not None and storage.is_local(dir_url):
             _remove_uncommitted(dir_url, storage_options)
         if outcome is not None and full:
-            outcome += _no_space_hint(dir_url)
+            outcome += no_space_hint(dir_url)
     if comm.broadcast_code(outcome is not None, group):  # the reason travels only on failure
         outcome = comm.broadcast_object(outcome, group)
         raise CheckpointError(f"checkpoint {dir_url} was not committed: {outcome}")
@@ -214,8 +214,8 @@ def _remove_uncommitted(dir_url: str, storage_options: storage.StorageOptions) -
         log.warning("could not remove the uncommitted checkpoint %s: %s", dir_url, e)
 
 
-def _no_space_hint(dir_url: str) -> str:
-    """What a user whose checkpoint storage is full should know and do (rank 0, after the cleanup)."""
+def no_space_hint(dir_url: str) -> str:
+    """What a user whose checkpoint storage is full should know and do, for a failed save of `dir_url`."""
     root = storage.parent(dir_url) if storage.is_local(dir_url) else dir_url
     return (f". {storage_full(root)}: free space there, or keep fewer checkpoints "
             f"(checkpoint.keep_last_n; a save needs room for one more checkpoint than retention keeps, since "

@@ -50,3 +50,36 @@ def test_a_disk_that_fills_at_the_end_keeps_the_exit_code(tmp_path: Path, ending
                                                              "train.log"]
         assert os.listdir(run_dir / "ranks") == []
         assert any(p.startswith("step-") for p in os.listdir(tmp_path / "ckpts"))  # the work is saved
+
+
+def _fill(disk: Path) -> None:
+    st = os.statvfs(disk)
+    (disk / "ballast").write_bytes(b"\0" * (st.f_bavail * st.f_frsize))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("full", ["run_dir", "checkpoint.root"])
+def test_a_full_disk_at_the_start_is_a_clear_error(tmp_path: Path, full: str) -> None:
+    """A run started on a full disk crashed with a bare OSError traceback (config.yaml, written with
+    write_text, left empty) or, on a full checkpoint root, said only 'OSError: [Errno 28]' with no
+    file and no advice. Now: exit 1 (a failure: freeing space and running again resumes) with one
+    line naming the file, the free space and what to do."""
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        _fill(disk)
+        if full == "run_dir":
+            run_dir, root = disk / "run", tmp_path / "ckpts"
+            expected = (f"dtrain: error: cannot write {run_dir}/config.yaml (run_dir): OSError: [Errno 28] No space "
+                        f"left on device. The storage under {run_dir} is full (0.0 MiB free now): free space there, "
+                        f"or use a run_dir on a disk with room")
+        else:
+            run_dir, root = tmp_path / "run", disk / "ckpts"
+            expected = (f"dtrain: error: checkpoint root {root} cannot be used: taking the lease "
+                        f"{root}/.dtrain-lease.json: OSError: [Errno 28] No space left on device. The storage under "
+                        f"{root} is full (0.0 MiB free now): free space there, or use a checkpoint.root with room")
+        proc = subprocess.run([sys.executable, "-m", "dtrain", "train", *SMALL, f"run_dir={run_dir}",
+                               f"checkpoint.root={root}"], cwd=REPO, env=_env(), capture_output=True, text=True,
+                              timeout=50)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        written = disk / ("run" if full == "run_dir" else "ckpts")
+        assert [p for p in os.listdir(written) if p.endswith(("config.yaml", ".tmp"))] == []  # nothing half-written
