@@ -83,3 +83,30 @@ def test_a_full_disk_at_the_start_is_a_clear_error(tmp_path: Path, full: str) ->
         assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         written = disk / ("run" if full == "run_dir" else "ckpts")
         assert [p for p in os.listdir(written) if p.endswith(("config.yaml", ".tmp"))] == []  # nothing half-written
+
+
+@pytest.mark.timeout(90)
+def test_torchrun_sh_without_any_exit_record_exits_with_torchruns_code_and_says_why(tmp_path: Path) -> None:
+    """launch/torchrun.sh reads the ranks' exit records because torchrun turns a worker's 75 into 1.
+    When the disk filled at the end, no record was written: the script exited 1 saying nothing. It
+    still exits 1 (nothing shows the work is saved, and a failure is the safe answer: Slurm
+    requeues it after a warning signal, and the next start resumes), but now says why."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    wrapper = tmp_path / "torchrun-fill-at-end"  # the real torchrun, running the workers of fill_at_end
+    wrapper.write_text(f"#!{sys.executable}\nimport os, sys\nargs = sys.argv[1:]\n"
+                       f"args[args.index('-m') + 1] = 'tests.reliability.fill_at_end'\n"
+                       f"os.execv({str(torchrun)!r}, [{str(torchrun)!r}, *args])\n")
+    wrapper.chmod(0o755)
+    with tmpfs(tmp_path / "disk", "4m") as disk:
+        run_dir = disk / "run"
+        env = _env(TORCHRUN=str(wrapper), CONFIG="configs/digits.yaml", RUN_DIR=str(run_dir), NPROC_PER_NODE="1",
+                   MAX_RESTARTS="0", PYTHON=sys.executable,
+                   DTRAIN_FAULTS=json.dumps({"signal_rank": 0, "signal_step": 2}))
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        proc = subprocess.run([str(REPO / "launch" / "torchrun.sh"), *SMALL, f"checkpoint.root={tmp_path / 'ckpts'}"],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=80)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        assert "This rank exits 75 all the same" in proc.stderr, proc.stderr[-3000:]
+        assert (f"torchrun exited 1 and no rank of this attempt recorded an exit code under {run_dir}/ranks"
+                in proc.stderr), proc.stderr[-3000:]
+        assert any(p.startswith("step-") for p in os.listdir(tmp_path / "ckpts"))
