@@ -83,7 +83,7 @@ def out_of_space(e: BaseException) -> bool:
 def storage_full(path: str) -> str:
     """'The storage under PATH is full (N MiB free now)': how every disk-full message begins, with
     what is free measured now (no free inodes, when they are what ran out)."""
-    where = path
+    where = os.path.abspath(path)
     while not os.path.exists(where) and os.path.dirname(where) != where:  # a directory not made yet
         where = os.path.dirname(where)
     try:
