@@ -22,3 +22,7 @@ class CheckpointMismatchError(CheckpointError):
 
 class DistributedError(DtrainError):
     """The process group cannot be set up or a collective failed."""
+
+
+class RunDirError(DtrainError):
+    """The run directory (logs, metrics, config.yaml, summary.json, exit records) cannot be written."""

@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 
 from dtrain import __version__, dist, exitcodes
+from dtrain.checkpoint.localfs import out_of_space, storage_full, write_atomic
 from dtrain.config import JobConfig, check_world_size, to_yaml
-from dtrain.errors import ConfigError
+from dtrain.errors import ConfigError, RunDirError
 from dtrain.metrics import setup_logging
 from dtrain.preemption import PreemptionHandler, keep_torchrun_from_restarting, stop_torchrun_restarts
 from dtrain.summary import write_rank_record, write_start_record
@@ -77,9 +78,7 @@ def _run(cfg: JobConfig, preemption: PreemptionHandler) -> int:
         raise
     startup["init_done"] = time.time()
     try:
-        setup_logging(env.rank, cfg.logging.level, run_dir / "train.log")
-        if env.is_main:
-            (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        prepare_run_dir(run_dir, cfg, env)
         log.info("dtrain %s: %d rank(s), %s, strategy=%s, device=%s, backend=%s", __version__, env.world_size,
                  env.launcher, cfg.parallel.strategy, env.device, env.backend)
         try:
@@ -97,6 +96,26 @@ def _run(cfg: JobConfig, preemption: PreemptionHandler) -> int:
         return code
     finally:
         dist.shutdown()
+
+
+def prepare_run_dir(run_dir: Path, cfg: JobConfig, env: dist.DistEnv) -> None:
+    """Collective: create run_dir, open train.log (rank 0) and write config.yaml (rank 0, atomically).
+    A failure (a full disk) is a RunDirError naming the path, on every rank at once: rank 0 failing
+    alone left the others to crash in their next collective, and the user with an OSError traceback."""
+    error, path = None, run_dir
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / "train.log"
+        setup_logging(env.rank, cfg.logging.level, path)
+        if env.is_main:
+            path = run_dir / "config.yaml"
+            write_atomic(str(path), str(path), to_yaml(cfg).encode("utf-8"))
+    except OSError as e:
+        hint = (f". {storage_full(str(run_dir))}: free space there, or use a run_dir on a disk with room; then "
+                f"run the same command again") if out_of_space(e) else ""
+        error = f"cannot write {path} (run_dir): {type(e).__name__}: {e}{hint}"
+    if dist.agree_any(error is not None):
+        raise RunDirError(error or f"another rank cannot write the run directory {run_dir}; its error says why")
 
 
 def _record_config_error(run_dir: Path, rank: int, error: ConfigError) -> None:

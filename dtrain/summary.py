@@ -16,6 +16,7 @@ from typing import Any
 
 from dtrain import exitcodes
 from dtrain.checkpoint import CheckpointManager
+from dtrain.checkpoint.localfs import out_of_space, storage_full, write_atomic
 from dtrain.config import JobConfig
 from dtrain.dist import DistEnv
 from dtrain.early_stopping import EarlyStopping
@@ -46,12 +47,30 @@ def attempt() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
 
 
+def write_record(path: Path, text: str, exit_code: int | None) -> None:
+    """Write a record of how the run (or this rank) ended, whole or not at all: temp name + rename, so
+    a reader never sees half of one and a failed write leaves the previous one. A failure is logged,
+    not raised: these are written after the last checkpoint committed (or its failure was raised),
+    so a full disk at the very end must not turn exit 0 or 75 into a crash with exit 1.
+    launch/torchrun.sh then finds this rank's start record ("running", as a crashed rank leaves it)
+    and exits with torchrun's own code: nothing shows that the work is saved."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(str(path), str(path), text.encode("utf-8"))
+    except OSError as e:
+        hint = f". {storage_full(str(path.parent))}: free space there" if out_of_space(e) else ""
+        if exit_code is None:  # the start record: the run goes on (prepare_run_dir reports a full disk)
+            log.warning("cannot write %s (%s: %s)%s", path, type(e).__name__, e, hint)
+            return
+        log.error("cannot write %s (%s: %s)%s. This rank exits %d all the same: the checkpoints are not affected "
+                  "(launch/torchrun.sh, which cannot tell, exits with torchrun's code)",
+                  path, type(e).__name__, e, hint, exit_code)
+
+
 def write_rank_record(run_dir: Path, rank: int, record: dict[str, Any]) -> None:
     """<run_dir>/ranks/rank-NNNNN.json: how this rank ended (launch/torchrun.sh reads `exit_code`)."""
-    ranks_dir = run_dir / "ranks"
-    ranks_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"rank": rank, "attempt": attempt(), **record}, allow_nan=False) + "\n"
-    (ranks_dir / f"rank-{rank:05d}.json").write_text(text)
+    write_record(run_dir / "ranks" / f"rank-{rank:05d}.json", text, record["exit_code"])
 
 
 def write_start_record(run_dir: Path, rank: int) -> None:
@@ -88,6 +107,6 @@ def write_summary(outcome: Outcome, *, run_dir: Path, env: DistEnv, cfg: JobConf
         "world_size": env.world_size,
         "strategy": cfg.parallel.strategy,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    write_record(run_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n", outcome.exit_code)
     log.info("summary: %s", json.dumps({k: summary[k] for k in ("stopped_by", "last_step", "best_step",
                                                                "best_metric")}))

@@ -31,9 +31,13 @@
 # emergency checkpoint and exits 75. torchrun reports any worker exit other than 0 as its own exit 1,
 # so this script reads the exit codes that the ranks of torchrun's last attempt wrote (RUN_DIR/ranks/
 # rank-*.json and RUN_DIR/summary.json; an attempt restarted in place does not count) and exits with
-# theirs when they all agree. A stop that comes before any
-# worker can save (during the config check, or while torchrun and its workers start) also exits 75:
-# nothing was trained yet, so the newest committed checkpoint holds all the work.
+# theirs when they all agree. A rank that cannot write its final record (the run directory's disk is
+# full) says so in its log and exits with its own code, but its record still says "running", as a
+# crashed rank's does: this script then exits with torchrun's code (1, a failure), since nothing shows
+# that the work is saved (the next start resumes from the newest committed checkpoint either way).
+# A stop that comes before any worker can save (during the config check, or while torchrun and its
+# workers start) also exits 75: nothing was trained yet, so the newest committed checkpoint holds all
+# the work.
 # A second SIGINT (Ctrl-C twice) does not wait for the checkpoint: it SIGKILLs torchrun and the workers
 # and exits 130, as plain `dtrain train` exits at once on a second Ctrl-C; other repeated signals wait.
 # A signal that was ignored when this script started cannot be trapped (bash): a script started
@@ -303,6 +307,14 @@ elif [[ -n "$stop_requested" && -z "$code" ]] && ((SECONDS - stop_at >= SHUTDOWN
         "SHUTDOWN_TIMEOUT=$SHUTDOWN_TIMEOUT s after passing the stop on, before the emergency checkpoint was" \
         "committed (the run resumes from the one before). Raise SHUTDOWN_TIMEOUT above the time two steps," \
         "an evaluation and a save take, and the platform's grace period above that (exit $rc)"
+elif [[ $rc -ne 0 && -z "$code" ]]; then
+    # No record at all: a worker died before writing its own (a crash, a kill), or could not write it
+    # (a full disk: the worker then logged "cannot write ..." and exited with its own code, which
+    # torchrun reports as 1). Without a record nothing says the run's work is safe: a failure.
+    log "torchrun exited $rc and no rank of this attempt recorded an exit code under $RUN_DIR/ranks" \
+        "${stop_requested:+(after SIG$stop_requested) }(a worker crashed or was killed, or could not write" \
+        "there: see the workers' errors above); exit $rc. Running the same command again resumes from" \
+        "the newest committed checkpoint"
 elif [[ -n "$stop_requested" ]]; then
     log "stop (SIG$stop_requested) requested, but the workers exited $rc"
 fi

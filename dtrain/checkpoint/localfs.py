@@ -5,6 +5,7 @@ they fail, and positional reads that several threads can share on one descriptor
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import uuid
 from collections.abc import Iterator
@@ -72,6 +73,26 @@ def write_atomic(path: str, url: str, data: bytes) -> None:
         raise
     fsync_dir(directory)
     fault_point("atomic_done", url)
+
+
+def out_of_space(e: BaseException) -> bool:
+    """A full disk or quota (ENOSPC, EDQUOT): the message then says how much is free and what to do."""
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def storage_full(path: str) -> str:
+    """'The storage under PATH is full (N MiB free now)': how every disk-full message begins, with
+    what is free measured now (no free inodes, when they are what ran out)."""
+    where = os.path.abspath(path)
+    while not os.path.exists(where) and os.path.dirname(where) != where:  # a directory not made yet
+        where = os.path.dirname(where)
+    try:
+        st = os.statvfs(where)
+        inodes = ", no free inodes" if st.f_files and not st.f_favail else ""
+        free = f" ({st.f_bavail * st.f_frsize / 2**20:.1f} MiB free now{inodes})"
+    except OSError:
+        free = ""
+    return f"The storage under {path} is full{free}"
 
 
 def pread_into(fd: int, url: str, offset: int, out: memoryview) -> None:

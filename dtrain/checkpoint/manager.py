@@ -29,6 +29,7 @@ from dtrain.checkpoint.faultpoints import fault_point
 from dtrain.checkpoint.format import DAMAGED, MANIFEST, CheckpointDamagedError, Manifest
 from dtrain.checkpoint.gcpause import gc_paused
 from dtrain.checkpoint.lease import DEFAULT_TTL_S, Lease
+from dtrain.checkpoint.localfs import out_of_space, storage_full
 from dtrain.checkpoint.restore import KeyDiff, load_checkpoint
 from dtrain.checkpoint.retention import (
     NO_MANIFEST,
@@ -176,8 +177,14 @@ class CheckpointManager:
             self.lease.acquire()
             self.lease.start_heartbeat()
         except Exception as e:
-            return str(e) if isinstance(e, CheckpointError) else (
-                f"checkpoint root {self.root} cannot be used: {type(e).__name__}: {e}")
+            if isinstance(e, CheckpointError):
+                return str(e)
+            hint = ""
+            if out_of_space(e) and storage.is_local(self.root):
+                hint = (f". {storage_full(storage.local_path(self.root))}: free space there, or use a "
+                        f"checkpoint.root with room")
+            return f"checkpoint root {self.root} cannot be used: taking the lease {self.lease.url}: " \
+                   f"{type(e).__name__}: {e}{hint}"
         return None
 
     def close(self) -> None:

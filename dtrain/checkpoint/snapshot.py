@@ -18,6 +18,7 @@ from torch import nn
 from dtrain.checkpoint import comm, retention, rng, storage
 from dtrain.checkpoint.format import NEWER_SCHEMA, STATE, Manifest, rng_file
 from dtrain.checkpoint.jsoncodec import encode
+from dtrain.checkpoint.localfs import out_of_space
 from dtrain.checkpoint.plan import Box, assign, digest, first_with_same_memory, local_boxes, tied_boxes
 from dtrain.checkpoint.state import (
     Stateful,
@@ -28,7 +29,7 @@ from dtrain.checkpoint.state import (
     strategy_of,
     versions,
 )
-from dtrain.checkpoint.writer import RankReport, commit, write_rank
+from dtrain.checkpoint.writer import RankReport, commit, no_space_hint, write_rank
 from dtrain.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,8 @@ def prepare(dir_url: str, step: int, captured: Captured, *, model: nn.Module,
     except Exception as e:  # every rank must learn of it, or the others would wait forever
         log.exception("rank %d cannot prepare checkpoint %s", rank, dir_url)
         error = f"rank {rank}: {type(e).__name__}: {e}"
+        if out_of_space(e) and storage.is_local(dir_url):  # e.g. no inode left for the step directory
+            error += no_space_hint(dir_url)
     # one small all-reduce: [failed, skip, hash of the box list] per rank; the messages and the box
     # lists themselves travel only when ranks differ (a failure; sharded state)
     table = comm.agree_words([error is not None, skip, digest(boxes, tied)], group)

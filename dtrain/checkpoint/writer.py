@@ -9,9 +9,7 @@ costs more). The file is a standard safetensors file (`safetensors.torch.load_fi
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +20,7 @@ import torch
 from dtrain.checkpoint import comm, retention, storage
 from dtrain.checkpoint.checksum import INLINE, BackgroundCrc, crc32, crc32_combine, format_crc
 from dtrain.checkpoint.format import MANIFEST, Chunk, FileEntry, Manifest, TensorEntry, parse_manifest
+from dtrain.checkpoint.localfs import out_of_space, storage_full
 from dtrain.checkpoint.plan import MODEL, Box, first_with_same_memory
 from dtrain.checkpoint.stfile import encode_header
 from dtrain.errors import CheckpointError
@@ -139,7 +138,7 @@ def write_rank(dir_url: str, rank: int, world: int, items: list[tuple[Box, torch
         log.exception("rank %d failed to write its checkpoint files under %s", rank, dir_url)
         # an OSError from a write names no file: say which one
         report.error = f"rank {rank}: writing {name}: {type(e).__name__}: {e}"
-        report.out_of_space = _out_of_space(e)
+        report.out_of_space = out_of_space(e)
     return report
 
 
@@ -188,11 +187,11 @@ def commit(dir_url: str, report: RankReport, meta: dict[str, Box], group: comm.P
             except Exception as e:
                 log.exception("writing the manifest of %s failed", dir_url)
                 outcome = f"rank 0: writing {MANIFEST}: {type(e).__name__}: {e}"
-                full = _out_of_space(e)
+                full = out_of_space(e)
         if outcome is not None and storage.is_local(dir_url):
             _remove_uncommitted(dir_url, storage_options)
         if outcome is not None and full:
-            outcome += _no_space_hint(dir_url)
+            outcome += no_space_hint(dir_url)
     if comm.broadcast_code(outcome is not None, group):  # the reason travels only on failure
         outcome = comm.broadcast_object(outcome, group)
         raise CheckpointError(f"checkpoint {dir_url} was not committed: {outcome}")
@@ -215,19 +214,10 @@ def _remove_uncommitted(dir_url: str, storage_options: storage.StorageOptions) -
         log.warning("could not remove the uncommitted checkpoint %s: %s", dir_url, e)
 
 
-def _out_of_space(e: BaseException) -> bool:
-    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-def _no_space_hint(dir_url: str) -> str:
-    """What a user whose checkpoint storage is full should know and do (rank 0, after the cleanup)."""
+def no_space_hint(dir_url: str) -> str:
+    """What a user whose checkpoint storage is full should know and do, for a failed save of `dir_url`."""
     root = storage.parent(dir_url) if storage.is_local(dir_url) else dir_url
-    try:
-        st = os.statvfs(root)
-        free = f" ({st.f_bavail * st.f_frsize / 2**20:.1f} MiB free now)"
-    except OSError:
-        free = ""
-    return (f". The storage under {root} is full{free}: free space there, or keep fewer checkpoints "
+    return (f". {storage_full(root)}: free space there, or keep fewer checkpoints "
             f"(checkpoint.keep_last_n; a save needs room for one more checkpoint than retention keeps, since "
             f"older ones are removed only after it commits). The committed checkpoints are intact, and a "
             f"restart resumes from the newest")

@@ -97,6 +97,35 @@ def test_a_save_that_runs_out_of_space_leaves_nothing_behind(tmp_path: Path, asy
         assert step_dirs(root) == ["step-000000001", "step-000000003"]
 
 
+@pytest.mark.timeout(30)
+def test_no_inode_left_for_the_step_directory_says_what_to_do(tmp_path: Path) -> None:
+    """A disk out of inodes (a tmpfs with nr_inodes, as a disk of many small files runs out) fails
+    the save where the step directory is created, before any file is written: that error named
+    the directory but not that the disk was full or what to do, as a failed write does."""
+    with tmpfs(tmp_path / "disk", "4m", "nr_inodes=64") as disk:
+        root = str(disk / "ckpts")
+        m, o = make_model()
+        mgr = CheckpointManager(root)
+        mgr.save(1, model=m, optimizer=o)
+        n = 0
+        with pytest.raises(OSError) as full:
+            while True:  # take every inode left
+                (disk / f"f{n}").touch()
+                n += 1
+        assert full.value.errno == errno.ENOSPC
+        with pytest.raises(CheckpointError) as e:
+            mgr.save(2, model=m, optimizer=o)
+        message = str(e.value)
+        assert f"No space left on device: '{root}/step-000000002'" in message, message
+        assert re.search(rf"The storage under {root} is full \(\d+\.\d MiB free now, no free inodes\): free space "
+                         r"there, or keep fewer checkpoints", message), message
+        for k in range(n):
+            (disk / f"f{k}").unlink()
+        mgr.save(2, model=m, optimizer=o)
+        mgr.close()
+        assert step_dirs(root) == ["step-000000001", "step-000000002"]
+
+
 def two_ranks_fill_the_disk(rank: int, world: int, disk: str) -> list[str]:
     """Each mode (sync, async with overlapped staging as the trainer saves): commit a step, let
     rank 1 fill the shared disk, save again (every rank must raise, none may hang), free the space,
