@@ -48,7 +48,10 @@ def test_a_disk_that_fills_at_the_end_keeps_the_exit_code(tmp_path: Path, ending
         # nothing half-written, no temp files
         assert sorted(p.name for p in run_dir.iterdir()) == ["ballast", "config.yaml", "metrics.jsonl", "ranks",
                                                              "train.log"]
-        assert os.listdir(run_dir / "ranks") == []
+        # the start record stays whole: "running", as a crashed rank leaves it (launch/torchrun.sh then
+        # goes by torchrun's own exit code)
+        assert os.listdir(run_dir / "ranks") == ["rank-00000.json"]
+        assert json.loads((run_dir / "ranks" / "rank-00000.json").read_text())["exit_code"] is None
         assert any(p.startswith("step-") for p in os.listdir(tmp_path / "ckpts"))  # the work is saved
 
 
