@@ -150,7 +150,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 
 _NON_NEGATIVE = (
     "data.grad_accum", "data.num_workers", "optim.lr", "optim.weight_decay", "optim.momentum", "optim.grad_clip",
-    "scheduler.warmup_steps", "scheduler.min_lr_ratio", "train.max_time", "checkpoint.every_steps",
+    "scheduler.warmup_steps", "train.max_time", "checkpoint.every_steps",
     "checkpoint.every_minutes", "checkpoint.keep_last_n", "checkpoint.keep_best_k",
     "checkpoint.keep_every_n_steps", "early_stopping.patience", "early_stopping.min_delta",
     "early_stopping.start_from_step",
@@ -182,6 +182,10 @@ def validate(cfg: JobConfig) -> JobConfig:
         value = _get(cfg, key)
         if not (value >= 0 and math.isfinite(value)):
             raise ConfigError(f"{key}={value!r} must be a finite number >= 0")
+    ratio = cfg.scheduler.min_lr_ratio
+    if not 0.0 <= ratio <= 1.0:  # NaN fails too; above 1 the lr would rise while it "decays"
+        raise ConfigError(f"scheduler.min_lr_ratio={ratio!r} must be in [0, 1]: the final lr is optim.lr x "
+                          f"min_lr_ratio (above 1 the lr would rise during the decay)")
     if cfg.data.batch_size % cfg.data.grad_accum:
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} is not divisible by data.grad_accum={cfg.data.grad_accum}"

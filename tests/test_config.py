@@ -46,6 +46,10 @@ def test_yaml_then_overrides_win(tmp_path: Path) -> None:
         (["optim.betas=[0.9,1.5]"], "optim.betas=[0.9, 1.5] must be a list of two numbers in [0, 1)"),
         (["optim.name=sgd", "optim.momentum=-1"], "optim.momentum=-1.0 must be a finite number >= 0"),
         (["dist.timeout_s=inf"], "dist.timeout_s=inf must be a finite number > 0"),
+        # accepted, the lr then rose during the "decay" (and a negative one went below 0)
+        (["scheduler.min_lr_ratio=1.5"], "scheduler.min_lr_ratio=1.5 must be in [0, 1]"),
+        (["scheduler.min_lr_ratio=-0.1"], "scheduler.min_lr_ratio=-0.1 must be in [0, 1]"),
+        (["scheduler.min_lr_ratio=nan"], "scheduler.min_lr_ratio=nan must be in [0, 1]"),
         # early stopping's own checks ran only once the process group had started
         (["early_stopping.enabled=true", "early_stopping.max_time=0"], "early_stopping.max_time=0.0 must be"),
         (["early_stopping.enabled=true", "early_stopping.baseline=nan"], "early_stopping.baseline=nan must be"),
@@ -129,3 +133,13 @@ def test_checkpoints_keep_the_config_without_storage_credentials() -> None:
                     "client_kwargs": {"aws_secret_access_key": REDACTED, "region_name": "eu"}, "anon": False}
     assert cfg.checkpoint.storage_options["secret"] == "s3cr3t"  # the run itself keeps them
     assert changes(saved_form(cfg), saved_form(cfg)) == []
+
+
+def test_a_bad_value_exits_2_from_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Exit 2 (a config error: launchers do not retry), before anything is written."""
+    from dtrain.cli import main
+
+    assert main(["train", "scheduler.min_lr_ratio=2", f"run_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dtrain: config error: scheduler.min_lr_ratio=2.0 must be in [0, 1]"), err
+    assert not (tmp_path / "run").exists()
