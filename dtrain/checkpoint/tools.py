@@ -82,10 +82,9 @@ def verify(url: str, storage_options: storage.StorageOptions = None, check_finit
         return [*problems, str(e)]
     except (IsADirectoryError, NotADirectoryError, PermissionError) as e:  # never readable: report, go on
         return [*problems, f"{storage.join(url, name)} cannot be read ({e.strerror or type(e).__name__})"]
-    named = re.fullmatch(r"step-(\d+)", url.rstrip("/").rsplit("/", 1)[-1])
-    if named and int(named.group(1)) != man.step:  # resume would ignore it: it is not that step's
-        problems.append(f"{storage.join(url, name)}: manifest says step {man.step}, the directory is step "
-                        f"{int(named.group(1))}")
+    named = retention.step_of(url)  # another name (a copy, `step-12`) says nothing about the step
+    if named is not None and named != man.step:  # resume would ignore it: it is not that step's
+        problems.append(f"{storage.join(url, name)}: manifest says step {man.step}, the directory is step {named}")
     by_file: dict[str, list[tuple[str, Chunk]]] = {}
     for key, t in man.tensors.items():
         for c in t.chunks:
