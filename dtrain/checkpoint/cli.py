@@ -273,8 +273,10 @@ def cmd_prune(args: argparse.Namespace, so: dict[str, Any]) -> int:
     if args.keep_best is not None:
         _require_monitor(infos, monitor, source, args.url, "--keep-best")
         _note(f"--keep-best ranks by {monitor} ({mode}, from {source})")
-    doomed = retention.to_delete(infos, keep_last_n=args.keep_last, keep_best_k=args.keep_best,
-                                 keep_every_n_steps=args.keep_every, monitor=monitor, mode=mode)
+    # a default monitor that nothing records protects nothing and is no mistake; a named one is checked
+    ranked = args.keep_best is not None or args.monitor or retention.unranked(infos, monitor) is None
+    doomed = tools.plan_prune(infos, args.url, keep_last_n=args.keep_last, keep_best_k=args.keep_best,
+                              keep_every_n_steps=args.keep_every, monitor=monitor if ranked else None, mode=mode)
     removed = doomed if args.dry_run else retention.apply(infos, doomed, so)
     verb = "would remove" if args.dry_run else "removed"
     for i in removed:

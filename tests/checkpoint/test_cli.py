@@ -345,6 +345,9 @@ def test_keep_best_by_a_metric_no_checkpoint_records_deletes_nothing(run: tuple[
     code, _, err = cli(capsys, "prune", root, "--keep-best", "2", "--monitor", "val/los")  # a typo
     assert code == 1 and "no committed checkpoint records 'val/los'" in err and "val/acc, val/loss" in err
     assert sorted(os.listdir(root)) == before
+    code, _, err = cli(capsys, "prune", root, "--keep-last", "1", "--monitor", "val/los")  # deleted the best, step 2
+    assert code == 1 and "no committed checkpoint records 'val/los'" in err and "val/acc, val/loss" in err
+    assert sorted(os.listdir(root)) == before
     for step in (1, 2, 3):
         path = Path(root, f"step-00000000{step}", "manifest.json")
         path.write_text(re.sub(r'"val/acc": [^,}]+', '"val/acc": null', path.read_text()))
