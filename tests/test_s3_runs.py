@@ -73,3 +73,21 @@ def test_credentials_are_not_written_and_a_restart_does_not_take_them_for_change
     saved = yaml.safe_load(written["config.yaml"])["checkpoint"]["storage_options"]
     assert saved == {"key": "<redacted>", "secret": "<redacted>",
                      "client_kwargs": {"endpoint_url": endpoint, "aws_session_token": "<redacted>"}}
+
+
+@pytest.mark.parametrize("lease", ["true", "false"])
+def test_a_root_in_a_bucket_that_does_not_exist_is_a_config_error_before_training(endpoint: str, lease: str,
+                                                                                  tmp_path: Path) -> None:
+    """Without a lease nothing touched the root until the first save: the run trained, then failed
+    with a traceback and exit 1 (which launchers restart, to fail again); with one it exited 1 too."""
+    import json
+
+    root = f"s3://no-such-{uuid.uuid4().hex[:8]}/ck"
+    proc = dtrain(["train", *FAST, f"run_dir={tmp_path}", f"checkpoint.root={root}", f"checkpoint.lease={lease}",
+                   "train.max_steps=2"], env={"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                                              "AWS_SECRET_ACCESS_KEY": "testing"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"dtrain: config error: checkpoint.root: {root}: bucket '{root[5:-3]}' does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "metrics.jsonl").exists()
+    record = json.loads((tmp_path / "ranks" / "rank-00000.json").read_text())  # what launch/torchrun.sh reads
+    assert record["exit_code"] == 2 and record["stopped_by"] == "config_error"

@@ -42,7 +42,7 @@ from dtrain.checkpoint.retention import (
 from dtrain.checkpoint.snapshot import PreparedSave, capture, execute, prepare
 from dtrain.checkpoint.state import Optimizers, Stateful, as_tuple
 from dtrain.checkpoint.tools import refuse_non_finite
-from dtrain.errors import CheckpointError, ConfigError
+from dtrain.errors import CheckpointError, ConfigError, MissingBucketError
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,22 @@ class CheckpointManager:
         """Block until the save in flight (if any) is committed; raise its error if it failed."""
         if self._saves is not None:
             self._saves.wait()
+
+    def check_root(self) -> None:
+        """Collective: rank 0 makes sure the root can be written (a local one is created; on S3 its
+        bucket must exist), and every rank raises the same error if not: at start-up, not at the
+        first save after the training it would lose. MissingBucketError for a bucket that is not there."""
+        problem = None
+        if comm.rank(self.group) == 0:
+            try:
+                storage.makedirs(self.root, self.storage_options)
+            except MissingBucketError as e:
+                problem = (True, str(e))
+            except (CheckpointError, OSError) as e:
+                problem = (False, str(e) if isinstance(e, CheckpointError) else f"{self.root}: {e}")
+        problem = comm.broadcast_object(problem, self.group)
+        if problem is not None:
+            raise (MissingBucketError if problem[0] else CheckpointError)(problem[1])
 
     def acquire_lease(self) -> None:
         """Collective: rank 0 takes (or renews) the lease on the root and keeps it alive; every rank
