@@ -18,6 +18,7 @@ import logging
 import math
 import operator
 import weakref
+import zlib
 from typing import Any
 
 import torch
@@ -277,8 +278,9 @@ class CheckpointManager:
                 continue
             try:
                 extra = self._load(url, manifest, model, optimizer, stateful, strict, optional)
-            except CheckpointDamagedError as e:
-                log.warning("checkpoint %s is damaged, falling back to the previous committed one: %s", url, e)
+            except CheckpointDamagedError as e:  # raised on every rank alike (load_checkpoint agrees)
+                if self._first_to_say(str(e)):
+                    log.warning("checkpoint %s is damaged, falling back to the previous committed one: %s", url, e)
                 damaged.append(url)
                 continue
             if set_aside_damaged:  # only once a sound one is loaded: see the docstring
@@ -289,6 +291,14 @@ class CheckpointManager:
             raise CheckpointError(f"every committed checkpoint under {self.root} is damaged: {damaged}; "
                                   f"run `dtrain ckpt verify` on them, or remove them to start fresh")
         return None
+
+    def _first_to_say(self, text: str) -> bool:
+        """Collective: whether no lower rank has the same `text` to log (one small all-reduce of each
+        rank's hash of it), so that what every rank saw is said once, by rank 0, and ranks that saw
+        different things each say theirs."""
+        said = [w[0] for w in comm.agree_words([zlib.crc32(text.encode("utf-8"))], self.group)]
+        me = comm.rank(self.group)
+        return said[me] not in said[:me]
 
     def _set_aside(self, url: str) -> None:
         """Rank 0: a damaged checkpoint's manifest to `manifest.json.damaged` (the files stay, for
