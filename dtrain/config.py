@@ -153,7 +153,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 
 _NON_NEGATIVE = (
     "data.grad_accum", "data.num_workers", "optim.lr", "optim.weight_decay", "optim.momentum", "optim.grad_clip",
-    "scheduler.warmup_steps", "scheduler.min_lr_ratio", "train.max_time", "checkpoint.every_steps",
+    "scheduler.warmup_steps", "train.max_time", "checkpoint.every_steps",
     "checkpoint.every_minutes", "checkpoint.keep_last_n", "checkpoint.keep_best_k",
     "checkpoint.keep_every_n_steps", "early_stopping.patience", "early_stopping.min_delta",
     "early_stopping.start_from_step", "train.sanity_eval_batches",
@@ -185,6 +185,10 @@ def validate(cfg: JobConfig) -> JobConfig:
         value = _get(cfg, key)
         if not (value >= 0 and math.isfinite(value)):
             raise ConfigError(f"{key}={value!r} must be a finite number >= 0")
+    ratio = cfg.scheduler.min_lr_ratio
+    if not 0.0 <= ratio <= 1.0:  # NaN fails too; above 1 the lr would rise while it "decays"
+        raise ConfigError(f"scheduler.min_lr_ratio={ratio!r} must be in [0, 1]: the final lr is optim.lr x "
+                          f"min_lr_ratio (above 1 the lr would rise during the decay)")
     if cfg.data.batch_size % cfg.data.grad_accum:
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} is not divisible by data.grad_accum={cfg.data.grad_accum}"
@@ -196,6 +200,11 @@ def validate(cfg: JobConfig) -> JobConfig:
         from dtrain.early_stopping import EarlyStopping
 
         EarlyStopping.from_config(cfg.early_stopping)
+    placeholders = redacted_keys(cfg.checkpoint.storage_options)
+    if placeholders:
+        raise ConfigError(f"{', '.join(placeholders)}: {REDACTED!r} is the placeholder dtrain writes instead of a "
+                          f"credential (<run_dir>/config.yaml, a checkpoint's config); set the real value, or remove "
+                          f"the key to take credentials from the AWS_* environment")
     if not cfg.run_dir:
         raise ConfigError("run_dir is empty; set run_dir=<directory for logs, metrics and checkpoints>")
     if "://" in cfg.run_dir:
@@ -281,7 +290,9 @@ def changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """What differs between a checkpoint's config and this run's, one `key: old -> new` line per
     key (dotted), for the warning a resume gives; keys about how to run are left out. A key the
     saved config lacks (an older dtrain's) counts as its default."""
-    old, new = {**_dotted(to_dict(JobConfig())), **_dotted(saved)}, _dotted(now)
+    # both redacted: a checkpoint of an older dtrain kept credentials, and new ones must not count as changes
+    old = {**_dotted(to_dict(JobConfig())), **_dotted(_redact_storage(saved))}
+    new = _dotted(_redact_storage(now))
     out = []
     for key in sorted(old.keys() | new.keys()):
         if key.startswith(_HOW_TO_RUN) or old.get(key) == new.get(key):
@@ -308,32 +319,58 @@ def _dotted(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-_CREDENTIAL = re.compile(r"(^|_)(key|secret|token|password|credentials?|connection_string)$", re.IGNORECASE)
+# Option names that hold credentials, matched on the lower-case name without "_" and "-": s3fs's
+# key/secret/token/username/password, botocore's aws_access_key_id/aws_secret_access_key/
+# aws_session_token (client_kwargs), SSECustomerKey (s3_additional_kwargs), other stores' account_key,
+# sas_token, connection_string, credentials.
+_CREDENTIAL = re.compile(r".*(key|keyid)|.*(secret|token|passw(or)?d|credential|connectionstring).*|username|sas")
 REDACTED = "<redacted>"
 
 
+def is_credential(name: str) -> bool:
+    return _CREDENTIAL.fullmatch(name.lower().replace("_", "").replace("-", "")) is not None
+
+
 def saved_form(cfg: JobConfig) -> dict[str, Any]:
-    """The config as checkpoints keep it: credentials in `checkpoint.storage_options` (s3fs's
-    key/secret/token, `aws_secret_access_key`, ...) are replaced by REDACTED at any depth, since
-    checkpoints get copied and shared; an endpoint or a region stays."""
-    d = to_dict(cfg)
-    d["checkpoint"]["storage_options"] = _redact(d["checkpoint"]["storage_options"])
+    """The config as dtrain writes it (checkpoints, `<run_dir>/config.yaml`): credentials in
+    `checkpoint.storage_options` (`is_credential`) are replaced by REDACTED at any depth, since run
+    directories and checkpoints get copied and shared; an endpoint or a region stays. The running
+    job keeps the real values (`cfg` is not changed), and nothing reads them back from these copies."""
+    return _redact_storage(to_dict(cfg))
+
+
+def _redact_storage(d: dict[str, Any]) -> dict[str, Any]:
+    ck = d.get("checkpoint")
+    if isinstance(ck, dict) and isinstance(ck.get("storage_options"), dict):
+        d = {**d, "checkpoint": {**ck, "storage_options": _redact(ck["storage_options"])}}
     return d
 
 
 def _redact(v: Any) -> Any:
     if isinstance(v, dict):
-        return {k: REDACTED if _CREDENTIAL.search(str(k)) and not isinstance(x, dict) else _redact(x)
-                for k, x in v.items()}
+        return {k: REDACTED if is_credential(str(k)) and x not in (None, "") else _redact(x) for k, x in v.items()}
     return v
 
 
+def redacted_keys(options: dict[str, Any], prefix: str = "checkpoint.storage_options") -> list[str]:
+    """Dotted keys whose value is REDACTED: a config copied from one dtrain wrote, whose credentials
+    it left out."""
+    out = []
+    for k, v in options.items():
+        if isinstance(v, dict):
+            out += redacted_keys(v, f"{prefix}.{k}")
+        elif v == REDACTED:
+            out.append(f"{prefix}.{k}")
+    return out
+
+
 def to_yaml(cfg: JobConfig) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The config as YAML, credentials redacted (`saved_form`): what `<run_dir>/config.yaml` holds."""
+    return yaml.safe_dump(saved_form(cfg), sort_keys=False)
 
 
 def from_dict(data: dict[str, Any]) -> JobConfig:
-    """Inverse of `to_dict` (used when a checkpoint's config is read back)."""
+    """Inverse of `to_dict`; a redacted copy (`saved_form`) is refused, naming its REDACTED keys."""
     merged = OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.create(data))
     cfg = OmegaConf.to_object(merged)
     assert isinstance(cfg, JobConfig)

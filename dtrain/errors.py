@@ -15,6 +15,11 @@ class CheckpointError(DtrainError):
     """A checkpoint cannot be written, found, verified or loaded."""
 
 
+class MissingBucketError(CheckpointError):
+    """An object store's bucket that does not exist (or that the credentials cannot see): a URL or
+    endpoint to fix, not an outage that a restart outlasts."""
+
+
 class CheckpointMismatchError(CheckpointError):
     """A sound checkpoint that does not fit what it is loaded into: tensor keys, shapes or dtypes,
     optimizer state or components differ (another model or optimizer config)."""

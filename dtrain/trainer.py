@@ -26,7 +26,7 @@ from dtrain.checkpoint.reader import read_manifest, read_state
 from dtrain.config import JobConfig, changes, check_world_size, saved_form
 from dtrain.data import ResumableDistributedSampler
 from dtrain.early_stopping import EarlyStopping
-from dtrain.errors import CheckpointError, CheckpointMismatchError, ConfigError
+from dtrain.errors import CheckpointError, CheckpointMismatchError, ConfigError, MissingBucketError
 from dtrain.evaluation import evaluate
 from dtrain.faults import FaultInjector
 from dtrain.metrics import MetricsLogger
@@ -150,9 +150,13 @@ class Trainer:
         not descend from that url) is refused rather than allowed to mix two runs. resume=<url>
         applies to the first start; a restart with the same command (a requeue) continues from the
         run's own newest checkpoint, which records the url it started from (`origin`)."""
+        mode, root = self.cfg.resume, self.cfg.checkpoint_root
+        try:  # without a lease nothing touched the root before the first save, after the training it lost
+            self.checkpoints.check_root()
+        except MissingBucketError as e:  # a typo in the URL: a restart would fail the same way
+            raise ConfigError(f"checkpoint.root: {e}") from None
         # Refuse before any work if another job holds this checkpoint root (its lease names it).
         self.checkpoints.acquire_lease()
-        mode, root = self.cfg.resume, self.cfg.checkpoint_root
         # resume=auto needs no listing of its own: restore_latest lists the root (one scan fewer at start-up)
         own = None if mode == "auto" else self.checkpoints.latest_committed()
         if mode == "never":

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,10 @@ def test_yaml_then_overrides_win(tmp_path: Path) -> None:
         (["optim.betas=[0.9,1.5]"], "optim.betas=[0.9, 1.5] must be a list of two numbers in [0, 1)"),
         (["optim.name=sgd", "optim.momentum=-1"], "optim.momentum=-1.0 must be a finite number >= 0"),
         (["dist.timeout_s=inf"], "dist.timeout_s=inf must be a finite number > 0"),
+        # accepted, the lr then rose during the "decay" (and a negative one went below 0)
+        (["scheduler.min_lr_ratio=1.5"], "scheduler.min_lr_ratio=1.5 must be in [0, 1]"),
+        (["scheduler.min_lr_ratio=-0.1"], "scheduler.min_lr_ratio=-0.1 must be in [0, 1]"),
+        (["scheduler.min_lr_ratio=nan"], "scheduler.min_lr_ratio=nan must be in [0, 1]"),
         # early stopping's own checks ran only once the process group had started
         (["early_stopping.enabled=true", "early_stopping.max_time=0"], "early_stopping.max_time=0.0 must be"),
         (["early_stopping.enabled=true", "early_stopping.baseline=nan"], "early_stopping.baseline=nan must be"),
@@ -117,15 +122,47 @@ def test_changes_lists_what_differs_and_which_values_the_optimizer_overrides() -
     assert changes(older, cfg(checkpoint={"init_from": "s3://b/r"})) == ["checkpoint.init_from: '' -> 's3://b/r'"]
 
 
-def test_checkpoints_keep_the_config_without_storage_credentials() -> None:
+def test_checkpoints_and_the_run_dir_keep_the_config_without_storage_credentials(tmp_path: Path) -> None:
+    """s3fs's options (key, secret, token, username, password; botocore's client_kwargs
+    aws_access_key_id, aws_secret_access_key, aws_session_token; s3_additional_kwargs SSECustomerKey)
+    are redacted in what dtrain writes; the access key id and SSE-C key were kept, and config.yaml in
+    the run directory kept every one."""
     from dtrain.config import REDACTED, changes, saved_form
 
     cfg = JobConfig()
-    cfg.checkpoint.storage_options = {"key": "AKIA", "secret": "s3cr3t", "token": "t", "endpoint_url": "http://x",
-                                      "client_kwargs": {"aws_secret_access_key": "s", "region_name": "eu"},
-                                      "anon": False}
+    cfg.checkpoint.storage_options = {
+        "key": "AKIA1", "secret": "s3cr3t1", "token": "tok1", "username": None, "endpoint_url": "http://x", "anon": False,
+        "client_kwargs": {"aws_access_key_id": "AKIA2", "aws_secret_access_key": "s3cr3t2",
+                          "aws_session_token": "tok2", "region_name": "eu"},
+        "s3_additional_kwargs": {"SSECustomerKey": "s3cr3t3", "SSECustomerAlgorithm": "AES256"}}
     opts = saved_form(cfg)["checkpoint"]["storage_options"]
-    assert opts == {"key": REDACTED, "secret": REDACTED, "token": REDACTED, "endpoint_url": "http://x",
-                    "client_kwargs": {"aws_secret_access_key": REDACTED, "region_name": "eu"}, "anon": False}
-    assert cfg.checkpoint.storage_options["secret"] == "s3cr3t"  # the run itself keeps them
+    assert opts == {"key": REDACTED, "secret": REDACTED, "token": REDACTED, "username": None, "endpoint_url": "http://x",
+                    "anon": False, "client_kwargs": {"aws_access_key_id": REDACTED, "aws_secret_access_key": REDACTED,
+                                                     "aws_session_token": REDACTED, "region_name": "eu"},
+                    "s3_additional_kwargs": {"SSECustomerKey": REDACTED, "SSECustomerAlgorithm": "AES256"}}
+    written = to_yaml(cfg)
+    assert not re.search(r"AKIA|s3cr3t|tok\d", written) and "region_name: eu" in written
+    assert cfg.checkpoint.storage_options["secret"] == "s3cr3t1"  # the run itself keeps them
     assert changes(saved_form(cfg), saved_form(cfg)) == []
+    rotated = JobConfig()
+    rotated.checkpoint.storage_options = {**cfg.checkpoint.storage_options, "secret": "new", "token": "new"}
+    older = to_dict(cfg)  # a checkpoint of a dtrain that kept them
+    assert changes(saved_form(cfg), saved_form(rotated)) == [] and changes(older, saved_form(rotated)) == []
+    # a copy of what dtrain wrote, used as a config: the placeholder is no credential
+    (tmp_path / "copy.yaml").write_text(written)
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "copy.yaml")
+    assert str(e.value).startswith("checkpoint.storage_options.key, checkpoint.storage_options.secret, ")
+    assert "'<redacted>' is the placeholder dtrain writes instead of a credential" in str(e.value)
+    with pytest.raises(ConfigError, match="storage_options.client_kwargs.aws_access_key_id"):
+        from_dict(saved_form(cfg))
+
+
+def test_a_bad_value_exits_2_from_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Exit 2 (a config error: launchers do not retry), before anything is written."""
+    from dtrain.cli import main
+
+    assert main(["train", "scheduler.min_lr_ratio=2", f"run_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dtrain: config error: scheduler.min_lr_ratio=2.0 must be in [0, 1]"), err
+    assert not (tmp_path / "run").exists()

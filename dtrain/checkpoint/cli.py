@@ -38,8 +38,17 @@ _ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 # ---- messages -----------------------------------------------------------------------------------
+_FOREIGN = ("not a dtrain checkpoint directory name (dtrain writes step-NNNNNNNNN, the step zero-padded to 9 "
+            "digits): resume, retention, ls, verify and prune of the root leave it alone")
+
+
 def _note(text: str) -> None:
     print(f"{PROG}: note: {text}", file=sys.stderr)
+
+
+def _note_lookalikes(root: str, so: dict[str, Any]) -> None:
+    for url in retention.lookalikes(root, so):
+        _note(f"{url}: {_FOREIGN}")
 
 
 # ---- choosing a checkpoint ----------------------------------------------------------------------
@@ -113,6 +122,7 @@ def cmd_ls(args: argparse.Namespace, so: dict[str, Any]) -> int:
                               f"on it, or `{PROG} ls {storage.parent(args.url)}`")
     monitor, mode, _ = _monitor(args, infos, so)
     best = retention.best_of(infos, monitor, mode)
+    _note_lookalikes(args.url, so)
     if not infos:
         inner = storage.join(args.url, "checkpoints")
         if retention.step_dirs(inner, so):
@@ -182,13 +192,18 @@ def cmd_inspect(args: argparse.Namespace, so: dict[str, Any]) -> int:
 def cmd_verify(args: argparse.Namespace, so: dict[str, Any]) -> int:
     if storage.exists(storage.join(args.url, MANIFEST), so):
         targets = [args.url]
+        if retention.is_lookalike(args.url):  # a copy or another tool's: its files are checked all the same
+            _note(f"{args.url}: {_FOREIGN}; its files are checked against its manifest all the same")
     else:
         infos = retention.scan(args.url, so)
+        foreign = retention.lookalikes(args.url, so)
         targets = [i.url for i in infos if i.committed or i.problem != retention.NO_MANIFEST]
         for i in infos:
             if i.problem == retention.NO_MANIFEST:
                 print(f"SKIP {i.url}: {_problem(i, _status(i, so))}")
-        if not infos:
+        for url in foreign:
+            print(f"SKIP {url}: {_FOREIGN}")
+        if not infos and not foreign:
             targets = [args.url]  # verify() says why this is not a checkpoint
         elif not targets:
             print(f"no committed checkpoint under {args.url}: nothing verified")
@@ -253,12 +268,15 @@ def cmd_prune(args: argparse.Namespace, so: dict[str, Any]) -> int:
     if not storage.exists(args.url, so):
         raise CheckpointError(f"{args.url} does not exist (no checkpoints there)")
     infos = retention.scan(args.url, so)
+    _note_lookalikes(args.url, so)
     monitor, mode, source = _monitor(args, infos, so)
     if args.keep_best is not None:
         _require_monitor(infos, monitor, source, args.url, "--keep-best")
         _note(f"--keep-best ranks by {monitor} ({mode}, from {source})")
-    doomed = retention.to_delete(infos, keep_last_n=args.keep_last, keep_best_k=args.keep_best,
-                                 keep_every_n_steps=args.keep_every, monitor=monitor, mode=mode)
+    # a default monitor that nothing records protects nothing and is no mistake; a named one is checked
+    ranked = args.keep_best is not None or args.monitor or retention.unranked(infos, monitor) is None
+    doomed = tools.plan_prune(infos, args.url, keep_last_n=args.keep_last, keep_best_k=args.keep_best,
+                              keep_every_n_steps=args.keep_every, monitor=monitor if ranked else None, mode=mode)
     removed = doomed if args.dry_run else retention.apply(infos, doomed, so)
     verb = "would remove" if args.dry_run else "removed"
     for i in removed:

@@ -18,6 +18,7 @@ import logging
 import math
 import operator
 import weakref
+import zlib
 from typing import Any
 
 import torch
@@ -43,7 +44,7 @@ from dtrain.checkpoint.retention import (
 from dtrain.checkpoint.snapshot import PreparedSave, capture, execute, prepare
 from dtrain.checkpoint.state import Optimizers, Stateful, as_tuple
 from dtrain.checkpoint.tools import refuse_non_finite
-from dtrain.errors import CheckpointError, ConfigError
+from dtrain.errors import CheckpointError, ConfigError, MissingBucketError
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,22 @@ class CheckpointManager:
         if self._saves is not None:
             self._saves.wait()
 
+    def check_root(self) -> None:
+        """Collective: rank 0 makes sure the root can be written (a local one is created; on S3 its
+        bucket must exist), and every rank raises the same error if not: at start-up, not at the
+        first save after the training it would lose. MissingBucketError for a bucket that is not there."""
+        problem = None
+        if comm.rank(self.group) == 0:
+            try:
+                storage.makedirs(self.root, self.storage_options)
+            except MissingBucketError as e:
+                problem = (True, str(e))
+            except (CheckpointError, OSError) as e:
+                problem = (False, str(e) if isinstance(e, CheckpointError) else f"{self.root}: {e}")
+        problem = comm.broadcast_object(problem, self.group)
+        if problem is not None:
+            raise (MissingBucketError if problem[0] else CheckpointError)(problem[1])
+
     def acquire_lease(self) -> None:
         """Collective: rank 0 takes (or renews) the lease on the root and keeps it alive; every rank
         raises the same CheckpointError, naming the holder, if another job holds it. Every save checks
@@ -268,8 +285,9 @@ class CheckpointManager:
                 continue
             try:
                 extra = self._load(url, manifest, model, optimizer, stateful, strict, optional)
-            except CheckpointDamagedError as e:
-                log.warning("checkpoint %s is damaged, falling back to the previous committed one: %s", url, e)
+            except CheckpointDamagedError as e:  # raised on every rank alike (load_checkpoint agrees)
+                if self._first_to_say(str(e)):
+                    log.warning("checkpoint %s is damaged, falling back to the previous committed one: %s", url, e)
                 damaged.append(url)
                 continue
             if set_aside_damaged:  # only once a sound one is loaded: see the docstring
@@ -280,6 +298,14 @@ class CheckpointManager:
             raise CheckpointError(f"every committed checkpoint under {self.root} is damaged: {damaged}; "
                                   f"run `dtrain ckpt verify` on them, or remove them to start fresh")
         return None
+
+    def _first_to_say(self, text: str) -> bool:
+        """Collective: whether no lower rank has the same `text` to log (one small all-reduce of each
+        rank's hash of it), so that what every rank saw is said once, by rank 0, and ranks that saw
+        different things each say theirs."""
+        said = [w[0] for w in comm.agree_words([zlib.crc32(text.encode("utf-8"))], self.group)]
+        me = comm.rank(self.group)
+        return said[me] not in said[:me]
 
     def _set_aside(self, url: str) -> None:
         """Rank 0: a damaged checkpoint's manifest to `manifest.json.damaged` (the files stay, for

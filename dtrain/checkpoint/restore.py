@@ -137,10 +137,14 @@ def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.o
     plan.settle()
     codes = comm.agree_codes(out.code, group)  # peers have copied from this rank once it returns
     if any(codes):
+        cls = CheckpointError if _FAILED in codes else CheckpointDamagedError
+        if cls is CheckpointError and isinstance(out.error, CheckpointDamagedError):
+            # one kind on every rank: damage that another rank's failure outweighs must not make this
+            # rank alone fall back to an older checkpoint (and wait there for the others)
+            raise CheckpointError(str(out.error)) from out.error
         if out.error is not None:
             raise out.error
         bad = [r for r, c in enumerate(codes) if c]
-        cls = CheckpointError if _FAILED in codes else CheckpointDamagedError
         raise cls(f"{dir_url}: rank(s) {bad} could not load this checkpoint (see their log)")
     assert target is not None  # every rank got this far without an error
     set_states(model, optimizers, target.model_sd, target.optim_sd, strict)

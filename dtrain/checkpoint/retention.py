@@ -19,7 +19,8 @@ from dtrain.checkpoint.format import MANIFEST, Manifest, parse_manifest
 from dtrain.errors import CheckpointError
 
 log = logging.getLogger(__name__)
-_DIR = re.compile(r"^step-(\d{9,})$")
+_DIR = re.compile(r"step-(\d{9,})")
+_LOOKALIKE = re.compile(r"step-\d+")
 NO_MANIFEST = "no manifest.json (incomplete)"
 
 
@@ -49,19 +50,42 @@ class CheckpointInfo:
         return v if v is not None and math.isfinite(v) else None
 
 
+def step_of(url: str) -> int | None:
+    """The step a checkpoint directory's name says, None unless `step_dir` writes that name
+    (step-NNNNNNNNN, zero-padded to 9 digits). The one definition for resume, retention, ls and
+    verify: `step-12` or `step-0000000012` is no dtrain checkpoint, so all of them leave it alone."""
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    m = _DIR.fullmatch(name)
+    return int(m.group(1)) if m and name == f"step-{int(m.group(1)):09d}" else None
+
+
 def is_step_dir(url: str) -> bool:
     """Whether the URL's last part is a checkpoint directory's name (step-NNNNNNNNN)."""
-    return _DIR.match(url.rstrip("/").rsplit("/", 1)[-1]) is not None
+    return step_of(url) is not None
 
 
 def step_dirs(root: str, storage_options: storage.StorageOptions = None) -> list[tuple[int, str]]:
-    """(step, url) of every `step-*` directory under `root`, oldest first; nothing else is read."""
+    """(step, url) of every checkpoint directory (`step_of`) under `root`, oldest first; nothing
+    else is read."""
     found = []
     for name, is_dir in storage.list_dir(root, storage_options):
-        m = _DIR.match(name)
-        if m and is_dir:
-            found.append((int(m.group(1)), storage.join(root, name)))
+        step = step_of(name)
+        if step is not None and is_dir:
+            found.append((step, storage.join(root, name)))
     return sorted(found)
+
+
+def is_lookalike(url: str) -> bool:
+    """Named step-<digits>, but not as dtrain names a checkpoint directory (`step_of` is None)."""
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    return _LOOKALIKE.fullmatch(name) is not None and step_of(name) is None
+
+
+def lookalikes(root: str, storage_options: storage.StorageOptions = None) -> list[str]:
+    """The `is_lookalike` directories under `root`: the tools say that they leave them alone, which
+    would otherwise go unseen (one more listing: for the tools, not for every save)."""
+    return [storage.join(root, name) for name, is_dir in storage.list_dir(root, storage_options)
+            if is_dir and is_lookalike(name)]
 
 
 def scan(root: str, storage_options: storage.StorageOptions = None) -> list[CheckpointInfo]:

@@ -26,7 +26,7 @@ from dtrain.checkpoint import faultpoints, localfs
 from dtrain.checkpoint.faultpoints import Hooked, fault_point
 from dtrain.checkpoint.localfs import pread_into
 from dtrain.checkpoint.s3upload import ConcurrentS3Writer, with_retries
-from dtrain.errors import CheckpointError
+from dtrain.errors import CheckpointError, MissingBucketError
 
 StorageOptions = dict[str, Any] | None
 T = TypeVar("T")
@@ -115,8 +115,8 @@ def makedirs(url: str, storage_options: StorageOptions = None) -> None:
             raise CheckpointError(f"{url}: access to bucket {bucket!r} denied ({e}): the credentials are wrong, "
                                   f"expired, or not allowed to use it") from e
         if not found:
-            raise CheckpointError(f"{url}: bucket {bucket!r} does not exist (or these credentials cannot see "
-                                  f"it); dtrain does not create buckets: create it, or fix the URL/endpoint")
+            raise MissingBucketError(f"{url}: bucket {bucket!r} does not exist (or these credentials cannot see "
+                                     f"it); dtrain does not create buckets: create it, or fix the URL/endpoint")
         return
     fs.makedirs(path, exist_ok=True)
 

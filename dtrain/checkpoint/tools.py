@@ -82,10 +82,9 @@ def verify(url: str, storage_options: storage.StorageOptions = None, check_finit
         return [*problems, str(e)]
     except (IsADirectoryError, NotADirectoryError, PermissionError) as e:  # never readable: report, go on
         return [*problems, f"{storage.join(url, name)} cannot be read ({e.strerror or type(e).__name__})"]
-    named = re.fullmatch(r"step-(\d+)", url.rstrip("/").rsplit("/", 1)[-1])
-    if named and int(named.group(1)) != man.step:  # resume would ignore it: it is not that step's
-        problems.append(f"{storage.join(url, name)}: manifest says step {man.step}, the directory is step "
-                        f"{int(named.group(1))}")
+    named = retention.step_of(url)  # another name (a copy, `step-12`) says nothing about the step
+    if named is not None and named != man.step:  # resume would ignore it: it is not that step's
+        problems.append(f"{storage.join(url, name)}: manifest says step {man.step}, the directory is step {named}")
     by_file: dict[str, list[tuple[str, Chunk]]] = {}
     for key, t in man.tensors.items():
         for c in t.chunks:
@@ -338,9 +337,29 @@ def _no_file_on_the_way(directory: str, target: str) -> None:
 
 def prune(root: str, *, keep_last_n: int | None = None, keep_best_k: int | None = None,
           keep_every_n_steps: int | None = None, monitor: str | None = None, mode: str = "min",
-          storage_options: storage.StorageOptions = None) -> list[CheckpointInfo]:
-    """Apply retention rules once (the same rules the manager applies after each save)."""
+          storage_options: storage.StorageOptions = None, dry_run: bool = False) -> list[CheckpointInfo]:
+    """Apply retention rules once (the rules the manager applies after each save); returns the
+    checkpoints removed (with `dry_run`, those it would remove, removing nothing). The newest
+    committed and the best by `monitor` are kept. A `monitor` no committed checkpoint records (a typo)
+    is refused, as `dtrain ckpt prune` refuses it: the best would go unprotected."""
     infos = scan(root, storage_options)
-    doomed = retention.to_delete(infos, keep_last_n=keep_last_n, keep_best_k=keep_best_k,
-                                 keep_every_n_steps=keep_every_n_steps, monitor=monitor, mode=mode)
-    return retention.apply(infos, doomed, storage_options)
+    doomed = plan_prune(infos, root, keep_last_n=keep_last_n, keep_best_k=keep_best_k,
+                        keep_every_n_steps=keep_every_n_steps, monitor=monitor, mode=mode)
+    return doomed if dry_run else retention.apply(infos, doomed, storage_options)
+
+
+def plan_prune(infos: list[CheckpointInfo], root: str, *, keep_last_n: int | None, keep_best_k: int | None,
+               keep_every_n_steps: int | None, monitor: str | None, mode: str) -> list[CheckpointInfo]:
+    """What `prune` would delete from `infos` (the checkpoints under `root`); CheckpointError, before
+    anything is deleted, for a ranking that could not find the best: keep_best_k without a monitor,
+    a mode other than min/max, a monitor that no committed checkpoint records."""
+    if mode not in ("min", "max"):
+        raise CheckpointError(f"prune mode={mode!r} must be 'min' or 'max'")
+    if keep_best_k is not None and not monitor:
+        raise CheckpointError(f"prune keep_best_k={keep_best_k} needs monitor=<the metric to rank by>")
+    problem = retention.unranked(infos, monitor) if monitor else None
+    if problem is not None:
+        raise CheckpointError(f"{root}: {problem}; prune keeps the best by monitor={monitor!r}: pass one of "
+                              f"them (nothing was deleted)")
+    return retention.to_delete(infos, keep_last_n=keep_last_n, keep_best_k=keep_best_k,
+                               keep_every_n_steps=keep_every_n_steps, monitor=monitor, mode=mode)

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -344,6 +345,9 @@ def test_keep_best_by_a_metric_no_checkpoint_records_deletes_nothing(run: tuple[
     code, _, err = cli(capsys, "prune", root, "--keep-best", "2", "--monitor", "val/los")  # a typo
     assert code == 1 and "no committed checkpoint records 'val/los'" in err and "val/acc, val/loss" in err
     assert sorted(os.listdir(root)) == before
+    code, _, err = cli(capsys, "prune", root, "--keep-last", "1", "--monitor", "val/los")  # deleted the best, step 2
+    assert code == 1 and "no committed checkpoint records 'val/los'" in err and "val/acc, val/loss" in err
+    assert sorted(os.listdir(root)) == before
     for step in (1, 2, 3):
         path = Path(root, f"step-00000000{step}", "manifest.json")
         path.write_text(re.sub(r'"val/acc": [^,}]+', '"val/acc": null', path.read_text()))
@@ -408,6 +412,35 @@ def test_a_manifest_that_is_a_directory_does_not_stop_the_root(run: tuple[str, W
     assert code == 1 and f"FAILED {bad}" in out and "3 of 4 checkpoint(s) sound" in out
     assert cli(capsys, "export", root, "--out", str(tmp_path / "m.safetensors"))[0] == 0
     assert cli(capsys, "prune", root, "--keep-last", "1")[0] == 0 and os.path.isdir(bad)
+
+
+def test_directories_dtrain_did_not_name_are_left_alone(run: tuple[str, Weights], capsys) -> None:
+    """`step-12` (a copy of step 1) and `step-0000000002` (someone's files) are not names dtrain
+    writes (step-%09d). verify took the first's name as its step (a mismatch: FAILED), while resume
+    and retention skipped it; retention took the second for an incomplete step 2 and deleted it."""
+    root, _ = run
+    copy, other = os.path.join(root, "step-12"), os.path.join(root, "step-0000000002")
+    shutil.copytree(os.path.join(root, "step-000000001"), copy)
+    os.makedirs(other)
+    Path(other, "notes.txt").write_text("mine")
+    said = [f"{copy}: not a dtrain checkpoint directory name", f"{other}: not a dtrain checkpoint directory name"]
+    code, out, err = cli(capsys, "ls", root)
+    assert code == 0 and [ln.split()[0] for ln in out.splitlines()[1:]] == ["1", "2", "3", "4"], out
+    assert all(s in err for s in said), err
+    code, out, _ = cli(capsys, "verify", root)
+    assert code == 0 and f"SKIP {copy}: not a dtrain" in out and f"SKIP {other}: not a dtrain" in out, out
+    assert "3 of 3 checkpoint(s) sound" in out, out
+    code, out, err = cli(capsys, "verify", copy)  # its files are sound; its name says nothing about its step
+    assert code == 0 and f"OK {copy}" in out and "leave it alone" in err, (out, err)
+    code, out, err = cli(capsys, "prune", root, "--keep-last", "1")
+    assert code == 0 and "removed 1, kept 3 of 4" in out and all(s in err for s in said), (out, err)
+    with CheckpointManager(root, keep_last_n=1, keep_best_k=None) as mgr:  # the trainer's retention
+        mgr.apply_retention()
+        assert [i.step for i in mgr.list()] == [3, 4]
+        m, o, *_ = make_all(seed=1)
+        info, _ = mgr.restore_latest(model=m, optimizer=o)
+    assert info.step == 3
+    assert Path(other, "notes.txt").read_text() == "mine" and os.path.isfile(os.path.join(copy, "manifest.json"))
 
 
 def test_argument_parsers() -> None:

@@ -10,6 +10,7 @@ import torch
 
 from dtrain.checkpoint import CheckpointManager
 from dtrain.checkpoint.cli import main as ckpt_main
+from tests.checkpoint import workers
 from tests.checkpoint.workers import (
     Tied,
     failing_rank_save,
@@ -180,3 +181,23 @@ def test_ranks_agree_on_a_save_with_one_small_all_reduce_and_all_raise_one_ranks
         assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
     for root in ("walk", "leased", "dtypes"):
         assert CheckpointManager(roots[root], lease=False).latest_committed() is None
+
+
+@pytest.mark.timeout(120)
+def test_a_damaged_newest_checkpoint_is_reported_once_unless_ranks_saw_different_things(tmp_path) -> None:
+    """Every rank logged the same "damaged ... falling back" warning. And where one rank found the
+    damage while another could not load at all, the first fell back alone to an older checkpoint
+    and waited there for the others (until the process group timeout)."""
+    ranks = run_ranks(workers.damaged_fallback_warnings, 2, str(tmp_path / "ckpt"))
+    same = [r["same"] for r in ranks]
+    assert [r["loaded"] for r in same] == [1, 1]
+    assert len(same[0]["said"]) == 1 and same[1]["said"] == [], same
+    assert "step-000000002 is damaged" in same[0]["said"][0] and "checksum" in same[0]["said"][0], same
+    own = [r["own"] for r in ranks]  # rank 1 alone read the damage; rank 0 knows only that it did
+    assert [r["loaded"] for r in own] == [1, 1]
+    assert len(own[0]["said"]) == 1 and "rank(s) [1] could not load" in own[0]["said"][0], own
+    assert len(own[1]["said"]) == 1 and "rng-00001-of-00002.json" in own[1]["said"][0], own
+    mixed = [r["mixed"] for r in ranks]
+    assert all(r["said"] == [] and r["error"].startswith(("CheckpointError", "CheckpointMismatchError"))
+               for r in mixed), mixed
+    assert "rng-00001-of-00002.json" in mixed[1]["error"], mixed

@@ -80,6 +80,29 @@ def test_list_and_prune(tmp_path) -> None:
     assert [i.step for i in list_checkpoints(str(tmp_path))] == [3]
 
 
+def test_prune_refuses_a_monitor_no_checkpoint_records(tmp_path) -> None:
+    """The API deleted the best checkpoint on a typo in the metric (ranked by nothing, nothing was
+    the best); `dtrain ckpt prune` already refused it."""
+    saved(str(tmp_path), steps=(1, 2, 3))  # val/loss = step: step 1 is the best
+    before = sorted(os.listdir(tmp_path))
+    for rules in ({"keep_best_k": 1}, {"keep_last_n": 1}, {"keep_last_n": 1, "keep_best_k": 1}):
+        with pytest.raises(CheckpointError) as e:
+            prune(str(tmp_path), monitor="val/los", **rules)
+        assert str(e.value) == (f"{tmp_path}: no committed checkpoint records 'val/los'; the metrics they record: "
+                                f"val/loss; prune keeps the best by monitor='val/los': pass one of them (nothing "
+                                f"was deleted)")
+        assert sorted(os.listdir(tmp_path)) == before
+    with pytest.raises(CheckpointError, match="keep_best_k=1 needs monitor="):
+        prune(str(tmp_path), keep_best_k=1)
+    with pytest.raises(CheckpointError, match="mode='mni' must be 'min' or 'max'"):
+        prune(str(tmp_path), keep_last_n=1, monitor="val/loss", mode="mni")
+    assert sorted(os.listdir(tmp_path)) == before
+    assert [i.step for i in prune(str(tmp_path), keep_last_n=1, monitor="val/loss", dry_run=True)] == [2]
+    assert sorted(os.listdir(tmp_path)) == before
+    assert [i.step for i in prune(str(tmp_path), keep_last_n=1, monitor="val/loss")] == [2]
+    assert [i.step for i in list_checkpoints(str(tmp_path))] == [1, 3]
+
+
 def test_export_refuses_an_out_inside_a_remote_source(tmp_path) -> None:
     root = f"memory://export-{tmp_path.name}/ck"
     saved(root)

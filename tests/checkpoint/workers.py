@@ -411,3 +411,52 @@ def peer_loads(rank: int, world: int, root: str) -> dict[str, Any]:
     mgr.close()
     dist.shutdown()
     return out
+
+
+def damaged_fallback_warnings(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Resume (restore_latest) from a root whose newest checkpoint is damaged: in a model file that
+    every rank reads ("same"), in rank 1's own RNG file ("own"), and that again while rank 0 cannot
+    load at all, its model being another ("mixed"). For each: what the resume gave, and the
+    fallback warnings this rank logged."""
+    import logging
+    import os
+
+    dist.init(timeout_s=30, backend="gloo")
+    model = wrap(make_mlp(), "ddp", world)
+    opt = make_optim(model)
+    mgr = CheckpointManager(root)
+    for s in (1, 2):
+        step(model, opt, rank, world, seed=s)
+        mgr.save(s, model=model, optimizer=opt)
+    newest = mgr.latest_committed()
+    assert newest is not None and newest.step == 2
+    said: list[str] = []
+
+    class Said(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "falling back" in record.getMessage():
+                said.append(record.getMessage())
+
+    logging.getLogger("dtrain.checkpoint.manager").addHandler(Said())
+    out: dict[str, Any] = {}
+    sound: dict[str, bytes] = {}
+    for case, name in (("same", "model-00000-of-00002.safetensors"), ("own", "rng-00001-of-00002.json"),
+                       ("mixed", "rng-00001-of-00002.json")):
+        if rank == 0:  # the earlier case's damage repaired, this one's made
+            for path, data in sound.items():
+                open(path, "wb").write(data)
+            path = os.path.join(newest.url, name)
+            sound[path] = open(path, "rb").read()
+            open(path, "wb").write(sound[path][:-3] + bytes([sound[path][-3] ^ 0xFF]) + sound[path][-2:])
+        dist.barrier()
+        del said[:]
+        # "mixed": plain modules, as DDP would refuse the other model itself
+        fresh = wrap(make_mlp(seed=1), "ddp", world) if case != "mixed" else make_mlp(1) if rank else make_narrow()
+        try:
+            info = mgr.restore_latest(model=fresh, optimizer=make_optim(fresh))
+            out[case] = {"loaded": info[0].step if info else None, "said": list(said)}
+        except CheckpointError as e:
+            out[case] = {"error": f"{type(e).__name__}: {e}", "said": list(said)}
+    mgr.close()
+    dist.shutdown()
+    return out
