@@ -74,8 +74,10 @@ def checked_box(dir_url: str, manifest: Manifest, key: str, dest: torch.Tensor) 
     entry = manifest.tensors[key]
     box, local = local_box(key, dest)
     if entry.dtype != box.dtype or entry.shape != box.shape:
+        hint = ("load into a model of the saved dtype, then convert it (model.to(dtype))" if entry.shape == box.shape
+                else "the model config does not match")
         raise CheckpointMismatchError(f"{dir_url}: tensor {key!r}: checkpoint has {entry.dtype}{list(entry.shape)}, "
-                                      f"the model expects {box.dtype}{list(box.shape)}; the model config does not match")
+                                      f"the model expects {box.dtype}{list(box.shape)}; {hint}")
     return box, local
 
 

@@ -42,7 +42,7 @@ from dtrain.checkpoint.retention import (
     step_dirs,
 )
 from dtrain.checkpoint.snapshot import PreparedSave, capture, execute, prepare
-from dtrain.checkpoint.state import Optimizers, Stateful, as_tuple
+from dtrain.checkpoint.state import Optimizers, Stateful, as_tuple, check_targets
 from dtrain.checkpoint.tools import refuse_non_finite
 from dtrain.errors import CheckpointError, ConfigError, MissingBucketError
 
@@ -98,10 +98,9 @@ class CheckpointManager:
         already committed under the root is not saved again (committed checkpoints never change;
         logged at INFO), so a second save of one step keeps the first."""
         step, recorded = _checked_step(step), _checked_metrics(metrics)
-        if not isinstance(model, nn.Module):
-            raise CheckpointError(f"save needs model=<the torch.nn.Module to checkpoint>, got {type(model).__name__}")
-        self.wait()
         optimizers = as_tuple(optimizer)
+        check_targets(model, optimizers, "save")
+        self.wait()
         deferred = self._saves is not None and self.overlap_staging and bool(optimizers) and not walk_at_call(model)
         if deferred:  # prepare runs in the background: a lost lease must still fail this call
             self.acquire_lease()
@@ -272,6 +271,7 @@ class CheckpointManager:
         written after the fallback, and the run, reaching its step again, did not save over it. Only
         once an older one loads: with every one damaged none is renamed (renamed, the restart that
         follows the error found no checkpoint and silently started the run from step 0)."""
+        check_targets(model, as_tuple(optimizer), "restore_latest")
         self.wait()
         if storage.exists(storage.join(self.root, MANIFEST), self.storage_options):
             raise CheckpointError(f"the manager's root {self.root} is a checkpoint directory, not a root of them: "

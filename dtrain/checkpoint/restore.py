@@ -28,6 +28,8 @@ from dtrain.checkpoint.reader import ChunkReader, read_json_file, read_manifest,
 from dtrain.checkpoint.state import (
     Stateful,
     apply_json_state,
+    check_loadable,
+    check_targets,
     clear_optimizer_state,
     flatten,
     get_states,
@@ -105,6 +107,8 @@ def load_checkpoint(dir_url: str, *, model: nn.Module, optimizers: tuple[torch.o
     non-strict load left out. `manifest`: the directory's manifest when the caller has just read
     and validated it (else it is read here). `optional`: components of `stateful` the checkpoint
     may lack even when `strict` (saved before they existed): they keep their state, with a warning."""
+    check_targets(model, optimizers, f"loading {dir_url}")  # the same on every rank: raised before any collective
+    check_loadable(model, f"loading {dir_url}")
     out = _Outcome()
     target = out.run(lambda: _target(dir_url, model, optimizers, strict, storage_options, manifest), dir_url)
     if target is not None:

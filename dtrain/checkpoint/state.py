@@ -44,6 +44,38 @@ def as_tuple(optimizer: Optimizers) -> tuple[torch.optim.Optimizer, ...]:
     return tuple(optimizer)
 
 
+def check_targets(model: object, optimizers: tuple[object, ...], what: str) -> None:
+    """What a user passes to save/load, checked before any collective: a module, optimizers, and
+    optimizers over that module's own parameters (else torch's state-dict code fails with a bare
+    KeyError deep inside)."""
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"{what} needs model=<the torch.nn.Module itself>, got {type(model).__name__}"
+                              + (" (a state dict? pass the module it came from)" if isinstance(model, dict) else ""))
+    if not optimizers:
+        return
+    own = {id(p) for p in model.parameters()}
+    for i, optim in enumerate(optimizers):
+        if not isinstance(optim, torch.optim.Optimizer):
+            raise CheckpointError(f"{what}: optimizer[{i}] is a {type(optim).__name__}, not a torch.optim.Optimizer "
+                                  f"(a scheduler or other component goes in stateful={{'name': obj}})")
+        foreign = sum(id(p) not in own for g in optim.param_groups for p in g["params"])
+        if foreign:
+            raise CheckpointError(f"{what}: optimizer[{i}] ({type(optim).__name__}) holds {foreign} parameter(s) that "
+                                  f"are not parameters of the model passed ({type(model).__name__}): build the "
+                                  f"optimizer from that model's parameters (model.parameters()), and pass the same "
+                                  f"model (wrapped or not) to save and load")
+
+
+def check_loadable(model: nn.Module, what: str) -> None:
+    """A load copies into existing tensors; those of a model built on the meta device have no
+    storage, and torch's copy into them silently does nothing."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        local = t.to_local() if isinstance(t, DTensor) else t
+        if local.is_meta:
+            raise CheckpointError(f"{what}: the model's tensor {name!r} is on the meta device, which a load cannot "
+                                  f"fill; materialise the model first (model.to_empty(device=...)), then load")
+
+
 def get_states(model: nn.Module, optimizers: tuple[torch.optim.Optimizer, ...], *, for_save: bool = False
                ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Model and optimizer state dicts whose tensors are this rank's shards (no copies).
@@ -136,7 +168,33 @@ def apply_json_state(saved: dict[str, Any], leaves: dict[str, Leaf], optim_sd: d
         want = {p for g in optim_sd["param_groups"] for p in g["params"]}
         got = {p for g in groups for p in g.get("params", [])}
         check_keys(want, got, "optimizer param_groups parameter", where)
+    check_param_groups(optim_sd["param_groups"], groups, where)
     optim_sd["param_groups"] = groups
+
+
+def check_param_groups(current: list[dict[str, Any]], saved: list[dict[str, Any]], where: str) -> None:
+    """Each of the optimizers' param groups must take its hyperparameters from exactly one saved
+    group, and no saved group may feed two: torch's loader otherwise gives a split group its
+    hyperparameters in one part only, and the other part is left without 'lr' (measured: a
+    checkpoint of one group loaded into two)."""
+    owner = {p: i for i, g in enumerate(saved) for p in g.get("params", [])}
+    fed: dict[int, int] = {}
+    for j, group in enumerate(current):
+        if not group["params"]:
+            continue  # an empty group: torch's loader pairs those itself
+        sources = sorted({owner[p] for p in group["params"] if p in owner})
+        if len(sources) == 1 and fed.setdefault(sources[0], j) == j:
+            continue
+        raise CheckpointMismatchError(
+            f"{where}: the optimizer's param groups do not match the checkpoint's (it has {len(saved)} group(s) "
+            f"of {[len(g.get('params', [])) for g in saved]} parameters, the optimizer {len(current)} of "
+            f"{[len(g['params']) for g in current]}; group {j} holds {few_params(group['params'])}); build the "
+            f"optimizer with the param groups it was saved with, or load without it (optimizer=None) to start "
+            f"it afresh")
+
+
+def few_params(names: list[str]) -> str:
+    return ", ".join(repr(n) for n in names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
 
 def set_states(model: nn.Module, optimizers: tuple[torch.optim.Optimizer, ...], model_sd: dict[str, Any],
@@ -174,5 +232,5 @@ def load_stateful(stateful: dict[str, Stateful], saved: dict[str, Any], where: s
                                   f"the model and optimizer state were already loaded") from e
 
 
-__all__ = ["Stateful", "as_tuple", "get_states", "clear_optimizer_state", "optimizer_fqns", "flatten", "strategy_of", "versions", "json_state",
+__all__ = ["Stateful", "as_tuple", "check_targets", "check_loadable", "check_param_groups", "get_states", "clear_optimizer_state", "optimizer_fqns", "flatten", "strategy_of", "versions", "json_state",
            "apply_json_state", "set_states", "stateful_states", "load_stateful"]
