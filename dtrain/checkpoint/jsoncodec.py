@@ -2,7 +2,8 @@
 
 Plain JSON covers most state dicts. The few values JSON cannot say exactly are written as tagged
 objects with one reserved key: non-finite floats, tuples, dicts with non-string keys, bytes, and
-small tensors (an optimizer's tensor learning rate, say). Anything else is an error naming its path,
+small tensors (an optimizer's tensor learning rate, say) and NumPy arrays (the state a user's own
+component keeps, `np.random.RandomState.get_state()` say). Anything else is an error naming its path,
 so a component that returns an unsupported object is found at save time, not at resume.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import sys
 from typing import Any
 
 import torch
@@ -42,7 +44,10 @@ def encode(obj: Any, path: str = "$") -> Any:
         return {_TAG: "bytes", "v": base64.b64encode(obj).decode("ascii")}
     if isinstance(obj, torch.Tensor):
         return _encode_tensor(obj, path)
-    if hasattr(obj, "item") and hasattr(obj, "dtype"):  # numpy scalars
+    np = sys.modules.get("numpy")  # an array comes from code that imported NumPy already
+    if np is not None and isinstance(obj, np.ndarray) and obj.ndim > 0:
+        return _encode_ndarray(obj, path)
+    if hasattr(obj, "item") and hasattr(obj, "dtype"):  # numpy scalars and 0-d arrays
         return encode(obj.item(), path)
     raise CheckpointError(f"state value at {path} has type {type(obj).__name__}, which cannot be "
                           f"stored as JSON; return plain numbers, strings, lists and dicts from state_dict()")
@@ -56,6 +61,17 @@ def _encode_tensor(t: torch.Tensor, path: str) -> dict[str, Any]:
     raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
     return {_TAG: "tensor", "dtype": dtype_name(t.dtype, what=path), "shape": list(t.shape),
             "v": base64.b64encode(raw).decode("ascii")}
+
+
+def _encode_ndarray(a: Any, path: str) -> dict[str, Any]:
+    if a.dtype.kind not in "biufc":
+        raise CheckpointError(f"state value at {path} is a NumPy array of dtype {a.dtype}, which cannot be stored "
+                              f"as JSON; use numbers (bool, int, float, complex) or convert it to a list")
+    if a.nbytes > _MAX_TENSOR_BYTES:
+        raise CheckpointError(f"state value at {path} is a NumPy array of {a.nbytes} bytes; arrays this big "
+                              f"belong in the model or optimizer state (as tensors)")
+    return {_TAG: "ndarray", "dtype": a.dtype.str, "shape": list(a.shape),
+            "v": base64.b64encode(a.tobytes(order="C")).decode("ascii")}
 
 
 def decode(obj: Any, path: str = "$") -> Any:
@@ -85,6 +101,13 @@ def decode(obj: Any, path: str = "$") -> Any:
             raw = bytearray(base64.b64decode(v, validate=True))
             flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
             return flat.view(dt).reshape([int(d) for d in obj["shape"]]).clone()
+        if tag == "ndarray":
+            import numpy as np
+
+            dtype = np.dtype(str(obj["dtype"]))
+            if dtype.kind not in "biufc":
+                raise ValueError(f"dtype {dtype} is not numeric")
+            return np.frombuffer(base64.b64decode(v, validate=True), dtype=dtype).reshape([int(d) for d in obj["shape"]]).copy()
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"state value at {path}: malformed {tag!r} entry ({e})") from None
     raise CheckpointError(f"state value at {path}: unknown tag {tag!r}")
