@@ -11,6 +11,7 @@ import datetime
 import logging
 import os
 import re
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,6 +43,7 @@ class DistEnv:
 
 _ENV: DistEnv | None = None
 _CKPT_GROUP: object | None = None
+_TIMEOUT: datetime.timedelta | None = None  # init's timeout_s, for the checkpoint group too
 
 
 def _int_env(name: str) -> int:
@@ -183,7 +185,7 @@ def check_backend(backend: str) -> None:
 
 def init(timeout_s: float = 300.0, backend: str = "auto") -> DistEnv:
     """Initialise the default process group once from the launcher's environment."""
-    global _ENV
+    global _ENV, _TIMEOUT
     if _ENV is not None:
         return _ENV
     launcher, rank, world_size, local_rank = detect_launcher()
@@ -197,7 +199,7 @@ def init(timeout_s: float = 300.0, backend: str = "auto") -> DistEnv:
         fast_pinned_memory()
         torch.cuda.set_device(device)
     if world_size > 1 and not torch_dist.is_initialized():
-        timeout = datetime.timedelta(seconds=timeout_s)
+        timeout = _TIMEOUT = datetime.timedelta(seconds=timeout_s)
         try:
             store = _store_within(rank, world_size, timeout)
             torch_dist.init_process_group(
@@ -223,15 +225,21 @@ def env() -> DistEnv:
 
 
 def shutdown() -> None:
-    """Destroy the process group (safe to call on every exit path, more than once)."""
-    global _ENV, _CKPT_GROUP
+    """Destroy the process group (safe to call on every exit path, more than once). A checkpoint
+    save still in flight (async_save, no wait() or close() yet) is finished first, since the group
+    would be destroyed under it; its error is raised after the teardown, or only logged when an
+    exception is already on its way (the body of `distributed()` raised)."""
+    global _ENV, _CKPT_GROUP, _TIMEOUT
+    saves = sys.modules.get("dtrain.checkpoint.background")  # imported by any async save
+    error = saves.finish_all() if saves is not None else None
     if torch_dist.is_available() and torch_dist.is_initialized():
         try:
             torch_dist.destroy_process_group()
         except Exception as e:  # teardown after a failed collective must not mask the real error
             log.warning("destroy_process_group failed: %s", e)
-    _ENV = None
-    _CKPT_GROUP = None
+    _ENV = _CKPT_GROUP = _TIMEOUT = None
+    if error is not None and sys.exc_info()[1] is None:
+        raise error
 
 
 @contextmanager
@@ -266,12 +274,14 @@ def barrier() -> None:
 
 def checkpoint_group() -> torch_dist.ProcessGroup | None:
     """A separate gloo group, so checkpoint collectives (also from a background thread) never
-    interleave with training collectives on the default group."""
+    interleave with training collectives on the default group. It waits for a peer as long as
+    `init`'s timeout_s says (torch's default for a new group is 30 min, whatever the default
+    group's: a rank that hung or never called save() held the others that long)."""
     global _CKPT_GROUP
     if not _active():
         return None
     if _CKPT_GROUP is None:
-        _CKPT_GROUP = torch_dist.new_group(backend="gloo")
+        _CKPT_GROUP = torch_dist.new_group(backend="gloo", timeout=_TIMEOUT)
     return _CKPT_GROUP  # type: ignore[return-value]
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
@@ -30,6 +31,8 @@ from dtrain.checkpoint.snapshot import PreparedSave, stage, stage_copies
 from dtrain.errors import CheckpointError
 
 log = logging.getLogger(__name__)
+_LIVE: weakref.WeakSet[BackgroundSaves] = weakref.WeakSet()
+_exit_hook = False
 
 
 def walk_at_call(model: nn.Module) -> bool:
@@ -55,6 +58,7 @@ class BackgroundSaves:
         self._staging_now: dict[Hashable, torch.Tensor] = {}  # model buffers, copied at the call
         self._hooks: list[Any] = []
         self._lock = threading.Lock()
+        _LIVE.add(self)
 
     def submit(self, prep: PreparedSave) -> None:
         """Copy the tensors to host memory now, write them in the background."""
@@ -120,6 +124,7 @@ class BackgroundSaves:
             return _failed(prep, f"staging: {type(e).__name__}: {e}")
 
     def _submit(self, job: Callable[[], None]) -> None:
+        _finish_at_exit()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="dtrain-ckpt")
         with self._lock:
@@ -157,6 +162,30 @@ class BackgroundSaves:
             self.staging.clear()
             self._staging_now.clear()
             self._remove_hooks()
+
+
+def finish_all() -> CheckpointError | None:
+    """Wait for every save still in flight (a loop that never called wait() or close()); the first
+    error, after logging each. `dist.shutdown` calls it before it destroys the process group under
+    the save, and the interpreter's exit too: the last checkpoint of such a loop was lost."""
+    first = None
+    for saves in list(_LIVE):
+        try:
+            saves.wait()
+        except CheckpointError as e:
+            log.error("a checkpoint save still in flight when the process group or the process ended failed: %s", e)
+            first = first or e
+    return first
+
+
+def _finish_at_exit() -> None:
+    """Once per process: finish the saves in flight when the main thread ends, before the thread
+    pools stop taking work (threading runs these hooks last registered first, so this one runs
+    before concurrent.futures' own; a plain atexit hook runs after it, too late)."""
+    global _exit_hook
+    if not _exit_hook:
+        threading._register_atexit(finish_all)  # type: ignore[attr-defined]
+        _exit_hook = True
 
 
 def _failed(prep: PreparedSave, why: str) -> PreparedSave:
