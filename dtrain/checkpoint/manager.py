@@ -96,7 +96,8 @@ class CheckpointManager:
              metrics: dict[str, float] | None = None, reason: str = "periodic") -> None:
         """Collective: checkpoint everything at `step` into `<root>/step-{step:09d}/`. A step
         already committed under the root is not saved again (committed checkpoints never change;
-        logged at INFO), so a second save of one step keeps the first."""
+        logged at INFO), so a second save of one step keeps the first. `stateful` and `extra` are
+        rank 0's (every rank loads them): they must be the same on every rank."""
         step, recorded = _checked_step(step), _checked_metrics(metrics)
         optimizers = as_tuple(optimizer)
         check_targets(model, optimizers, "save")
