@@ -190,6 +190,8 @@ def cmd_inspect(args: argparse.Namespace, so: dict[str, Any]) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, so: dict[str, Any]) -> int:
+    if not storage.exists(args.url, so):  # not "manifest.json does not exist ... it may be incomplete"
+        raise CheckpointError(f"{args.url} does not exist (no checkpoint there)")
     if storage.exists(storage.join(args.url, MANIFEST), so):
         targets = [args.url]
         if retention.is_lookalike(args.url):  # a copy or another tool's: its files are checked all the same

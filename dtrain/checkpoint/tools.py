@@ -201,6 +201,11 @@ def export(url: str, out: str, *, dtype: str | torch.dtype | None = None, max_sh
     if _inside(out, src):
         raise CheckpointError(f"--out {out} is inside the checkpoint {src} that export reads: writing there would "
                               f"destroy it; give a path outside it")
+    if out.endswith(".safetensors") and storage.is_local(out) and os.path.isdir(storage.local_path(out)):
+        # found before any tensor is read: the final rename onto it would fail, naming a temporary file
+        raise CheckpointError(f"--out {out} is a directory: a path ending in .safetensors names the file to "
+                              f"write; to write model.safetensors (or shards) into that directory, add a "
+                              f"trailing slash ({out}/)")
     man = read_manifest(src, storage_options)
     cast = _DTYPE_ALIASES.get(dtype.lower(), None) if isinstance(dtype, str) else dtype
     if isinstance(dtype, str) and cast is None:

@@ -18,8 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dtrain.checkpoint import CheckpointManager, storage
+from dtrain.checkpoint import CheckpointManager, load_model, storage
 from dtrain.checkpoint.cli import main, parse_size, parse_storage_option, storage_options_of, utc
+from dtrain.errors import CheckpointError
 from tests.checkpoint import workers
 from tests.checkpoint.models import make_all, train
 from tests.multiproc import run_ranks
@@ -383,6 +384,41 @@ def test_errors_and_usage(run: tuple[str, Weights], tmp_path, capsys) -> None:
     assert cli(capsys, "prune", root, "--keep-last", "0")[0] == 2
     assert cli(capsys, "frobnicate")[0] == 2
     assert cli(capsys, "--help")[0] == 0
+
+
+def test_a_file_or_a_missing_path_given_for_a_checkpoint_is_named(run: tuple[str, Weights], tmp_path,
+                                                                  capsys) -> None:
+    """An exported .safetensors (or a manifest.json) given where a checkpoint belongs said only
+    '[Errno 20] Not a directory', in every command and in load_model; `verify` of a path that does
+    not exist said its manifest.json was missing and that it "may be incomplete"."""
+    root, _ = run
+    exported = str(tmp_path / "model.safetensors")
+    assert cli(capsys, "export", root, "--out", exported)[0] == 0
+    manifest = os.path.join(root, "step-000000003", "manifest.json")
+    for argv in (["ls", exported], ["inspect", exported], ["verify", exported], ["prune", exported, "--keep-last", "1"],
+                 ["export", exported, "--out", str(tmp_path / "again.safetensors")], ["inspect", manifest]):
+        code, _, err = cli(capsys, *argv)
+        assert code == 1 and err.count("\n") == 1 and "Errno" not in err, (argv, err)
+        assert f"error: {argv[1]} is a file, not a checkpoint directory" in err, (argv, err)
+    assert "loads with safetensors.torch.load_file" in cli(capsys, "inspect", exported)[2]
+    assert f"give the directory it is in, {os.path.dirname(manifest)}" in cli(capsys, "inspect", manifest)[2]
+    with pytest.raises(CheckpointError, match="is a file, not a checkpoint directory"):
+        load_model(exported, make_all()[0])
+    code, out, err = cli(capsys, "verify", str(tmp_path / "nothing"))
+    assert code == 1 and out == "" and f"{tmp_path / 'nothing'} does not exist" in err
+
+
+def test_export_to_a_safetensors_name_that_is_a_directory(run: tuple[str, Weights], tmp_path, capsys) -> None:
+    """The rename at the very end (after every tensor was read) failed with '[Errno 21] Is a
+    directory' naming a temporary file."""
+    root, weights = run
+    target = tmp_path / "weights.safetensors"
+    target.mkdir()
+    code, _, err = cli(capsys, "export", root, "--out", str(target))
+    assert code == 1 and f"--out {target} is a directory" in err and f"({target}/)" in err and "Errno" not in err
+    assert sorted(os.listdir(tmp_path)) == ["ckpts", "weights.safetensors"] and os.listdir(target) == []
+    assert cli(capsys, "export", root, "--out", f"{target}/")[0] == 0
+    assert digest(load_file(str(target / "model.safetensors"))) == digest(weights[3])
 
 
 def test_ls_and_inspect_survive_a_manifest_time_out_of_range(run: tuple[str, Weights], capsys) -> None:
