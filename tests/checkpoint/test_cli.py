@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,14 @@ import torch
 from safetensors.torch import load_file
 
 from dtrain.checkpoint import CheckpointManager, load_model, storage
-from dtrain.checkpoint.cli import main, parse_size, parse_storage_option, storage_options_of, utc
+from dtrain.checkpoint.cli import (
+    build_parser,
+    main,
+    parse_size,
+    parse_storage_option,
+    storage_options_of,
+    utc,
+)
 from dtrain.errors import CheckpointError
 from tests.checkpoint import workers
 from tests.checkpoint.models import make_all, train
@@ -211,6 +219,33 @@ def test_export_sharded_with_index(run: tuple[str, Weights], tmp_path, capsys) -
     assert code == 0 and "note: tensor '0.weight' is 384 B, over --max-shard-size 300 B: it gets a shard of its own" in err
     index = json.loads((tmp_path / "big" / "model.safetensors.index.json").read_text())
     assert [k for k, v in index["weight_map"].items() if v == index["weight_map"]["0.weight"]] == ["0.weight"]
+
+
+def test_export_writes_tied_weights_under_each_name(tmp_path, capsys) -> None:
+    """A GPT-style head tied to the embedding is one tensor in the checkpoint; the export names it
+    twice (a copy each), so the loaders that compare keys with model.state_dict(), which has both
+    names, load it strictly: load_state_dict, and transformers' load_sharded_checkpoint (its key
+    check is repeated here from the index). safetensors' load_model wants one name: strict=False."""
+    from safetensors.torch import load_model as st_load_model
+
+    from tests.checkpoint.workers import Tied
+
+    model = Tied()
+    with CheckpointManager(str(tmp_path / "ckpts")) as mgr:
+        mgr.save(1, model=model)
+    one, shards = tmp_path / "one.safetensors", tmp_path / "shards"
+    assert cli(capsys, "export", str(tmp_path / "ckpts"), "--out", str(one))[0] == 0
+    assert cli(capsys, "export", str(tmp_path / "ckpts"), "--out", str(shards), "--max-shard-size", "100B")[0] == 0
+    index = json.loads((shards / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(Tied().state_dict()) == {"emb.weight", "head.weight", "mid.bias", "mid.weight"}
+    for loaded in (load_file(str(one)), {k: v for s in set(index["weight_map"].values())
+                                         for k, v in load_file(str(shards / s)).items()}):
+        fresh = Tied(seed=5)
+        fresh.load_state_dict(loaded, strict=True)
+        assert fresh.head.weight is fresh.emb.weight and digest(fresh.state_dict()) == digest(model.state_dict())
+    fresh = Tied(seed=6)
+    assert st_load_model(fresh, str(one), strict=False) == (set(), ["head.weight"])
+    assert digest(fresh.state_dict()) == digest(model.state_dict())
 
 
 def _damage_last_tensor(ckpt: str) -> None:
@@ -579,6 +614,21 @@ def test_a_set_aside_checkpoint_on_s3_is_reported_by_ls_and_verify(s3_root: tupl
     """On S3 the set-aside is storage.rename -> s3fs mv (copy, then delete)."""
     root, options = s3_root
     _check_a_set_aside_checkpoint_is_reported(root, options, capsys)
+
+
+def test_every_ckpt_command_in_the_readme_parses(capsys) -> None:
+    """README told users to run `dtrain ckpt export ROOT --best` (three times) without --out, which
+    export requires: a usage error. A bare mention (`dtrain ckpt verify`) is no command line."""
+    text = (REPO / "README.md").read_text()
+    found = re.findall(r"dtrain ckpt ((?:ls|inspect|verify|export|prune)\b[^`\n#|]*)", text)
+    lines = [shlex.split(re.sub(r"\[[^]]*\]", "", c)) for c in found]  # `[--dtype bf16]`: optional
+    lines = [argv for argv in lines if len(argv) > 1]
+    assert len(lines) >= 7 and sum(argv[0] == "export" for argv in lines) >= 4
+    for argv in lines:
+        try:
+            build_parser().parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"README's `dtrain ckpt {' '.join(argv)}` is a usage error: {capsys.readouterr().err}")
 
 
 def test_help_through_the_top_level_command(capsys) -> None:
