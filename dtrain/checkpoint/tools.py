@@ -249,6 +249,11 @@ def _write_export(plan: list, out: str, max_shard_bytes: int | None, storage_opt
     if storage.is_local(out):
         written = _write_local(files, index)
     else:  # each PUT / multipart upload is atomic by itself; the index goes last
+        old_index = storage.join(out, _INDEX)
+        if into_dir and storage.exists(old_index, storage_options):
+            # no rename here: an earlier index left over shards half overwritten would mix two
+            # checkpoints' weights; without one, a failed export is seen as one
+            storage.remove(old_index, storage_options)
         for url, items in files:
             write_tensor_file(url, url.rsplit("/", 1)[-1], items, storage_options, {"format": "pt"})
         if index is not None:

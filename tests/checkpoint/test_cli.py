@@ -315,6 +315,22 @@ def test_export_to_an_object_store_replaces_a_file_without_removing_it(run: tupl
                      "model.safetensors.index.json"]
 
 
+def test_a_failed_export_to_an_object_store_leaves_no_index_over_mixed_shards(run: tuple[str, Weights], tmp_path,
+                                                                            capsys) -> None:
+    """An object store has no rename: a sharded export that failed half way had overwritten the
+    first shards while the earlier export's index (same shard names) stayed, so loaders got two
+    checkpoints' weights mixed, silently. The old index now goes first: loaders fail loudly."""
+    root, _ = run
+    good, damaged = os.path.join(root, "step-000000002"), os.path.join(root, "step-000000003")
+    _damage_last_tensor(damaged)  # its last tensor, in the last shard, fails its checksum
+    out = f"memory://export-{tmp_path.name}/shards"
+    assert cli(capsys, "export", good, "--out", out, "--max-shard-size", "500B")[0] == 0
+    code, _, err = cli(capsys, "export", damaged, "--out", out, "--max-shard-size", "500B")
+    assert code == 1 and "model/4.weight" in err
+    names = [n for n, _ in storage.list_dir(out)]
+    assert "model.safetensors.index.json" not in names and "model-00001-of-00003.safetensors" in names
+
+
 def test_export_refuses_to_write_into_the_checkpoint_it_reads(run: tuple[str, Weights], tmp_path, capsys) -> None:
     root, _ = run
     ckpt = os.path.join(root, "step-000000003")
