@@ -592,6 +592,16 @@ def test_s3_through_storage_options(s3_root: tuple[str, dict[str, Any]], tmp_pat
     out_file = str(tmp_path / "from-s3.safetensors")
     assert cli(capsys, "export", root, "--best", "--out", out_file, *flags)[0] == 0
     assert digest(load_file(out_file)) == digest(weights[2])
+    shards = root.rsplit("/", 2)[0] + "/exported"  # the bucket's exported/: shards and the index on S3
+    for _ in range(2):  # the second replaces the first (its index removed first, then written last)
+        assert cli(capsys, "export", root, "--out", shards, "--max-shard-size", "500B", *flags)[0] == 0
+    index = json.loads(storage.read_bytes(f"{shards}/model.safetensors.index.json", storage_options=options))
+    assert set(index) == {"metadata", "weight_map"} and index["metadata"]["total_size"] == 984
+    merged: dict[str, torch.Tensor] = {}
+    for name in sorted(set(index["weight_map"].values())):
+        (tmp_path / name).write_bytes(storage.read_bytes(f"{shards}/{name}", storage_options=options))
+        merged.update(load_file(str(tmp_path / name)))
+    assert digest(merged) == digest(weights[3]) and set(merged) == set(index["weight_map"])
     code, _, err = cli(capsys, "ls", root)  # no endpoint: a one-line error, not a traceback
     assert code == 1 and err.startswith("dtrain ckpt: error: ")
 
