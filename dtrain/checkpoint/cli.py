@@ -190,6 +190,8 @@ def cmd_inspect(args: argparse.Namespace, so: dict[str, Any]) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, so: dict[str, Any]) -> int:
+    if not storage.exists(args.url, so):  # not "manifest.json does not exist ... it may be incomplete"
+        raise CheckpointError(f"{args.url} does not exist (no checkpoint there)")
     if storage.exists(storage.join(args.url, MANIFEST), so):
         targets = [args.url]
         if retention.is_lookalike(args.url):  # a copy or another tool's: its files are checked all the same
@@ -327,9 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url", metavar="URL", help="a checkpoint directory, or a root (its newest committed one)")
     p.add_argument("--out", required=True, type=_out_path, help="a .safetensors file, or a directory "
                    "(model.safetensors, or shards + model.safetensors.index.json past --max-shard-size; files of "
-                   "an earlier export there, model*.safetensors and the index, are replaced or removed). Written "
-                   "under temporary names and renamed at the end: a failed export leaves the old output as it was")
-    p.add_argument("--dtype", choices=sorted(_ITEMSIZE), help="cast floating-point tensors (integers are kept)")
+                   "an earlier export there, model.safetensors, model-NNNNN-of-NNNNN.safetensors and the index, "
+                   "are replaced or removed; other files stay). Local files are written under temporary names and "
+                   "renamed at the end: a failed export leaves the old output as it was (on an object store, "
+                   "without the old index)")
+    p.add_argument("--dtype", choices=sorted(_ITEMSIZE), help="cast floating-point tensors to this dtype "
+                   "(integer and bool tensors keep theirs); default: as saved")
     p.add_argument("--max-shard-size", type=parse_size, metavar="SIZE", help="split into shards of at most "
                    "SIZE (e.g. 2GB, 500MiB; at least 1 byte); a tensor bigger than SIZE gets a shard of its "
                    "own, over the limit (a note says so); default: one file")

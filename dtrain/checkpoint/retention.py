@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from dtrain.checkpoint import storage
-from dtrain.checkpoint.format import MANIFEST, Manifest, parse_manifest
+from dtrain.checkpoint.format import DAMAGED, MANIFEST, Manifest, parse_manifest
 from dtrain.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -66,13 +66,29 @@ def is_step_dir(url: str) -> bool:
 
 def step_dirs(root: str, storage_options: storage.StorageOptions = None) -> list[tuple[int, str]]:
     """(step, url) of every checkpoint directory (`step_of`) under `root`, oldest first; nothing
-    else is read."""
+    else is read. A root that is a file (an exported .safetensors, a manifest.json) is an error
+    naming it, not a bare '[Errno 20] Not a directory'."""
+    try:
+        entries = storage.list_dir(root, storage_options)
+    except NotADirectoryError:
+        raise CheckpointError(not_a_directory(root)) from None
     found = []
-    for name, is_dir in storage.list_dir(root, storage_options):
+    for name, is_dir in entries:
         step = step_of(name)
         if step is not None and is_dir:
             found.append((step, storage.join(root, name)))
     return sorted(found)
+
+
+def not_a_directory(url: str) -> str:
+    """What to say about a file given where a checkpoint directory or a root belongs."""
+    hint = ""
+    if url.endswith(".safetensors"):
+        hint = ": an exported or other plain safetensors file loads with safetensors.torch.load_file"
+    elif url.rstrip("/").rsplit("/", 1)[-1] in (MANIFEST, DAMAGED):
+        hint = f": give the directory it is in, {storage.parent(url)}"
+    return (f"{url} is a file, not a checkpoint directory (a step-NNNNNNNNN directory with {MANIFEST}) "
+            f"or a root holding them{hint}")
 
 
 def is_lookalike(url: str) -> bool:

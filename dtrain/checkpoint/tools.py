@@ -201,6 +201,11 @@ def export(url: str, out: str, *, dtype: str | torch.dtype | None = None, max_sh
     if _inside(out, src):
         raise CheckpointError(f"--out {out} is inside the checkpoint {src} that export reads: writing there would "
                               f"destroy it; give a path outside it")
+    if out.endswith(".safetensors") and storage.is_local(out) and os.path.isdir(storage.local_path(out)):
+        # found before any tensor is read: the final rename onto it would fail, naming a temporary file
+        raise CheckpointError(f"--out {out} is a directory: a path ending in .safetensors names the file to "
+                              f"write; to write model.safetensors (or shards) into that directory, add a "
+                              f"trailing slash ({out}/)")
     man = read_manifest(src, storage_options)
     cast = _DTYPE_ALIASES.get(dtype.lower(), None) if isinstance(dtype, str) else dtype
     if isinstance(dtype, str) and cast is None:
@@ -244,6 +249,11 @@ def _write_export(plan: list, out: str, max_shard_bytes: int | None, storage_opt
     if storage.is_local(out):
         written = _write_local(files, index)
     else:  # each PUT / multipart upload is atomic by itself; the index goes last
+        old_index = storage.join(out, _INDEX)
+        if into_dir and storage.exists(old_index, storage_options):
+            # no rename here: an earlier index left over shards half overwritten would mix two
+            # checkpoints' weights; without one, a failed export is seen as one
+            storage.remove(old_index, storage_options)
         for url, items in files:
             write_tensor_file(url, url.rsplit("/", 1)[-1], items, storage_options, {"format": "pt"})
         if index is not None:

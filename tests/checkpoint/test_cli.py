@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -18,8 +19,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dtrain.checkpoint import CheckpointManager, storage
-from dtrain.checkpoint.cli import main, parse_size, parse_storage_option, storage_options_of, utc
+from dtrain.checkpoint import CheckpointManager, load_model, storage
+from dtrain.checkpoint.cli import (
+    build_parser,
+    main,
+    parse_size,
+    parse_storage_option,
+    storage_options_of,
+    utc,
+)
+from dtrain.errors import CheckpointError
 from tests.checkpoint import workers
 from tests.checkpoint.models import make_all, train
 from tests.multiproc import run_ranks
@@ -212,6 +221,33 @@ def test_export_sharded_with_index(run: tuple[str, Weights], tmp_path, capsys) -
     assert [k for k, v in index["weight_map"].items() if v == index["weight_map"]["0.weight"]] == ["0.weight"]
 
 
+def test_export_writes_tied_weights_under_each_name(tmp_path, capsys) -> None:
+    """A GPT-style head tied to the embedding is one tensor in the checkpoint; the export names it
+    twice (a copy each), so the loaders that compare keys with model.state_dict(), which has both
+    names, load it strictly: load_state_dict, and transformers' load_sharded_checkpoint (its key
+    check is repeated here from the index). safetensors' load_model wants one name: strict=False."""
+    from safetensors.torch import load_model as st_load_model
+
+    from tests.checkpoint.workers import Tied
+
+    model = Tied()
+    with CheckpointManager(str(tmp_path / "ckpts")) as mgr:
+        mgr.save(1, model=model)
+    one, shards = tmp_path / "one.safetensors", tmp_path / "shards"
+    assert cli(capsys, "export", str(tmp_path / "ckpts"), "--out", str(one))[0] == 0
+    assert cli(capsys, "export", str(tmp_path / "ckpts"), "--out", str(shards), "--max-shard-size", "100B")[0] == 0
+    index = json.loads((shards / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(Tied().state_dict()) == {"emb.weight", "head.weight", "mid.bias", "mid.weight"}
+    for loaded in (load_file(str(one)), {k: v for s in set(index["weight_map"].values())
+                                         for k, v in load_file(str(shards / s)).items()}):
+        fresh = Tied(seed=5)
+        fresh.load_state_dict(loaded, strict=True)
+        assert fresh.head.weight is fresh.emb.weight and digest(fresh.state_dict()) == digest(model.state_dict())
+    fresh = Tied(seed=6)
+    assert st_load_model(fresh, str(one), strict=False) == (set(), ["head.weight"])
+    assert digest(fresh.state_dict()) == digest(model.state_dict())
+
+
 def _damage_last_tensor(ckpt: str) -> None:
     """Flip the last byte of the model file: its last tensor (model/4.weight, the last one export
     writes) fails its checksum."""
@@ -277,6 +313,22 @@ def test_export_to_an_object_store_replaces_a_file_without_removing_it(run: tupl
     names = sorted(n for n, _ in storage.list_dir(f"memory://export-{tmp_path.name}/exp"))
     assert names == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
                      "model.safetensors.index.json"]
+
+
+def test_a_failed_export_to_an_object_store_leaves_no_index_over_mixed_shards(run: tuple[str, Weights], tmp_path,
+                                                                            capsys) -> None:
+    """An object store has no rename: a sharded export that failed half way had overwritten the
+    first shards while the earlier export's index (same shard names) stayed, so loaders got two
+    checkpoints' weights mixed, silently. The old index now goes first: loaders fail loudly."""
+    root, _ = run
+    good, damaged = os.path.join(root, "step-000000002"), os.path.join(root, "step-000000003")
+    _damage_last_tensor(damaged)  # its last tensor, in the last shard, fails its checksum
+    out = f"memory://export-{tmp_path.name}/shards"
+    assert cli(capsys, "export", good, "--out", out, "--max-shard-size", "500B")[0] == 0
+    code, _, err = cli(capsys, "export", damaged, "--out", out, "--max-shard-size", "500B")
+    assert code == 1 and "model/4.weight" in err
+    names = [n for n, _ in storage.list_dir(out)]
+    assert "model.safetensors.index.json" not in names and "model-00001-of-00003.safetensors" in names
 
 
 def test_export_refuses_to_write_into_the_checkpoint_it_reads(run: tuple[str, Weights], tmp_path, capsys) -> None:
@@ -383,6 +435,41 @@ def test_errors_and_usage(run: tuple[str, Weights], tmp_path, capsys) -> None:
     assert cli(capsys, "prune", root, "--keep-last", "0")[0] == 2
     assert cli(capsys, "frobnicate")[0] == 2
     assert cli(capsys, "--help")[0] == 0
+
+
+def test_a_file_or_a_missing_path_given_for_a_checkpoint_is_named(run: tuple[str, Weights], tmp_path,
+                                                                  capsys) -> None:
+    """An exported .safetensors (or a manifest.json) given where a checkpoint belongs said only
+    '[Errno 20] Not a directory', in every command and in load_model; `verify` of a path that does
+    not exist said its manifest.json was missing and that it "may be incomplete"."""
+    root, _ = run
+    exported = str(tmp_path / "model.safetensors")
+    assert cli(capsys, "export", root, "--out", exported)[0] == 0
+    manifest = os.path.join(root, "step-000000003", "manifest.json")
+    for argv in (["ls", exported], ["inspect", exported], ["verify", exported], ["prune", exported, "--keep-last", "1"],
+                 ["export", exported, "--out", str(tmp_path / "again.safetensors")], ["inspect", manifest]):
+        code, _, err = cli(capsys, *argv)
+        assert code == 1 and err.count("\n") == 1 and "Errno" not in err, (argv, err)
+        assert f"error: {argv[1]} is a file, not a checkpoint directory" in err, (argv, err)
+    assert "loads with safetensors.torch.load_file" in cli(capsys, "inspect", exported)[2]
+    assert f"give the directory it is in, {os.path.dirname(manifest)}" in cli(capsys, "inspect", manifest)[2]
+    with pytest.raises(CheckpointError, match="is a file, not a checkpoint directory"):
+        load_model(exported, make_all()[0])
+    code, out, err = cli(capsys, "verify", str(tmp_path / "nothing"))
+    assert code == 1 and out == "" and f"{tmp_path / 'nothing'} does not exist" in err
+
+
+def test_export_to_a_safetensors_name_that_is_a_directory(run: tuple[str, Weights], tmp_path, capsys) -> None:
+    """The rename at the very end (after every tensor was read) failed with '[Errno 21] Is a
+    directory' naming a temporary file."""
+    root, weights = run
+    target = tmp_path / "weights.safetensors"
+    target.mkdir()
+    code, _, err = cli(capsys, "export", root, "--out", str(target))
+    assert code == 1 and f"--out {target} is a directory" in err and f"({target}/)" in err and "Errno" not in err
+    assert sorted(os.listdir(tmp_path)) == ["ckpts", "weights.safetensors"] and os.listdir(target) == []
+    assert cli(capsys, "export", root, "--out", f"{target}/")[0] == 0
+    assert digest(load_file(str(target / "model.safetensors"))) == digest(weights[3])
 
 
 def test_ls_and_inspect_survive_a_manifest_time_out_of_range(run: tuple[str, Weights], capsys) -> None:
@@ -505,6 +592,16 @@ def test_s3_through_storage_options(s3_root: tuple[str, dict[str, Any]], tmp_pat
     out_file = str(tmp_path / "from-s3.safetensors")
     assert cli(capsys, "export", root, "--best", "--out", out_file, *flags)[0] == 0
     assert digest(load_file(out_file)) == digest(weights[2])
+    shards = root.rsplit("/", 2)[0] + "/exported"  # the bucket's exported/: shards and the index on S3
+    for _ in range(2):  # the second replaces the first (its index removed first, then written last)
+        assert cli(capsys, "export", root, "--out", shards, "--max-shard-size", "500B", *flags)[0] == 0
+    index = json.loads(storage.read_bytes(f"{shards}/model.safetensors.index.json", storage_options=options))
+    assert set(index) == {"metadata", "weight_map"} and index["metadata"]["total_size"] == 984
+    merged: dict[str, torch.Tensor] = {}
+    for name in sorted(set(index["weight_map"].values())):
+        (tmp_path / name).write_bytes(storage.read_bytes(f"{shards}/{name}", storage_options=options))
+        merged.update(load_file(str(tmp_path / name)))
+    assert digest(merged) == digest(weights[3]) and set(merged) == set(index["weight_map"])
     code, _, err = cli(capsys, "ls", root)  # no endpoint: a one-line error, not a traceback
     assert code == 1 and err.startswith("dtrain ckpt: error: ")
 
@@ -543,6 +640,21 @@ def test_a_set_aside_checkpoint_on_s3_is_reported_by_ls_and_verify(s3_root: tupl
     """On S3 the set-aside is storage.rename -> s3fs mv (copy, then delete)."""
     root, options = s3_root
     _check_a_set_aside_checkpoint_is_reported(root, options, capsys)
+
+
+def test_every_ckpt_command_in_the_readme_parses(capsys) -> None:
+    """README told users to run `dtrain ckpt export ROOT --best` (three times) without --out, which
+    export requires: a usage error. A bare mention (`dtrain ckpt verify`) is no command line."""
+    text = (REPO / "README.md").read_text()
+    found = re.findall(r"dtrain ckpt ((?:ls|inspect|verify|export|prune)\b[^`\n#|]*)", text)
+    lines = [shlex.split(re.sub(r"\[[^]]*\]", "", c)) for c in found]  # `[--dtype bf16]`: optional
+    lines = [argv for argv in lines if len(argv) > 1]
+    assert len(lines) >= 7 and sum(argv[0] == "export" for argv in lines) >= 4
+    for argv in lines:
+        try:
+            build_parser().parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"README's `dtrain ckpt {' '.join(argv)}` is a usage error: {capsys.readouterr().err}")
 
 
 def test_help_through_the_top_level_command(capsys) -> None:
