@@ -34,7 +34,6 @@ from dtrain.checkpoint.stfile import DTYPES
 from dtrain.errors import CheckpointError, DtrainError
 
 PROG = "dtrain ckpt"
-_ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 # ---- messages -----------------------------------------------------------------------------------
@@ -260,7 +259,7 @@ def _out_path(text: str) -> str:
 
 def _export_bytes(t: tools.TensorInfo, dtype: str | None) -> int:
     """A tensor's size in the exported file (--dtype casts floating-point tensors only)."""
-    return math.prod(t.shape) * _ITEMSIZE[dtype] if dtype and DTYPES[t.dtype].is_floating_point else t.nbytes
+    return math.prod(t.shape) * tools.EXPORT_DTYPES[dtype].itemsize if dtype and DTYPES[t.dtype].is_floating_point else t.nbytes
 
 
 def cmd_prune(args: argparse.Namespace, so: dict[str, Any]) -> int:
@@ -333,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "are replaced or removed; other files stay). Local files are written under temporary names and "
                    "renamed at the end: a failed export leaves the old output as it was (on an object store, "
                    "without the old index)")
-    p.add_argument("--dtype", choices=sorted(_ITEMSIZE), help="cast floating-point tensors to this dtype "
+    p.add_argument("--dtype", choices=list(tools.EXPORT_DTYPES), help="cast floating-point tensors to this dtype "
                    "(integer and bool tensors keep theirs); default: as saved")
     p.add_argument("--max-shard-size", type=parse_size, metavar="SIZE", help="split into shards of at most "
                    "SIZE (e.g. 2GB, 500MiB; at least 1 byte); a tensor bigger than SIZE gets a shard of its "

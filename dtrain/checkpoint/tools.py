@@ -34,7 +34,8 @@ from dtrain.errors import CheckpointError
 _PIECE = 16 << 20
 _INDEX = "model.safetensors.index.json"
 _EXPORT_NAME = re.compile(r"model-\d{5,}-of-\d{5,}\.safetensors|model\.safetensors(\.index\.json)?")
-_DTYPE_ALIASES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+# --dtype names: ours and torch's (Hugging Face users type bfloat16)
+EXPORT_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
                   "float16": torch.float16, "half": torch.float16, "fp32": torch.float32,
                   "float32": torch.float32, "float": torch.float32}
 
@@ -207,9 +208,9 @@ def export(url: str, out: str, *, dtype: str | torch.dtype | None = None, max_sh
                               f"write; to write model.safetensors (or shards) into that directory, add a "
                               f"trailing slash ({out}/)")
     man = read_manifest(src, storage_options)
-    cast = _DTYPE_ALIASES.get(dtype.lower(), None) if isinstance(dtype, str) else dtype
+    cast = EXPORT_DTYPES.get(dtype.lower(), None) if isinstance(dtype, str) else dtype
     if isinstance(dtype, str) and cast is None:
-        raise CheckpointError(f"export dtype {dtype!r} is not one of {sorted(_DTYPE_ALIASES)}")
+        raise CheckpointError(f"export dtype {dtype!r} is not one of {sorted(EXPORT_DTYPES)}")
     reader = ChunkReader(src, man, storage_options)
     plan = []
     for key, t in sorted(man.tensors.items()):

@@ -189,10 +189,11 @@ def test_export_loads_with_plain_safetensors_without_dtrain(run: tuple[str, Weig
     assert json.loads(done.stdout) == digest(weights[3])
 
 
-def test_export_bf16_casts_floats_only(run: tuple[str, Weights], tmp_path, capsys) -> None:
+@pytest.mark.parametrize("name", ["bf16", "bfloat16"])  # torch's name too, as Hugging Face users type it
+def test_export_bf16_casts_floats_only(run: tuple[str, Weights], tmp_path, capsys, name: str) -> None:
     root, weights = run
     out = str(tmp_path / "m-bf16.safetensors")
-    assert cli(capsys, "export", root, "--out", out, "--dtype", "bf16")[0] == 0
+    assert cli(capsys, "export", root, "--out", out, "--dtype", name)[0] == 0
     loaded = load_file(out)
     assert loaded["0.weight"].dtype == torch.bfloat16
     assert torch.equal(loaded["0.weight"], weights[3]["0.weight"].to(torch.bfloat16))
