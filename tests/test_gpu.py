@@ -207,3 +207,41 @@ def test_overlapped_async_save_of_cuda_state_keeps_the_state_at_the_call() -> No
         assert torch.equal(v, expected[k]), k
     for k, v in other_opt.state[next(iter(other.parameters()))].items():
         assert torch.equal(v, expected_opt[k]), k
+
+
+_FORGETFUL_CUDA = """
+import sys, torch, dtrain
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 64)).cuda()
+mgr = dtrain.CheckpointManager(sys.argv[1], async_save=True)
+mgr.save(1, model=model)
+with torch.no_grad():
+    model[0].weight.add_(1.0)  # the next step changes the weights while the save writes from pinned copies
+mgr.save(2, model=model)
+torch.save({k: v.cpu() for k, v in model.state_dict().items()}, sys.argv[2])
+# no mgr.wait() / mgr.close(): the process just ends
+"""
+
+
+@pytest.mark.timeout(120)
+def test_async_save_of_cuda_state_in_flight_at_exit_is_committed(tmp_path: Path) -> None:
+    """An own loop that forgets wait()/close(): the save staged in pinned memory is finished at the
+    interpreter's exit (before CUDA and the thread pools go) and holds the weights at the call."""
+    import os
+    import subprocess
+    import sys
+
+    import dtrain
+    from tests.launch import REPO
+
+    root, expected = tmp_path / "ckpts", tmp_path / "expected.pt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    done = subprocess.run([sys.executable, "-c", _FORGETFUL_CUDA, str(root), str(expected)], env=env,
+                          capture_output=True, text=True, timeout=100)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert (root / "step-000000002" / "manifest.json").exists(), done.stderr[-4000:]
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 64))
+    dtrain.load_model(str(root), model)
+    want = torch.load(expected, weights_only=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, want[k]), k
