@@ -153,6 +153,8 @@ def test_elastic_resumes_keep_the_sample_order_schedule_and_weights(tmp_path: Pa
     assert proc.returncode == -9, proc.stderr[-3000:]
     assert "saved by 2 ranks, resharded onto 1" in proc.stderr and "continues exactly" in proc.stderr
     one = take_records(rec)
+    # ranks/ tells how this start's ranks ended: rank 1's record of the 2-rank start is gone
+    assert sorted(p.name for p in (run_dir / "ranks").glob("*.json")) == ["rank-00000.json"]
     batches += global_batches(one, 2)
     step20 = [tmp_path / f"{d.name}-20.safetensors" for d in (ref_dir, run_dir)]
     for d, out in zip((ref_dir, run_dir), step20, strict=True):
