@@ -223,11 +223,21 @@ def check_world_size(cfg: JobConfig, world_size: int) -> None:
     if cfg.parallel.strategy == "none" and world_size > 1:
         raise ConfigError(f"parallel.strategy='none' trains one process, but this job has {world_size} ranks; "
                           "use parallel.strategy=ddp or fsdp")
-    per_step = world_size * cfg.data.grad_accum
-    if cfg.data.batch_size % per_step:
+    batch, accum = cfg.data.batch_size, cfg.data.grad_accum
+    per_step = world_size * accum
+    if batch % per_step:
+        # A run resumed on another world size keeps its sample order only with the same global batch:
+        # say which accumulation keeps it before suggesting another batch size.
+        if batch % world_size == 0:
+            per_rank = batch // world_size
+            keep = max(g for g in range(1, accum + 1) if per_rank % g == 0)
+            hint = f"data.grad_accum={keep} (or another divisor of {per_rank}) keeps the global batch on {world_size} ranks"
+        else:
+            hint = f"no data.grad_accum splits it over {world_size} ranks: use a world size that divides {batch}"
         raise ConfigError(
-            f"data.batch_size={cfg.data.batch_size} is not divisible by world size {world_size} x "
-            f"data.grad_accum={cfg.data.grad_accum} = {per_step}; pick a multiple of {per_step}"
+            f"data.batch_size={batch} is not divisible by world size {world_size} x data.grad_accum={accum} = "
+            f"{per_step}; data.batch_size is the global batch (a resumed run keeps its sample order only with "
+            f"the same one): {hint}, or pick a data.batch_size that is a multiple of {per_step}"
         )
 
 

@@ -59,6 +59,9 @@ class ResumableDistributedSampler:
         self.drop_last = drop_last
         self.epoch = 0
         self.consumed = 0
+        # the global batch of the checkpoint this sampler resumed from (None: a fresh start); the
+        # order continues batch for batch only when it equals global_batch_size
+        self.saved_global_batch_size: int | None = None
 
     @property
     def micro_batch_size(self) -> int:
@@ -149,6 +152,7 @@ class ResumableDistributedSampler:
         if consumed >= self.samples_per_epoch:
             epoch, consumed = epoch + 1, 0
         self.epoch, self.consumed = epoch, consumed
+        self.saved_global_batch_size = saved_gbs
 
 
 class ShardedEvalBatches:

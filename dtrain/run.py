@@ -69,7 +69,7 @@ def _run(cfg: JobConfig, preemption: PreemptionHandler) -> int:
     startup = {"process_start": process_start_time()}
     _, rank, world_size, _ = dist.detect_launcher()
     run_dir = Path(cfg.run_dir)
-    write_start_record(run_dir, rank)
+    write_start_record(run_dir, rank, world_size)
     try:
         check_before_start(cfg, world_size)
         env = dist.init(cfg.dist.timeout_s, cfg.dist.backend)

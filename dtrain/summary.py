@@ -73,11 +73,22 @@ def write_rank_record(run_dir: Path, rank: int, record: dict[str, Any]) -> None:
     write_record(run_dir / "ranks" / f"rank-{rank:05d}.json", text, record["exit_code"])
 
 
-def write_start_record(run_dir: Path, rank: int) -> None:
+def write_start_record(run_dir: Path, rank: int, world_size: int = 1) -> None:
     """The record says "running" (exit_code null) until this rank ends: a rank that dies leaves that
     behind, not the code an earlier attempt or run recorded (a 75 of an attempt that torchrun then
-    restarted made launch/torchrun.sh report a later crash as "preempted, requeue me")."""
+    restarted made launch/torchrun.sh report a later crash as "preempted, requeue me"). Rank 0 also
+    removes the records of ranks this start does not have (a run resumed on fewer ranks): they told
+    of an earlier start, and ranks/ would no longer show how this one's ranks ended."""
     write_rank_record(run_dir, rank, {"stopped_by": "running", "exit_code": None})
+    if rank != 0:
+        return
+    for path in (run_dir / "ranks").glob("rank-*.json"):
+        number = path.stem.removeprefix("rank-")
+        if number.isdigit() and int(number) >= world_size:
+            try:
+                path.unlink()
+            except OSError as e:  # only a stale record is left behind; the run goes on
+                log.warning("cannot remove %s, the record of a rank this start does not have (%s)", path, e)
 
 
 def write_summary(outcome: Outcome, *, run_dir: Path, env: DistEnv, cfg: JobConfig,

@@ -8,6 +8,7 @@ teardown) is dtrain.run; what it leaves behind (summary.json) is dtrain.summary.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import random
 import time
@@ -52,6 +53,11 @@ def _saved_config(url: str, storage_options: dict[str, Any]) -> dict[str, Any] |
     except (CheckpointError, OSError, AttributeError):
         return None
     return saved if isinstance(saved, dict) else None
+
+
+def stream_seed(seed: int, rank: int, step: int) -> int:
+    """A 64-bit seed for one rank's random streams from `step` on, different for every (seed, rank, step)."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{rank}/{step}".encode(), digest_size=8).digest(), "big")
 
 
 def seed_everything(seed: int) -> None:
@@ -185,11 +191,12 @@ class Trainer:
             self.last_eval = {str(k): float(v) for k, v in last_eval.items() if isinstance(v, (int, float))}
             self.last_eval_step = int(extra.get("last_eval_step", -1))
         saved_world = extra.get("world_size")
-        note = "" if saved_world == self.env.world_size else (
-            f" (saved by {saved_world} ranks, resharded onto {self.env.world_size}; the global sample "
-            "order continues exactly, per-rank random streams are re-seeded)"
-        )
-        log.info("resumed from %s at step %d%s", url, self.step, note)
+        if isinstance(saved_world, int) and saved_world != self.env.world_size:
+            # The saved per-rank RNG states do not map onto these ranks (the load left them alone): new
+            # streams for this rank and step, not the run's first ones again, which would replay the
+            # dropout masks (and random augmentations) of its first steps.
+            seed_everything(stream_seed(self.cfg.seed, self.env.rank, self.step))
+        log.info("resumed from %s at step %d%s", url, self.step, self._resume_note(saved_world))
         if self.step > self.cfg.train.max_steps:
             log.warning("the checkpoint is at step %d, past train.max_steps=%d: nothing is left to train",
                         self.step, self.cfg.train.max_steps)
@@ -198,6 +205,20 @@ class Trainer:
         if changed and self.env.is_main:  # the same on every rank: said once
             log.warning("the config differs from the one that saved %s:\n  %s", url, "\n  ".join(changed))
         return url
+
+    def _resume_note(self, saved_world: Any) -> str:
+        """What a resume onto another world size or global batch keeps; "" when neither changed."""
+        notes = []
+        if isinstance(saved_world, int) and saved_world != self.env.world_size:
+            notes.append(f"saved by {saved_world} ranks, resharded onto {self.env.world_size}; per-rank random "
+                         "streams are re-seeded from the seed, rank and step")
+        saved_batch, batch = self.sampler.saved_global_batch_size, self.cfg.data.batch_size
+        if saved_batch is not None and saved_batch != batch:
+            notes.append(f"the global batch changed from {saved_batch} to {batch} (data.batch_size): the sample "
+                         f"order goes on from where it stood in batches of {batch}, on a new trajectory")
+        elif notes:
+            notes.append("the global sample order continues exactly")
+        return f" ({'; '.join(notes)})" if notes else ""
 
     def _restore_own(self) -> tuple[str, dict[str, Any]] | None:
         """The root's newest sound checkpoint, loaded; None if it has none."""

@@ -225,23 +225,37 @@ exit_if_stopped() {  # before torchrun starts
 # before torchrun, which would report it as exit 1 after restarting the workers MAX_RESTARTS times).
 # These are the checks every worker makes before it joins the group (dtrain.run.check_before_start):
 # keys and values, the task and its options, the backend, and the batch split over the world size
-# when it is known here (a fixed NNODES and a number of processes per node). What only the workers
-# can find (a checkpoint that does not fit the model, data that is missing, model options the model
-# rejects when built) they record, and this script still exits 2, after torchrun's restarts.
+# for every world size the job may have (a number of processes per node, times each node count that
+# NNODES allows: an elastic range MIN:MAX may form its group with any of them, and a size that does
+# not split the batch would fail every worker there as a config error, after a preemption, say).
+# What only the workers can find (a checkpoint that does not fit the model, data that is missing,
+# model options the model rejects when built) they record, and this script still exits 2, after
+# torchrun's restarts.
 # It also prints the run directory the ranks will use: a run_dir=... argument wins over RUN_DIR
 # there, and the exit codes are read from it.
-world_size=""
-if [[ "$NPROC_PER_NODE" =~ ^[0-9]+$ && "${NNODES%%:*}" == "${NNODES##*:}" ]]; then
-    world_size=$((NPROC_PER_NODE * ${NNODES%%:*}))
+world_sizes=""
+if [[ "$NPROC_PER_NODE" =~ ^[0-9]+$ ]]; then
+    for ((nodes = ${NNODES%%:*}; nodes <= ${NNODES##*:}; nodes++)); do
+        world_sizes+="${world_sizes:+,}$((NPROC_PER_NODE * nodes))"
+    done
 fi
-resolved=$("$PYTHON" - "$world_size" "$CONFIG" "run_dir=$RUN_DIR" "$@" <<'EOF'
-import sys
-from dtrain.config import load_config
+resolved=$("$PYTHON" - "$world_sizes" "$NNODES" "$NPROC_PER_NODE" "$CONFIG" "run_dir=$RUN_DIR" "$@" <<'EOF'
+import math, sys
+from dtrain.config import check_world_size, load_config
 from dtrain.errors import ConfigError
+sizes = [int(n) for n in sys.argv[1].split(",")] if sys.argv[1] else []
 try:
-    cfg = load_config(sys.argv[2], sys.argv[3:])
+    cfg = load_config(sys.argv[4], sys.argv[5:])
     from dtrain.run import check_before_start  # imports torch: only for a config that loaded
-    check_before_start(cfg, int(sys.argv[1]) if sys.argv[1] else None)
+    check_before_start(cfg, sizes[0] if len(sizes) == 1 else None)
+    for world_size in sizes if len(sizes) > 1 else []:  # one size: checked just above
+        try:
+            check_world_size(cfg, world_size)
+        except ConfigError as e:
+            need = math.lcm(*sizes) * cfg.data.grad_accum
+            raise ConfigError(f"NNODES={sys.argv[2]} x NPROC_PER_NODE={sys.argv[3]} lets the group form with any of "
+                              f"{sizes} ranks; on {world_size}: {e}. A data.batch_size that is a multiple of {need} "
+                              f"splits over all of them; or narrow the NNODES range") from None
 except ConfigError as e:
     print(f"dtrain: config error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -87,8 +87,12 @@ def test_world_size_must_divide_batch() -> None:
     cfg = load_config(None, ["data.batch_size=64", "data.grad_accum=2"])
     check_world_size(cfg, 2)
     check_world_size(cfg, 4)
-    with pytest.raises(ConfigError, match="not divisible by world size 3"):
+    with pytest.raises(ConfigError, match="not divisible by world size 3") as error:
         check_world_size(cfg, 3)
+    assert "use a world size that divides 64" in str(error.value)
+    # a resume on more ranks: the accumulation that keeps the global batch of 48 is named
+    with pytest.raises(ConfigError, match=r"data.grad_accum=3 \(or another divisor of 6\) keeps the global batch"):
+        check_world_size(load_config(None, ["data.batch_size=48", "data.grad_accum=4"]), 8)
 
 
 def test_round_trip_through_dict_and_yaml() -> None:

@@ -15,7 +15,10 @@ from safetensors.torch import load_file
 
 from dtrain import exitcodes
 from dtrain.checkpoint import export, list_checkpoints, verify
+from dtrain.config import SchedulerConfig
+from dtrain.optim import lr_factor
 from tests.launch import FAST, dtrain, losses, rank_summaries, read_jsonl, summary
+from tests.recording_task import take_records
 
 pytestmark = pytest.mark.multiprocess
 
@@ -112,20 +115,75 @@ def test_kill_during_async_save_loses_only_that_checkpoint(tmp_path: Path, refer
     assert_same_weights(final_weights(run_dir, tmp_path), ref_weights)
 
 
+def global_batches(records: dict[int, list[dict]], grad_accum: int) -> list[list[int]]:
+    """The global batch of each optimizer step, from every rank's recorded micro-batches."""
+    world = len(records)
+    steps = len(records[0]) // grad_accum
+    assert all(len(r) == steps * grad_accum and {x["world"] for x in r} == {world} for r in records.values())
+    return [[i for k in range(grad_accum) for r in range(world) for i in records[r][s * grad_accum + k]["idx"]]
+            for s in range(steps)]
+
+
 @pytest.mark.timeout(300)
-def test_elastic_two_ranks_to_one_and_back(tmp_path: Path) -> None:
-    """World size may change across a restart: the checkpoint reshards, the global sample order goes on."""
-    run_dir = tmp_path / "elastic"
-    steps = ["train.max_steps=30", "checkpoint.every_steps=10"]
-    _ok(dtrain([*JOB, f"run_dir={run_dir}", *steps, "train.max_steps=10"], nproc=2))
-    proc = dtrain([*JOB, f"run_dir={run_dir}", *steps, "train.max_steps=20", "parallel.strategy=none"], nproc=1)
-    _ok(proc)
-    assert "saved by 2 ranks, resharded onto 1" in proc.stderr
-    proc = dtrain([*JOB, f"run_dir={run_dir}", *steps, "parallel.strategy=fsdp"], nproc=2)
+def test_elastic_resumes_keep_the_sample_order_schedule_and_weights(tmp_path: Path) -> None:
+    """World size and strategy change across restarts: 2 DDP ranks preempted mid-epoch, 1 process
+    with data.grad_accum=2 (killed), 2 FSDP ranks. Every step trains the global batch an uninterrupted
+    run trains (each sample once per epoch, across epoch ends), the lr follows the schedule, and
+    2 ranks -> 1 process with grad_accum=2 (the same micro-batches) stays on the uninterrupted weights
+    bitwise. After a change of world size the random streams are new: they replayed the run's first
+    ones. A changed data.batch_size is said to change the trajectory (the note said "the global
+    sample order continues exactly")."""
+    job = [*JOB, "task=tests.recording_task:TASK", "train.max_steps=30", "checkpoint.every_steps=10",
+           "scheduler.warmup_steps=4", "scheduler.decay=cosine"]
+    rec = tmp_path / "records"
+    rec.mkdir()
+    env = {"DTRAIN_TEST_RECORD": str(rec)}
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "elastic"
+    _ok(dtrain([*job, f"run_dir={ref_dir}"], nproc=2, env=env))
+    ref_batches = global_batches(take_records(rec), 1)
+
+    proc = dtrain([*job, f"run_dir={run_dir}", "faults.signal_rank=1", "faults.signal_step=7"], nproc=2, env=env)
+    _ok(proc, exitcodes.PREEMPTED, run_dir)
+    first = take_records(rec)
+    batches = global_batches(first, 1)
+    stopped = summary(run_dir)["last_step"]
+    assert len(batches) == stopped
+    kill = {"DTRAIN_FAULTS": json.dumps({"kill_rank": 0, "kill_step": 21})}
+    proc = dtrain([*job, f"run_dir={run_dir}", "parallel.strategy=none", "data.grad_accum=2"], env={**env, **kill})
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert "saved by 2 ranks, resharded onto 1" in proc.stderr and "continues exactly" in proc.stderr
+    one = take_records(rec)
+    # ranks/ tells how this start's ranks ended: rank 1's record of the 2-rank start is gone
+    assert sorted(p.name for p in (run_dir / "ranks").glob("*.json")) == ["rank-00000.json"]
+    batches += global_batches(one, 2)
+    step20 = [tmp_path / f"{d.name}-20.safetensors" for d in (ref_dir, run_dir)]
+    for d, out in zip((ref_dir, run_dir), step20, strict=True):
+        export(str(d / "checkpoints" / "step-000000020"), str(out))
+    assert_same_weights(load_file(str(step20[0])), load_file(str(step20[1])))
+
+    proc = dtrain([*job, f"run_dir={run_dir}", "parallel.strategy=fsdp"], nproc=2, env=env)
     _ok(proc)
     assert "saved by 1 ranks, resharded onto 2" in proc.stderr
+    last = take_records(rec)
+    batches += global_batches(last, 1)
+    assert batches == ref_batches and len(batches) == 30  # 11 steps per epoch: two epoch ends
+    assert all(len(set(b)) == len(b) == 32 for b in batches)
+    # new streams, not the first start's again (rank 0 of the 1-process start; both FSDP ranks)
+    assert one[0][0]["rand"] != first[0][0]["rand"]
+    assert all(last[r][0]["rand"] != first[r][0]["rand"] for r in (0, 1))
+
     s = summary(run_dir)
-    assert s["last_step"] == 30 and s["final_metrics"]["val/acc"] > 0.8
+    assert s["last_step"] == 30 and s["resumed_from"].endswith("step-000000020") and s["final_metrics"]["val/acc"] > 0.8
+    cfg = SchedulerConfig(warmup_steps=4, decay="cosine")
+    lrs = losses(run_dir, "lr")
+    assert sorted(lrs) == sorted({5, 10, 15, 20, 25, 30, stopped})
+    assert all(lr == pytest.approx(3e-3 * lr_factor(st, 30, cfg), rel=1e-12) for st, lr in lrs.items())
+
+    proc = dtrain([*job, f"run_dir={run_dir}", "train.max_steps=32", "data.batch_size=64", "parallel.strategy=none"],
+                  env=env)
+    _ok(proc)
+    assert "the global batch changed from 32 to 64" in proc.stderr and "continues exactly" not in proc.stderr
+    take_records(rec)
 
 
 @pytest.mark.timeout(300)

@@ -338,6 +338,25 @@ def test_a_config_error_only_workers_find_exits_2_without_restarts(tmp_path: Pat
 
 
 @pytest.mark.timeout(60)
+def test_an_elastic_range_checks_the_batch_split_for_every_world_size_it_allows(tmp_path: Path) -> None:
+    """NNODES=1:4 with 2 processes per node may form its group with 2, 4, 6 or 8 ranks. The check
+    before torchrun skipped ranges, so digits.yaml's batch of 64 started, and the job failed as a
+    config error whenever a rendezvous formed with 3 nodes (after a preemption, say)."""
+    fake = tmp_path / "torchrun"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    env = {**_env(tmp_path / "run"), "NNODES": "1:4", "RDZV_ENDPOINT": "127.0.0.1:29400", "TORCHRUN": str(fake)}
+    done = subprocess.run([str(SCRIPT), "train.max_steps=1"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=50)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "NNODES=1:4 x NPROC_PER_NODE=2 lets the group form with any of [2, 4, 6, 8] ranks; on 6" in done.stderr
+    assert "a multiple of 24 splits over all of them" in done.stderr and not (tmp_path / "run").exists()
+    done = subprocess.run([str(SCRIPT), "train.max_steps=1", "data.batch_size=48"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=50)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.timeout(60)
 def test_the_operators_nproc_per_node_auto_reaches_torchrun(tmp_path: Path) -> None:
     """The Kubeflow training operator sets PET_NPROC_PER_NODE=auto; the script ran 1 process."""
     fake = tmp_path / "torchrun"
