@@ -17,6 +17,7 @@ from typing import Any
 
 from dtrain.checkpoint import retention, storage, tools
 from dtrain.checkpoint.clifmt import (
+    LAYOUT_PIECES,
     Size,
     format_metrics,
     human_bytes,
@@ -179,13 +180,17 @@ def cmd_inspect(args: argparse.Namespace, so: dict[str, Any]) -> int:
     print(table(["FILE", "SIZE", "CHECKSUM"], [[f.path, human_bytes(f.size), f.checksum] for f in man.files]))
     print(f"\ntensors ({len(tensors)}):")
     first: dict[tuple[tuple[str, tuple[int, int]], ...], str] = {}  # stored bytes -> the first key on them
-    rows = []
+    rows, many = [], 0  # many: tensors whose layout names only the first and last piece
     for t in tensors:
         where = tuple((c.file, c.data_offsets) for c in t.chunks)
         tied = first.setdefault(where, t.key) if where else t.key
         layout = tensor_layout(t) if tied == t.key else f"the bytes of {tied} (tied)"
+        many += tied == t.key and len(t.chunks) > LAYOUT_PIECES
         rows.append([t.key, t.dtype, str(list(t.shape)), human_bytes(t.nbytes), layout])
     print(table(["TENSOR", "DTYPE", "SHAPE", "SIZE", "LAYOUT (file[box])"], rows))
+    if many:
+        _note(f"{many} tensor(s) in more than {LAYOUT_PIECES} pieces show the first and last only; "
+              f"`{PROG} inspect {url} --json` lists every piece")
     return 0
 
 

@@ -122,9 +122,17 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+LAYOUT_PIECES = 2  # a tensor in more pieces shows the count, the first and the last: no wider than two
+
+
 def tensor_layout(t: TensorInfo) -> str:
-    """Where a tensor lives: its file, or file[start:stop, ...] boxes when it is sharded."""
+    """Where a tensor lives: its file, or its file[start:stop, ...] boxes when it is sharded. Past
+    LAYOUT_PIECES boxes (a checkpoint saved by more ranks) only the count, the first and the last,
+    so a row stays about as wide at 64 ranks as at 2; `inspect --json` lists every box."""
     if len(t.chunks) == 1 and t.chunks[0].lengths == t.shape:
         return t.chunks[0].file
-    return "; ".join(f"{c.file}[{', '.join(f'{o}:{o + n}' for o, n in zip(c.offsets, c.lengths, strict=True))}]"
-                     for c in t.chunks)
+    boxes = [f"{c.file}[{', '.join(f'{o}:{o + n}' for o, n in zip(c.offsets, c.lengths, strict=True))}]"
+             for c in sorted(t.chunks, key=lambda c: c.offsets)]
+    if len(boxes) <= LAYOUT_PIECES:
+        return "; ".join(boxes)
+    return f"{len(boxes)} pieces: {boxes[0]}; ... {len(boxes) - 2} more; {boxes[-1]}"

@@ -597,6 +597,29 @@ def test_inspect_and_export_of_an_fsdp_checkpoint_saved_by_two_ranks(tmp_path, c
     assert digest(load_file(out_file)) == digest({k: torch.from_numpy(v) for k, v in full.items()})
 
 
+@pytest.mark.multiprocess
+@pytest.mark.timeout(180)
+def test_inspect_of_a_checkpoint_saved_by_four_fsdp_ranks_stays_narrow(tmp_path, capsys) -> None:
+    """Past three pieces a row names the count, the first and the last piece: its width no longer
+    grows with the world size (every box used to be listed: thousands of characters at 64 ranks)."""
+    root = str(tmp_path / "fsdp4")
+    run_ranks(_sharded_save, 4, root)
+    code, out, err = cli(capsys, "inspect", root)
+    assert code == 0 and "world size  4" in out
+    header, *rows = out.split("\ntensors (", 1)[1].splitlines()[1:]
+    assert rows and all(ln.startswith(("model/", "optim/")) for ln in rows)
+    layouts = [ln[header.index("LAYOUT"):] for ln in rows]
+    row = next(ln for ln in rows if ln.startswith("model/0.weight "))
+    assert row.endswith("4 pieces: model-00000-of-00004.safetensors[0:4, 0:6]; ... 2 more; "
+                        "model-00003-of-00004.safetensors[12:16, 0:6]")
+    # two boxes at most, whatever the world size (four used to take 4 x 45 characters)
+    assert all(c.count(".safetensors[") <= 2 for c in layouts) and max(map(len, layouts)) <= 120
+    assert "--json` lists every piece" in err
+    code, out, _ = cli(capsys, "inspect", root, "--json")
+    assert [c["file"] for c in json.loads(out)["tensors"]["model/0.weight"]["chunks"]] == [
+        f"model-0000{r}-of-00004.safetensors" for r in range(4)]
+
+
 @pytest.mark.s3
 @pytest.mark.timeout(180)
 def test_s3_through_storage_options(s3_root: tuple[str, dict[str, Any]], tmp_path, capsys) -> None:
