@@ -17,9 +17,11 @@ from typing import Any
 
 from dtrain.checkpoint import retention, storage, tools
 from dtrain.checkpoint.clifmt import (
+    LAYOUT_PIECES,
+    Size,
     format_metrics,
     human_bytes,
-    parse_size,
+    parse_size_arg,
     parse_storage_option,
     storage_options_of,
     table,
@@ -178,13 +180,17 @@ def cmd_inspect(args: argparse.Namespace, so: dict[str, Any]) -> int:
     print(table(["FILE", "SIZE", "CHECKSUM"], [[f.path, human_bytes(f.size), f.checksum] for f in man.files]))
     print(f"\ntensors ({len(tensors)}):")
     first: dict[tuple[tuple[str, tuple[int, int]], ...], str] = {}  # stored bytes -> the first key on them
-    rows = []
+    rows, many = [], 0  # many: tensors whose layout names only the first and last piece
     for t in tensors:
         where = tuple((c.file, c.data_offsets) for c in t.chunks)
         tied = first.setdefault(where, t.key) if where else t.key
         layout = tensor_layout(t) if tied == t.key else f"the bytes of {tied} (tied)"
+        many += tied == t.key and len(t.chunks) > LAYOUT_PIECES
         rows.append([t.key, t.dtype, str(list(t.shape)), human_bytes(t.nbytes), layout])
     print(table(["TENSOR", "DTYPE", "SHAPE", "SIZE", "LAYOUT (file[box])"], rows))
+    if many:
+        _note(f"{many} tensor(s) in more than {LAYOUT_PIECES} pieces show the first and last only; "
+              f"`{PROG} inspect {url} --json` lists every piece")
     return 0
 
 
@@ -228,18 +234,19 @@ def cmd_export(args: argparse.Namespace, so: dict[str, Any]) -> int:
     if not model:
         raise CheckpointError(f"{src} holds no model tensors; nothing to export")
     total = sum(_export_bytes(t, args.dtype) for t in model)
-    if args.max_shard_size and total > args.max_shard_size and args.out.endswith(".safetensors"):
-        raise CheckpointError(f"the model is {human_bytes(total)}, over --max-shard-size "
-                              f"{human_bytes(args.max_shard_size)}: give a directory as --out for the "
-                              f"shards and model.safetensors.index.json, not {args.out}")
-    if args.max_shard_size and total > args.max_shard_size:
+    limit: Size | None = args.max_shard_size
+    if limit and total > limit.nbytes and args.out.endswith(".safetensors"):
+        raise CheckpointError(f"the model is {human_bytes(total)}, over --max-shard-size {limit}: give a "
+                              f"directory as --out for the shards and model.safetensors.index.json, not {args.out}")
+    if limit and total > limit.nbytes:
         for t in model:
             size = _export_bytes(t, args.dtype)
-            if size > args.max_shard_size:
+            if size > limit.nbytes:
                 _note(f"tensor {t.key.removeprefix(MODEL)!r} is {human_bytes(size)}, over --max-shard-size "
-                      f"{human_bytes(args.max_shard_size)}: it gets a shard of its own, over the limit")
+                      f"{limit}: it gets a shard of its own, over the limit")
     earlier = [] if args.out.endswith(".safetensors") else tools.export_files(args.out, so)  # a file: replaced
-    files = tools.export(src, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size, storage_options=so)
+    files = tools.export(src, args.out, dtype=args.dtype, max_shard_bytes=limit.nbytes if limit else None,
+                         storage_options=so)
     print(f"exported {len(model)} tensors ({human_bytes(total)}) of step {man.step} from {src}:")
     for f in files:
         print(f"  {f}")
@@ -334,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "without the old index)")
     p.add_argument("--dtype", choices=list(tools.EXPORT_DTYPES), help="cast floating-point tensors to this dtype "
                    "(integer and bool tensors keep theirs); default: as saved")
-    p.add_argument("--max-shard-size", type=parse_size, metavar="SIZE", help="split into shards of at most "
+    p.add_argument("--max-shard-size", type=parse_size_arg, metavar="SIZE", help="split into shards of at most "
                    "SIZE (e.g. 2GB, 500MiB; at least 1 byte); a tensor bigger than SIZE gets a shard of its "
                    "own, over the limit (a note says so); default: one file")
     p.add_argument("--best", action="store_true", help="with a root: the best committed checkpoint by --monitor")

@@ -9,6 +9,7 @@ import json
 import math
 import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from dtrain.checkpoint.tools import TensorInfo
@@ -28,6 +29,30 @@ def parse_size(text: str) -> int:
     if size < 1:  # '0.5' would be 0 bytes: every tensor a shard of its own
         raise argparse.ArgumentTypeError(f"{text!r} is less than 1 byte; give a size such as 500MB, 2GB or 1GiB")
     return size
+
+
+@dataclass(frozen=True)
+class Size:
+    """A size argument: its bytes, and the text given, which messages echo: 3KB is 3000 bytes, which
+    binary units alone would print as 2.9 KiB, a limit the user never typed."""
+
+    nbytes: int
+    text: str
+
+    def __str__(self) -> str:
+        """'3KB (2.9 KiB)': the text, and beside it the size as our other sizes print, unless they read the same."""
+        human = human_bytes(self.nbytes)
+        same = _plain(human) == _plain(self.text)  # '2MiB' is '2.0 MiB', '300B' is '300 B'
+        return self.text if same else f"{self.text} ({human})"
+
+
+def _plain(size: str) -> str:
+    return re.sub(r"\.0+(?![0-9])", "", re.sub(r"\s", "", size)).lower()
+
+
+def parse_size_arg(text: str) -> Size:
+    """parse_size, keeping the text for messages (an argparse type)."""
+    return Size(parse_size(text), text.strip())
 
 
 def parse_storage_option(text: str) -> tuple[str, Any]:
@@ -97,9 +122,17 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+LAYOUT_PIECES = 2  # a tensor in more pieces shows the count, the first and the last: no wider than two
+
+
 def tensor_layout(t: TensorInfo) -> str:
-    """Where a tensor lives: its file, or file[start:stop, ...] boxes when it is sharded."""
+    """Where a tensor lives: its file, or its file[start:stop, ...] boxes when it is sharded. Past
+    LAYOUT_PIECES boxes (a checkpoint saved by more ranks) only the count, the first and the last,
+    so a row stays about as wide at 64 ranks as at 2; `inspect --json` lists every box."""
     if len(t.chunks) == 1 and t.chunks[0].lengths == t.shape:
         return t.chunks[0].file
-    return "; ".join(f"{c.file}[{', '.join(f'{o}:{o + n}' for o, n in zip(c.offsets, c.lengths, strict=True))}]"
-                     for c in t.chunks)
+    boxes = [f"{c.file}[{', '.join(f'{o}:{o + n}' for o, n in zip(c.offsets, c.lengths, strict=True))}]"
+             for c in sorted(t.chunks, key=lambda c: c.offsets)]
+    if len(boxes) <= LAYOUT_PIECES:
+        return "; ".join(boxes)
+    return f"{len(boxes)} pieces: {boxes[0]}; ... {len(boxes) - 2} more; {boxes[-1]}"

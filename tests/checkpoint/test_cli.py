@@ -23,11 +23,11 @@ from dtrain.checkpoint import CheckpointManager, load_model, storage
 from dtrain.checkpoint.cli import (
     build_parser,
     main,
-    parse_size,
     parse_storage_option,
     storage_options_of,
     utc,
 )
+from dtrain.checkpoint.clifmt import parse_size, parse_size_arg
 from dtrain.errors import CheckpointError
 from tests.checkpoint import workers
 from tests.checkpoint.models import make_all, train
@@ -217,9 +217,21 @@ def test_export_sharded_with_index(run: tuple[str, Weights], tmp_path, capsys) -
     code, _, err = cli(capsys, "export", root, "--out", str(tmp_path / "one.safetensors"), "--max-shard-size", "500B")
     assert code == 1 and "give a directory as --out" in err and not (tmp_path / "one.safetensors").exists()
     code, _, err = cli(capsys, "export", root, "--out", str(tmp_path / "big"), "--max-shard-size", "300B")
-    assert code == 0 and "note: tensor '0.weight' is 384 B, over --max-shard-size 300 B: it gets a shard of its own" in err
+    assert code == 0 and "note: tensor '0.weight' is 384 B, over --max-shard-size 300B: it gets a shard of its own" in err
     index = json.loads((tmp_path / "big" / "model.safetensors.index.json").read_text())
     assert [k for k, v in index["weight_map"].items() if v == index["weight_map"]["0.weight"]] == ["0.weight"]
+
+
+def test_export_echoes_the_shard_size_as_given(run: tuple[str, Weights], tmp_path, capsys) -> None:
+    """0.3KB is 300 bytes, decimal as Hugging Face counts: the messages say 0.3KB, not only 0.3 KiB-ish
+    figures the user never typed, with the binary reading beside it to compare with tensor sizes."""
+    root, _ = run
+    code, _, err = cli(capsys, "export", root, "--out", str(tmp_path / "big"), "--max-shard-size", "0.3KB")
+    assert code == 0 and "over --max-shard-size 0.3KB (300 B): it gets a shard of its own" in err
+    code, _, err = cli(capsys, "export", root, "--out", str(tmp_path / "one.safetensors"), "--max-shard-size", "0.5kB")
+    assert code == 1 and "over --max-shard-size 0.5kB (500 B): give a directory as --out" in err
+    code, _, err = cli(capsys, "export", root, "--out", str(tmp_path / "one.safetensors"), "--max-shard-size", "500B")
+    assert code == 1 and "over --max-shard-size 500B: give a directory" in err  # no second reading to add
 
 
 def test_export_writes_tied_weights_under_each_name(tmp_path, capsys) -> None:
@@ -534,6 +546,10 @@ def test_directories_dtrain_did_not_name_are_left_alone(run: tuple[str, Weights]
 def test_argument_parsers() -> None:
     assert parse_size("2GB") == 2 * 10**9 and parse_size("512MiB") == 512 * 2**20 and parse_size("1000") == 1000
     assert parse_size("1.5 kb") == 1500 and parse_size("0.5KB") == 500
+    # messages echo a size as given, with its binary reading beside it where that reads otherwise
+    assert str(parse_size_arg("3KB")) == "3KB (2.9 KiB)" and parse_size_arg("3KB").nbytes == 3000
+    assert str(parse_size_arg(" 1.5 GB ")) == "1.5 GB (1.4 GiB)" and str(parse_size_arg("5000")) == "5000 (4.9 KiB)"
+    assert [str(parse_size_arg(t)) for t in ("2MiB", "2.0 mib", "300B", "1.5GiB")] == ["2MiB", "2.0 mib", "300B", "1.5GiB"]
     for t in (1e20, float("nan"), float("inf"), -1e12, None):
         assert utc(t) == "-"
     assert utc(0) == "1970-01-01 00:00:00"
@@ -579,6 +595,29 @@ def test_inspect_and_export_of_an_fsdp_checkpoint_saved_by_two_ranks(tmp_path, c
     out_file = str(tmp_path / "full.safetensors")
     assert cli(capsys, "export", root, "--out", out_file)[0] == 0
     assert digest(load_file(out_file)) == digest({k: torch.from_numpy(v) for k, v in full.items()})
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(180)
+def test_inspect_of_a_checkpoint_saved_by_four_fsdp_ranks_stays_narrow(tmp_path, capsys) -> None:
+    """Past three pieces a row names the count, the first and the last piece: its width no longer
+    grows with the world size (every box used to be listed: thousands of characters at 64 ranks)."""
+    root = str(tmp_path / "fsdp4")
+    run_ranks(_sharded_save, 4, root)
+    code, out, err = cli(capsys, "inspect", root)
+    assert code == 0 and "world size  4" in out
+    header, *rows = out.split("\ntensors (", 1)[1].splitlines()[1:]
+    assert rows and all(ln.startswith(("model/", "optim/")) for ln in rows)
+    layouts = [ln[header.index("LAYOUT"):] for ln in rows]
+    row = next(ln for ln in rows if ln.startswith("model/0.weight "))
+    assert row.endswith("4 pieces: model-00000-of-00004.safetensors[0:4, 0:6]; ... 2 more; "
+                        "model-00003-of-00004.safetensors[12:16, 0:6]")
+    # two boxes at most, whatever the world size (four used to take 4 x 45 characters)
+    assert all(c.count(".safetensors[") <= 2 for c in layouts) and max(map(len, layouts)) <= 120
+    assert "--json` lists every piece" in err
+    code, out, _ = cli(capsys, "inspect", root, "--json")
+    assert [c["file"] for c in json.loads(out)["tensors"]["model/0.weight"]["chunks"]] == [
+        f"model-0000{r}-of-00004.safetensors" for r in range(4)]
 
 
 @pytest.mark.s3
