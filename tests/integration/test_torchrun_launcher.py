@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,17 @@ def test_bad_launcher_setting_exits_2_naming_it(tmp_path: Path, name: str, value
     assert not (tmp_path / "run").exists()
 
 
+def _wait_for_step(run_dir: Path, step: int, timeout: float, alive: Callable[[], bool], logs: Callable[[], str],
+                   poll: float = 0.2) -> None:
+    """Until metrics.jsonl shows `step` (training is under way), failing with `logs()` when the
+    launch dies or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not (run_dir / "metrics.jsonl").exists() or \
+            not any(r.get("step", 0) >= step for r in read_jsonl(run_dir / "metrics.jsonl")):
+        assert time.monotonic() < deadline and alive(), logs()
+        time.sleep(poll)
+
+
 @pytest.mark.multiprocess
 @pytest.mark.timeout(240)
 def test_ctrl_c_checkpoints_exits_75_and_the_same_command_resumes(tmp_path: Path) -> None:
@@ -58,11 +70,8 @@ def test_ctrl_c_checkpoints_exits_75_and_the_same_command_resumes(tmp_path: Path
         proc = subprocess.Popen(argv, cwd=REPO, env=_env(run_dir), stdout=log, stderr=subprocess.STDOUT,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        deadline = time.monotonic() + 120
-        while not (run_dir / "metrics.jsonl").exists() or \
-                not any(r.get("step", 0) >= 40 for r in read_jsonl(run_dir / "metrics.jsonl")):
-            assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "first.log").read_text()
-            time.sleep(0.5)
+        _wait_for_step(run_dir, 40, 120, lambda: proc.poll() is None, lambda: (tmp_path / "first.log").read_text(),
+                       poll=0.5)
         proc.send_signal(signal.SIGINT)  # to the script only, as `kill -INT` would
         assert proc.wait(120) == 75, (tmp_path / "first.log").read_text()[-3000:]
     finally:
@@ -244,11 +253,7 @@ def test_the_other_node_exits_75_too_instead_of_restarting_in_place(tmp_path: Pa
             procs.append(subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
     logs = lambda: "\n".join((tmp_path / f"node{n}.log").read_text()[-3000:] for n in range(2))  # noqa: E731
     try:
-        deadline = time.monotonic() + 90
-        while not (run_dir / "metrics.jsonl").exists() or \
-                not any(r.get("step", 0) >= 10 for r in read_jsonl(run_dir / "metrics.jsonl")):
-            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), logs()
-            time.sleep(0.2)
+        _wait_for_step(run_dir, 10, 90, lambda: all(p.poll() is None for p in procs), logs)
         procs[0].send_signal(signal.SIGTERM)
         codes = [p.wait(40) for p in procs]
     finally:
@@ -274,11 +279,7 @@ def test_a_stop_cut_short_by_shutdown_timeout_says_so(tmp_path: Path) -> None:
         proc = subprocess.Popen(argv, cwd=REPO, env={**_env(run_dir), "SHUTDOWN_TIMEOUT": "0"}, stdout=log,
                                 stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 60
-        while not (run_dir / "metrics.jsonl").exists() or \
-                not any(r.get("step", 0) >= 10 for r in read_jsonl(run_dir / "metrics.jsonl")):
-            assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "out.log").read_text()
-            time.sleep(0.2)
+        _wait_for_step(run_dir, 10, 60, lambda: proc.poll() is None, lambda: (tmp_path / "out.log").read_text())
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
     finally:
@@ -385,11 +386,7 @@ def test_a_second_ctrl_c_stops_at_once_without_waiting_for_the_checkpoint(tmp_pa
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     workers: list[int] = []
     try:
-        deadline = time.monotonic() + 60
-        while not (run_dir / "metrics.jsonl").exists() or \
-                not any(r.get("step", 0) >= 10 for r in read_jsonl(run_dir / "metrics.jsonl")):
-            assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "out.log").read_text()
-            time.sleep(0.2)
+        _wait_for_step(run_dir, 10, 60, lambda: proc.poll() is None, lambda: (tmp_path / "out.log").read_text())
         workers = sorted(_workers(proc.pid))
         assert len(workers) == 2
         os.kill(workers[1], signal.SIGSTOP)
