@@ -22,7 +22,13 @@ class MissingBucketError(CheckpointError):
 
 class CheckpointMismatchError(CheckpointError):
     """A sound checkpoint that does not fit what it is loaded into: tensor keys, shapes or dtypes,
-    optimizer state or components differ (another model or optimizer config)."""
+    optimizer state or components differ (another model or optimizer config). `api_hint` is advice
+    for Python callers (pass strict=False, ...), left out of `message`, which `dtrain train`'s own
+    error builds on: its users cannot pass arguments to the load."""
+
+    def __init__(self, message: str, api_hint: str = "") -> None:
+        super().__init__(f"{message}; {api_hint}" if api_hint else message)
+        self.message = message
 
 
 class DistributedError(DtrainError):

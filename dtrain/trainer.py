@@ -272,7 +272,7 @@ class Trainer:
         changed = changes(saved, saved_form(self.cfg)) if saved is not None else []
         since = ("; the config changed since it was saved:\n  " + "\n  ".join(changed) + "\n") if changed else ". "
         return ConfigError(
-            f"cannot resume: {e}{since}The trainer resumes strictly (the config must build the model and "
+            f"cannot resume: {e.message}{since}The trainer resumes strictly (the config must build the model and "
             f"optimizer that saved it). To keep only the model weights (another optimizer, a new head), start "
             f"a run from them: checkpoint.init_from={tried or root} with another run_dir "
             f"(checkpoint.init_strict=false for a new head). {fresh}")

@@ -254,6 +254,11 @@ def test_changed_model_shapes_are_a_clear_error_and_lose_nothing(tmp_path: Path)
     assert "Traceback" not in proc.stderr
     committed = [i for i in list_checkpoints(str(run_dir / "checkpoints")) if i.committed]
     assert [i.step for i in committed] == [5] and verify(committed[0].url) == []
+    # another optimizer: the library's hint (strict=False) means nothing to a `dtrain train` user
+    sgd = dtrain([*JOB, f"run_dir={run_dir}", "train.max_steps=10", "optim.name=sgd"])
+    assert sgd.returncode == exitcodes.CONFIG_ERROR, sgd.stderr[-3000:]
+    assert "optim/" in sgd.stderr and "optim.name: 'adamw' -> 'sgd'" in sgd.stderr, sgd.stderr[-3000:]
+    assert "strict=False" not in sgd.stderr and "checkpoint.init_from=" in sgd.stderr
     # resume=<another run's root>: its newest committed checkpoint; a wrong URL is no mismatch
     other = tmp_path / "other"
     start = [*JOB, f"run_dir={other}", f"resume={run_dir / 'checkpoints'}"]

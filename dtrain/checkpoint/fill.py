@@ -85,11 +85,11 @@ def check_keys(wanted: set[str], stored: set[str], what: str, where: str) -> Non
     """Strict loading: the checkpoint and the model/optimizer must hold the same keys."""
     missing, unexpected = sorted(wanted - stored), sorted(stored - wanted)
     if missing:
-        raise CheckpointMismatchError(f"{where}: {what} key(s) missing from the checkpoint: {few_keys(missing)}; "
-                                      f"pass strict=False to load the rest")
+        raise CheckpointMismatchError(f"{where}: {what} key(s) missing from the checkpoint: {few_keys(missing)}",
+                                      "pass strict=False to load the rest")
     if unexpected:
         raise CheckpointMismatchError(f"{where}: checkpoint has {what} key(s) the target does not: "
-                                      f"{few_keys(unexpected)}; pass strict=False to ignore them")
+                                      f"{few_keys(unexpected)}", "pass strict=False to ignore them")
 
 
 def few_keys(keys: list[str]) -> str:

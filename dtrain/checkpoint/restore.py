@@ -222,7 +222,7 @@ def _check_components(dir_url: str, state: dict[str, Any], stateful: dict[str, S
     missing = [n for n in (stateful or {}) if n not in (state.get("stateful") or {}) and n not in optional]
     if strict and missing:
         raise CheckpointMismatchError(f"{dir_url}: no state for component(s) {missing} in the checkpoint "
-                                      f"(it has {sorted(state.get('stateful') or {})}); pass strict=False "
+                                      f"(it has {sorted(state.get('stateful') or {})})", f"pass strict=False "
                                       f"to skip them, or optional={tuple(missing)!r} to let them be missing")
     for name, obj in (stateful or {}).items():
         if not callable(getattr(obj, "load_state_dict", None)):

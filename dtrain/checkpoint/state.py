@@ -161,8 +161,8 @@ def apply_json_state(saved: dict[str, Any], leaves: dict[str, Leaf], optim_sd: d
     groups = saved.get("param_groups")
     if groups is None:
         if strict:
-            raise CheckpointMismatchError(f"{where}: the checkpoint has no optimizer state; load without an "
-                                          f"optimizer or pass strict=False")
+            raise CheckpointMismatchError(f"{where}: the checkpoint has no optimizer state",
+                                          "load without an optimizer or pass strict=False")
         return
     if strict:
         want = {p for g in optim_sd["param_groups"] for p in g["params"]}
@@ -188,9 +188,9 @@ def check_param_groups(current: list[dict[str, Any]], saved: list[dict[str, Any]
         raise CheckpointMismatchError(
             f"{where}: the optimizer's param groups do not match the checkpoint's (it has {len(saved)} group(s) "
             f"of {[len(g.get('params', [])) for g in saved]} parameters, the optimizer {len(current)} of "
-            f"{[len(g['params']) for g in current]}; group {j} holds {few_params(group['params'])}); build the "
-            f"optimizer with the param groups it was saved with, or load without it (optimizer=None) to start "
-            f"it afresh")
+            f"{[len(g['params']) for g in current]}; group {j} holds {few_params(group['params'])})",
+            "build the optimizer with the param groups it was saved with, or load without it (optimizer=None) to "
+            "start it afresh")
 
 
 def few_params(names: list[str]) -> str:
