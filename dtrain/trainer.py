@@ -191,12 +191,13 @@ class Trainer:
             self.last_eval = {str(k): float(v) for k, v in last_eval.items() if isinstance(v, (int, float))}
             self.last_eval_step = int(extra.get("last_eval_step", -1))
         saved_world = extra.get("world_size")
-        if isinstance(saved_world, int) and saved_world != self.env.world_size:
+        resharded = isinstance(saved_world, int) and saved_world != self.env.world_size
+        if resharded:
             # The saved per-rank RNG states do not map onto these ranks (the load left them alone): new
             # streams for this rank and step, not the run's first ones again, which would replay the
             # dropout masks (and random augmentations) of its first steps.
             seed_everything(stream_seed(self.cfg.seed, self.env.rank, self.step))
-        log.info("resumed from %s at step %d%s", url, self.step, self._resume_note(saved_world))
+        log.info("resumed from %s at step %d%s", url, self.step, self._resume_note(saved_world if resharded else None))
         if self.step > self.cfg.train.max_steps:
             log.warning("the checkpoint is at step %d, past train.max_steps=%d: nothing is left to train",
                         self.step, self.cfg.train.max_steps)
@@ -206,11 +207,12 @@ class Trainer:
             log.warning("the config differs from the one that saved %s:\n  %s", url, "\n  ".join(changed))
         return url
 
-    def _resume_note(self, saved_world: Any) -> str:
-        """What a resume onto another world size or global batch keeps; "" when neither changed."""
+    def _resume_note(self, resharded_from: int | None) -> str:
+        """What a resume onto another world size (the one it was saved by, else None) or global batch
+        keeps; "" when neither changed."""
         notes = []
-        if isinstance(saved_world, int) and saved_world != self.env.world_size:
-            notes.append(f"saved by {saved_world} ranks, resharded onto {self.env.world_size}; per-rank random "
+        if resharded_from is not None:
+            notes.append(f"saved by {resharded_from} ranks, resharded onto {self.env.world_size}; per-rank random "
                          "streams are re-seeded from the seed, rank and step")
         saved_batch, batch = self.sampler.saved_global_batch_size, self.cfg.data.batch_size
         if saved_batch is not None and saved_batch != batch:
@@ -467,9 +469,7 @@ class Trainer:
             return
         t0, saved = time.monotonic(), rng.capture()
         try:
-            metrics = evaluate(unwrap(self.model), self.val_ds, self.task.eval_per_sample,  # type: ignore[arg-type]
-                               batch_size=self.cfg.data.eval_batch_size, device=self.env.device,
-                               autocast=self._autocast(), max_batches=n)
+            metrics = self._run_evaluation(max_batches=n)
         finally:
             rng.restore(saved, "the sanity check")
         if self.early_stopping is not None:
@@ -477,12 +477,15 @@ class Trainer:
         log.info("sanity check: %d validation batch(es) per rank ran in %.2fs, metrics %s (train.sanity_eval_batches)",
                  n, time.monotonic() - t0, ", ".join(sorted(metrics)) or "none")
 
+    def _run_evaluation(self, max_batches: int | None = None) -> dict[str, float]:
+        """The validation metrics (a collective), over every batch or each rank's first `max_batches`."""
+        return evaluate(unwrap(self.model), self.val_ds, self.task.eval_per_sample,  # type: ignore[arg-type]
+                        batch_size=self.cfg.data.eval_batch_size, device=self.env.device,
+                        autocast=self._autocast(), max_batches=max_batches)
+
     def _evaluate(self, metrics_log: MetricsLogger) -> Flag:
         """Evaluate, log the metrics and feed early stopping; EARLY_STOP when it says stop."""
-        eval_model = unwrap(self.model)
-        metrics = evaluate(eval_model, self.val_ds, self.task.eval_per_sample,  # type: ignore[arg-type]
-                           batch_size=self.cfg.data.eval_batch_size, device=self.env.device,
-                           autocast=self._autocast())
+        metrics = self._run_evaluation()
         metrics.update(self.faults.metric_override(self.step, metrics))
         self.last_eval, self.last_eval_step = metrics, self.step
         metrics_log.log(self.step, {"epoch": round(self.sampler.epoch_float, 4), **self.last_eval})
