@@ -7,6 +7,8 @@ test can target one attempt of a restarted job:
     kill_during_save_step        SIGKILL kill_rank while the checkpoint of step S is being written
     hang_rank / hang_step        sleep forever before step S (a silent peer)
     signal_rank / signal_step    send SIGTERM to ourselves before step S (a preemption)
+    config_error_rank / config_error_step  raise a ConfigError on this rank alone before step S (a
+                                 problem only one rank finds once the group is up: data missing on one node)
     nan_rank / nan_step          this rank's monitored validation metric becomes NaN at step S
     nan_loss_rank / nan_loss_step  this rank's training loss of step S reads as NaN (the weights stay)
     metric_rank / metric_offset  add an offset to this rank's validation metrics (ranks disagree)
@@ -42,6 +44,8 @@ class FaultInjector:
     hang_step: int | None = None
     signal_rank: int | None = None
     signal_step: int | None = None
+    config_error_rank: int | None = None
+    config_error_step: int | None = None
     nan_rank: int | None = None
     nan_step: int | None = None
     nan_loss_rank: int | None = None
@@ -100,6 +104,9 @@ class FaultInjector:
         if self._me(self.signal_rank) and step == self.signal_step:
             log.warning("fault: SIGTERM rank %d before step %d at %.3f", self.rank, step, time.time())
             os.kill(os.getpid(), signal.SIGTERM)
+        if self._me(self.config_error_rank) and step == self.config_error_step:
+            log.warning("fault: ConfigError on rank %d before step %d", self.rank, step)
+            raise ConfigError(f"fault: config error on rank {self.rank} alone before step {step} (faults.config_error_rank)")
         if self._me(self.hang_rank) and step == self.hang_step:
             log.warning("fault: rank %d hangs before step %d", self.rank, step)
             # A process hung in C code never runs Python signal handlers; model that by letting

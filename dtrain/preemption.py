@@ -8,9 +8,11 @@ as it starts (before torch is imported), so that a stop during start-up is kept 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,7 +106,7 @@ def keep_torchrun_from_restarting(handler: PreemptionHandler) -> None:
     that may shrink (`--nnodes MIN:MAX` with fewer than the current nodes) keeps torchrun's restart:
     the remaining nodes re-form without the preempted one. Called after the checkpoint and the exit
     records are written; a no-op without torchrun or its restarts."""
-    if handler.signal_name is not None:
+    if handler.signal_name is not None or os.environ.get("LOCAL_RANK", "0") != "0":
         return
     agent = _restarting_agent()
     if agent is None or int(os.environ.get("GROUP_WORLD_SIZE", "1")) > min_nodes(agent[1], os.environ.get("PET_NNODES", "")):
@@ -113,21 +115,51 @@ def keep_torchrun_from_restarting(handler: PreemptionHandler) -> None:
     os.kill(agent[0], signal.SIGTERM)
 
 
-def stop_torchrun_restarts(why: str) -> None:
-    """SIGTERM our torchrun agent (once per node: local rank 0) after an error that a restart would
-    only repeat, a config error recorded by every rank: torchrun restarted the workers
-    --max-restarts times, each attempt building everything again to fail the same way. A no-op
+def stop_torchrun_restarts(why: str, handler: PreemptionHandler | None = None) -> bool:
+    """SIGTERM our torchrun agent after an error that a restart would only repeat (a config error,
+    recorded first): torchrun restarted the workers --max-restarts times, each attempt building
+    everything again to fail the same way. Whichever local rank finds the error stops it (one that
+    rank 1 alone found, after the group formed, used to restart them all), but only one rank per
+    torchrun, and none once torchrun forwarded a SIGTERM to this rank: a second SIGTERM makes
+    torchrun exit without waiting for its workers. Returns whether it sent the signal; a no-op
     without torchrun or its restarts."""
     agent = _restarting_agent()
-    if agent is not None:
-        log.info("%s: asking torchrun (pid %d) not to restart the workers, which would fail the same way", why, agent[0])
-        os.kill(agent[0], signal.SIGTERM)
+    if agent is None or (handler is not None and handler.signal_name == "SIGTERM") or not _first_to_stop(agent[0]):
+        return False
+    log.info("%s: asking torchrun (pid %d) not to restart the workers, which would fail the same way", why, agent[0])
+    os.kill(agent[0], signal.SIGTERM)
+    return True
+
+
+_claim: socket.socket | None = None  # held until this process exits
+
+
+def _first_to_stop(agent: int) -> bool:
+    """Whether this is the first of the agent's workers to claim its stop: binding an abstract
+    Unix socket named after the agent (pid and start time, so a reused pid is another name) is
+    atomic, needs no file, and the kernel frees the name when this process exits. Where sockets are
+    not allowed every rank claims it, as before."""
+    global _claim
+    if _claim is not None:
+        return False
+    try:
+        started = Path(f"/proc/{agent}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    except (OSError, IndexError):
+        return True
+    try:
+        claim.bind(f"\0dtrain-stop-torchrun-{agent}-{started}")
+    except OSError as e:
+        claim.close()
+        return e.errno != errno.EADDRINUSE
+    _claim = claim
+    return True
 
 
 def _restarting_agent() -> tuple[int, list[bytes]] | None:
-    """(pid, argv) of the torchrun agent that would restart this worker in place, when this is its
-    local rank 0 and it has restarts to make; None otherwise."""
-    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") in ("", "0"):
+    """(pid, argv) of the torchrun agent that would restart this worker in place (its parent: every
+    local rank's), when it has restarts to make; None otherwise."""
+    if os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") in ("", "0"):
         return None
     agent = os.getppid()
     try:

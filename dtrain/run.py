@@ -74,7 +74,7 @@ def _run(cfg: JobConfig, preemption: PreemptionHandler) -> int:
         check_before_start(cfg, world_size)
         env = dist.init(cfg.dist.timeout_s, cfg.dist.backend)
     except ConfigError as e:
-        _record_config_error(run_dir, rank, e)
+        _record_config_error(run_dir, rank, e, preemption)
         raise
     startup["init_done"] = time.time()
     try:
@@ -86,7 +86,7 @@ def _run(cfg: JobConfig, preemption: PreemptionHandler) -> int:
             trainer.startup = {**startup, "built": time.time()}
             code = trainer.fit()
         except ConfigError as e:
-            _record_config_error(run_dir, env.rank, e)
+            _record_config_error(run_dir, env.rank, e, preemption)
             raise
         # Nobody leaves before rank 0 has written the summary: torchrun tears down the other
         # workers as soon as one exits with a non-zero code (75 included).
@@ -118,13 +118,14 @@ def prepare_run_dir(run_dir: Path, cfg: JobConfig, env: dist.DistEnv) -> None:
         raise RunDirError(error or f"another rank cannot write the run directory {run_dir}; its error says why")
 
 
-def _record_config_error(run_dir: Path, rank: int, error: ConfigError) -> None:
-    """This rank's exit record (as summary.py writes at the end) for a config error: torchrun reports
-    any failed worker as exit 1, and launch/torchrun.sh reads these records to exit 2, which a
-    launcher does not retry."""
+def _record_config_error(run_dir: Path, rank: int, error: ConfigError, preemption: PreemptionHandler) -> None:
+    """This rank's exit record (as summary.py writes at the end) for a config error, then torchrun
+    stopped before it restarts the workers: torchrun reports any failed worker as exit 1, and
+    launch/torchrun.sh reads these records to exit 2, which a launcher does not retry, also when only
+    this rank found the error (the others then die with the group)."""
     write_rank_record(run_dir, rank, {"stopped_by": "config_error", "exit_code": exitcodes.CONFIG_ERROR,
                                       "error": str(error)})
-    stop_torchrun_restarts("config error")
+    stop_torchrun_restarts("config error", preemption)
 
 
 def train(cfg: JobConfig) -> int:

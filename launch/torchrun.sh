@@ -117,12 +117,15 @@ for path in sorted(glob.glob(os.path.join(run_dir, "ranks", "rank-*.json")) + [o
 EOF
 }
 
-# "CODE ATTEMPT": the exit code every rank of torchrun's last attempt recorded, or nothing when they
-# disagree or wrote none. With MAX_RESTARTS > 0 torchrun restarts the workers in place, and the records
+# "CODE ATTEMPT [RANK ERROR]": the exit code every rank of torchrun's last attempt recorded, or nothing when
+# they disagree or wrote none. With MAX_RESTARTS > 0 torchrun restarts the workers in place, and the records
 # of an earlier attempt (a 75 of a preemption that torchrun restarted, say) must not speak for a later
 # one that crashed. So every record carries its attempt (torchrun's TORCHELASTIC_RESTART_COUNT), each
 # rank rewrites its record as "running" (exit_code null) when it starts, and only records of the
 # highest attempt count: a rank of that attempt that died left "running", so there is no agreed code.
+# One exception: a config error (2) that any rank of that attempt recorded is the answer, with the
+# first such rank and its error. A rank may find one alone (after the group formed); it stops torchrun,
+# and the other ranks die with the group, recording nothing, but a restart would fail the same way.
 # (Across nodes the counts may differ, see launch/README.md; with the default MAX_RESTARTS=0 there,
 # every record is attempt 0 and the "running" rewrite alone keeps stale codes out.)
 agreed_exit_code() {
@@ -132,12 +135,16 @@ records = []
 for line in open(sys.argv[1]).read().splitlines():
     try:
         record = json.load(open(line.split(" ", 1)[1]))
-        records.append((int(record.get("attempt", 0)), record["exit_code"]))
+        records.append((int(record.get("attempt", 0)), record["exit_code"], record))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
-last = max((attempt for attempt, _ in records), default=0)
-codes = {code for attempt, code in records if attempt == last}
-if len(codes) == 1 and isinstance(code := codes.pop(), int):
+last = max((attempt for attempt, _, _ in records), default=0)
+config_errors = sorted((r.get("rank", -1), " ".join(str(r.get("error", "")).split()))
+                       for attempt, code, r in records if attempt == last and code == 2)
+codes = {code for attempt, code, _ in records if attempt == last}
+if config_errors:
+    print(2, last, *config_errors[0])
+elif len(codes) == 1 and isinstance(code := codes.pop(), int):
     print(code, last)
 EOF
 }
@@ -229,8 +236,8 @@ exit_if_stopped() {  # before torchrun starts
 # NNODES allows: an elastic range MIN:MAX may form its group with any of them, and a size that does
 # not split the batch would fail every worker there as a config error, after a preemption, say).
 # What only the workers can find (a checkpoint that does not fit the model, data that is missing,
-# model options the model rejects when built) they record, and this script still exits 2, after
-# torchrun's restarts.
+# model options the model rejects when built) they record; the first worker that finds one, on any
+# rank, stops torchrun before it restarts them, and this script exits 2 and repeats the error.
 # It also prints the run directory the ranks will use: a run_dir=... argument wins over RUN_DIR
 # there, and the exit codes are read from it.
 world_sizes=""
@@ -304,8 +311,15 @@ code=""
 if [[ $rc -ne 0 ]]; then
     exit_files_stamp > "$after"
     comm -13 "$before" "$after" > "$fresh"
-    read -r code attempt < <(agreed_exit_code "$fresh")
-    if [[ -n "$code" ]]; then
+    read -r code attempt error_rank error < <(agreed_exit_code "$fresh")
+    if [[ "$code" == 2 ]]; then
+        # The workers' config error is easy to miss above: torchrun's own traceback (SignalException:
+        # "got signal: 15") comes last, and is the stop the rank asked for, not another error.
+        log "torchrun exited $rc: rank $error_rank of its last attempt (restart $attempt) found a config error:" \
+            "$error. The workers were not restarted, which would fail the same way (a SignalException traceback" \
+            "of torchrun above is a rank stopping it for that). Fix the config and run again (exit 2)"
+        rc=$code
+    elif [[ -n "$code" ]]; then
         log "torchrun exited $rc; the ranks of its last attempt (restart $attempt) exited $code"
         rc=$code
     fi

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -327,15 +328,21 @@ def test_config_errors_the_workers_check_before_the_group_exit_2_before_torchrun
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(90)
-def test_a_config_error_only_workers_find_exits_2_without_restarts(tmp_path: Path) -> None:
-    """model.channels=0 is found when the workers build the model: they record exit 2 and stop
-    torchrun, which restarted them MAX_RESTARTS times to fail the same way."""
-    done = subprocess.run([str(SCRIPT), "train.max_steps=5", *FAST, "model.channels=0"], cwd=REPO,
-                          env={**_env(tmp_path / "run"), "MAX_RESTARTS": "2"}, capture_output=True, text=True,
-                          timeout=80)
+def test_a_config_error_any_rank_finds_exits_2_without_restarts_but_a_crash_is_restarted(tmp_path: Path) -> None:
+    """Attempt 0: rank 1 is killed (a crash: torchrun restarts both workers). Attempt 1: rank 1 alone,
+    local rank 1 after the group formed, finds a config error. Only local rank 0 used to stop torchrun,
+    so torchrun restarted them MAX_RESTARTS times to fail the same way and the script said 1 (rank 0
+    died with the group, recording nothing); torchrun's SignalException traceback came last."""
+    faults = {"config_error_rank": 1, "config_error_step": 3, "chaos_seed": 0, "chaos_kills": 1, "chaos_max_gap": 1}
+    done = subprocess.run([str(SCRIPT), "train.max_steps=20", *FAST], cwd=REPO,
+                          env={**_env(tmp_path / "run"), "MAX_RESTARTS": "2", "DTRAIN_FAULTS": json.dumps(faults)},
+                          capture_output=True, text=True, timeout=80)
     assert done.returncode == 2, done.stderr[-3000:]
-    assert "model.channels (0)" in done.stderr, done.stderr[-3000:]
-    assert [(r["attempt"], r["exit_code"]) for r in rank_summaries(tmp_path / "run")] == [(0, 2), (0, 2)]
+    assert "chaos: SIGKILL rank 1 before step 2 (attempt 0)" in done.stderr, done.stderr[-3000:]
+    assert [(r["attempt"], r["exit_code"]) for r in rank_summaries(tmp_path / "run")] == [(1, None), (1, 2)]
+    last = done.stderr.strip().splitlines()[-1]  # after torchrun's traceback: the real error, explained
+    assert "rank 1 of its last attempt (restart 1) found a config error: fault: config error on rank 1" in last, last
+    assert "SignalException traceback of torchrun above is a rank stopping it" in last and last.endswith("(exit 2)"), last
 
 
 @pytest.mark.timeout(60)
