@@ -13,7 +13,10 @@ The public API for users who keep their own training loop (see README, "Use dtra
 from __future__ import annotations
 
 import importlib
-from typing import Any
+
+TYPE_CHECKING = False  # typing costs milliseconds, and `python -m dtrain train` imports this first
+if TYPE_CHECKING:
+    from typing import Any
 
 __version__ = "0.1.0"
 

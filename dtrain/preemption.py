@@ -2,7 +2,8 @@
 
 A handler never calls a collective or writes a file: it may run between any two bytecodes of the
 main thread, including inside a collective. Never installed at import: `dtrain train` installs it
-as it starts (before torch is imported), so that a stop during start-up is kept for the first step.
+as it starts (before torch is imported), so that a stop during start-up is kept for the first step;
+`python -m dtrain train` keeps one from its very start (dtrain/early_signals.py).
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from dtrain import early_signals
+
 log = logging.getLogger(__name__)
 
-DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+DEFAULT_SIGNALS = early_signals.STOP_SIGNALS  # SIGTERM, SIGUSR1, SIGINT
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
@@ -71,7 +74,10 @@ class PreemptionHandler:
             log.warning("signal handlers can only be installed from the main thread; preemption is off")
             return self
         for sig in self.signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
+            self._previous[sig] = early_signals.replaced(sig, signal.signal(sig, self._handle))
+        kept = early_signals.take_kept()  # one that came while `python -m dtrain train` started
+        if kept is not None and kept in self.signals:
+            self._handle(kept, None)
         return self
 
     def uninstall(self) -> None:

@@ -160,8 +160,9 @@ workers_of() {
     done
 }
 
-# Whether a process catches SIGTERM: a worker does once dtrain's stop handler is installed (before
-# it imports torch); until then it has trained nothing, and the SIGTERM kills it.
+# Whether a process catches SIGTERM: a worker does from the first line of `python -m dtrain train` on
+# (dtrain/early_signals.py); until then (Python itself starting) it has trained nothing, and the
+# SIGTERM kills it.
 catches_sigterm() {
     local key mask
     while read -r key mask; do

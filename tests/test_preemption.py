@@ -40,6 +40,21 @@ def test_nothing_installed_at_import_and_uninstall_restores() -> None:
     assert signal.getsignal(signal.SIGTERM) == before
 
 
+def test_a_signal_kept_at_start_reaches_the_handler_which_then_restores_the_originals() -> None:
+    from dtrain import early_signals
+
+    before = {sig: signal.getsignal(sig) for sig in early_signals.STOP_SIGNALS}
+    early_signals.keep_stop_signals()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)  # before dtrain's imports: kept, not the default death
+        with PreemptionHandler() as handler:
+            assert handler.requested and handler.signal_name == "SIGUSR1"
+        assert {sig: signal.getsignal(sig) for sig in before} == before  # not the keeper
+    finally:
+        for sig, previous in before.items():
+            signal.signal(sig, previous)
+
+
 def test_fault_options_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="kill_rnak"):
         FaultInjector.from_config({"kill_rnak": 1}, rank=0)
@@ -89,3 +104,40 @@ def test_min_nodes_reads_torchruns_nnodes_option_or_its_environment() -> None:
     assert min_nodes([b"torchrun", b"--nnodes=1:4", b"-m", b"dtrain"]) == 1
     assert min_nodes([b"torchrun", b"--standalone", b"-m", b"dtrain"]) == 1
     assert min_nodes([b"torchrun", b"-m", b"dtrain"], pet_nnodes="3:8") == 3
+
+
+@pytest.mark.timeout(90)
+def test_a_stop_signal_while_dtrain_still_imports_is_kept_and_saves_after_the_first_step(tmp_path: Path) -> None:
+    """SIGUSR1 (Slurm's --signal) while `python -m dtrain train`, as torchrun runs it, still imports
+    its modules (argparse is made slow here, as imports are on a busy node or a network file system).
+    The handler came after those imports, so the signal killed the process (exit -10, a failure to
+    every launcher); now it is kept from the start and the run saves after its first step, exits 75."""
+    slow, marker = tmp_path / "slow", tmp_path / "importing"
+    slow.mkdir()
+    (slow / "argparse.py").write_text(
+        "import importlib.util, os, sys, sysconfig, time\n"
+        f"open({str(marker)!r}, 'w').close()\ntime.sleep(2)\n"
+        "spec = importlib.util.spec_from_file_location('argparse', os.path.join(sysconfig.get_paths()['stdlib'], "
+        "'argparse.py'))\nsys.modules['argparse'] = module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n")
+    run_dir = tmp_path / "run"
+    path = os.pathsep.join(p for p in (str(slow), str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    cmd = [sys.executable, "-m", "dtrain", "train", *FAST, f"run_dir={run_dir}", "train.max_steps=50",
+           "early_stopping.enabled=false"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGUSR1)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == exitcodes.PREEMPTED, err[-3000:]
+    s = summary(run_dir)
+    assert (s["stopped_by"], s["last_step"]) == ("preempted", 1), s
+    assert (run_dir / "checkpoints" / "step-000000001" / "manifest.json").exists()
