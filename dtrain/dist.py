@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
-from dtrain.errors import ConfigError, DistributedError
+from dtrain.checks import check_backend
+from dtrain.errors import DistributedError
 
 log = logging.getLogger(__name__)
 
@@ -175,12 +176,6 @@ def fast_pinned_memory() -> None:
     name = next((n for n in names if os.environ.get(n)), "PYTORCH_CUDA_ALLOC_CONF")
     ours = f"pinned_use_cuda_host_register:True,pinned_num_register_threads:{threads}"
     os.environ[name] = f"{os.environ[name]},{ours}" if os.environ.get(name) else ours
-
-
-def check_backend(backend: str) -> None:
-    """A backend this machine cannot run is a config no restart fixes: ConfigError (exit 2), not 1."""
-    if backend == "nccl" and not torch.cuda.is_available():
-        raise ConfigError("dist.backend='nccl' needs CUDA, and none is available; use 'auto' or 'gloo'")
 
 
 def init(timeout_s: float = 300.0, backend: str = "auto") -> DistEnv:

@@ -14,12 +14,12 @@ from pathlib import Path
 
 from dtrain import __version__, dist, exitcodes
 from dtrain.checkpoint.localfs import out_of_space, storage_full, write_atomic
-from dtrain.config import JobConfig, check_world_size, to_yaml
+from dtrain.checks import check_before_start
+from dtrain.config import JobConfig, to_yaml
 from dtrain.errors import ConfigError, RunDirError
 from dtrain.metrics import setup_logging
 from dtrain.preemption import PreemptionHandler, keep_torchrun_from_restarting, stop_torchrun_restarts
 from dtrain.summary import write_rank_record, write_start_record
-from dtrain.tasks import get_task, make_options
 from dtrain.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -33,24 +33,6 @@ def process_start_time() -> float:
         return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return time.time()
-
-
-def check_task_options(cfg: JobConfig) -> None:
-    """Task name and its model/data options are checked before any process group starts."""
-    task = get_task(cfg.task)
-    make_options(task.model_config, cfg.model, "model")
-    make_options(task.data_config, cfg.data.options, "data.options")
-
-
-def check_before_start(cfg: JobConfig, world_size: int | None) -> None:
-    """The config checks that need no process group, data or checkpoint: the task and its options,
-    the batch split over `world_size` ranks (None where it is not known before the rendezvous) and
-    the backend. launch/torchrun.sh runs them before torchrun, so these errors exit 2 at once instead
-    of after torchrun's in-place restarts; every worker runs them again."""
-    check_task_options(cfg)
-    if world_size is not None:
-        check_world_size(cfg, world_size)
-    dist.check_backend(cfg.dist.backend)
 
 
 def run(cfg: JobConfig, preemption: PreemptionHandler | None = None) -> int:

@@ -13,15 +13,16 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-import torch
-from torch import nn
-from torch.utils.data import Dataset
+from typing import TYPE_CHECKING, Any
 
 from dtrain.errors import ConfigError
 
-__all__ = ["Task", "register_task", "get_task", "registered_names", "make_options", "to_device"]
+if TYPE_CHECKING:  # torch only where a task is built or run: launch/torchrun.sh's check needs none
+    import torch
+    from torch import nn
+    from torch.utils.data import Dataset
+
+__all__ = ["Task", "register_task", "get_task", "task_options", "registered_names", "make_options", "to_device"]
 
 
 def _no_blocks(model: nn.Module) -> list[nn.Module]:
@@ -73,6 +74,22 @@ def register_task(task: Task) -> Task:
         raise ConfigError(f"register_task expects a dtrain.tasks.Task, got {type(task).__name__}")
     _REGISTRY[task.name] = task
     return task
+
+
+# The option types of the built-in tasks, in a module without torch (dtrain.models.options)
+_BUILTIN_OPTIONS = {"digits": ("DigitsModelConfig", "DigitsDataConfig"), "gpt": ("GPTModelConfig", "GPTDataConfig")}
+
+
+def task_options(name: str) -> tuple[type, type]:
+    """(model_config, data_config) of a task, without importing a built-in task's module (and torch)
+    when it is not imported yet: enough to check a config's `model:` and `data:`."""
+    if isinstance(_REGISTRY.get(name), str) and name in _BUILTIN_OPTIONS:
+        from dtrain.models import options
+
+        model, data = _BUILTIN_OPTIONS[name]
+        return getattr(options, model), getattr(options, data)
+    task = get_task(name)
+    return task.model_config, task.data_config
 
 
 def registered_names() -> list[str]:
@@ -195,6 +212,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 def to_device(batch: Any, device: torch.device | str) -> Any:
     """Move the tensors of a batch (tensor, tuple, list or dict, nested) to `device`."""
+    import torch
+
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):

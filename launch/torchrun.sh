@@ -231,7 +231,7 @@ exit_if_stopped() {  # before torchrun starts
 
 # A bad config fails here, on every node, with exit 2 before any process group is formed (and
 # before torchrun, which would report it as exit 1 after restarting the workers MAX_RESTARTS times).
-# These are the checks every worker makes before it joins the group (dtrain.run.check_before_start):
+# These are the checks every worker makes before it joins the group (dtrain.checks.check_before_start):
 # keys and values, the task and its options, the backend, and the batch split over the world size
 # for every world size the job may have (a number of processes per node, times each node count that
 # NNODES allows: an elastic range MIN:MAX may form its group with any of them, and a size that does
@@ -254,7 +254,7 @@ from dtrain.errors import ConfigError
 sizes = [int(n) for n in sys.argv[1].split(",")] if sys.argv[1] else []
 try:
     cfg = load_config(sys.argv[4], sys.argv[5:])
-    from dtrain.run import check_before_start  # imports torch: only for a config that loaded
+    from dtrain.checks import check_before_start  # no torch (the workers import it)
     check_before_start(cfg, sizes[0] if len(sizes) == 1 else None)
     for world_size in sizes if len(sizes) > 1 else []:  # one size: checked just above
         try:

@@ -9,37 +9,16 @@ few hundred steps and then overfits: the demo's early stopping on val/loss has s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from dtrain.errors import ConfigError
+from dtrain.models.options import DigitsDataConfig, DigitsModelConfig
 from dtrain.tasks import Task
 
 NUM_CLASSES = 10
-
-
-@dataclass
-class DigitsModelConfig:
-    channels: int = 16  # first conv layer; the second has twice as many
-    hidden: int = 128
-    dropout: float = 0.0
-
-
-@dataclass
-class DigitsDataConfig:
-    val_fraction: float = 0.2  # of all 1797 images, stratified by class
-    train_fraction: float = 0.25  # of the rest; small on purpose so the model overfits (1.0 = all)
-    split_seed: int = 0  # fixed split, independent of the run's seed
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
-        if not 0.0 < self.train_fraction <= 1.0:
-            raise ConfigError(f"data.train_fraction={self.train_fraction} must be in (0, 1]")
 
 
 class DigitsCNN(nn.Module):

@@ -13,7 +13,6 @@ import glob
 import math
 import os
 import sysconfig
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,38 +21,10 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import Dataset
 
 from dtrain.errors import ConfigError
+from dtrain.models.options import GPTDataConfig, GPTModelConfig
 from dtrain.tasks import Task
 
 VOCAB_SIZE = 256
-
-
-@dataclass
-class GPTModelConfig:
-    n_layer: int = 2
-    n_head: int = 4
-    n_embd: int = 64
-    block_size: int = 64  # longest sequence; must be >= data.block_size
-    dropout: float = 0.0
-    bias: bool = True
-    activation_checkpointing: bool = False  # recompute each block in backward to save memory
-
-
-@dataclass
-class GPTDataConfig:
-    block_size: int = 64  # tokens per training window
-    stride: int = 0  # distance between window starts; 0 means block_size (no overlap)
-    max_chars: int = 1_500_000  # bytes of corpus read, train + val
-    val_fraction: float = 0.1  # the last part of the corpus, by position
-    corpus_dir: str = ""  # directory of .py files; "" means the Python standard library
-
-    def __post_init__(self) -> None:
-        if self.block_size < 1 or self.stride < 0 or self.max_chars < 1:
-            raise ConfigError(
-                f"data.block_size ({self.block_size}) and data.max_chars ({self.max_chars}) must be "
-                f">= 1 and data.stride ({self.stride}) >= 0"
-            )
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
 
 
 class CausalSelfAttention(nn.Module):
