@@ -646,6 +646,24 @@ def test_s3_through_storage_options(s3_root: tuple[str, dict[str, Any]], tmp_pat
     assert code == 1 and err.startswith("dtrain ckpt: error: ")
 
 
+@pytest.mark.s3
+@pytest.mark.timeout(120)
+def test_ls_prune_and_verify_list_an_s3_root_once(s3_root: tuple[str, dict[str, Any]], s3_requests, capsys) -> None:
+    """Each listed the root twice (a scan, then the lookalike notes) and asked whether it and its
+    manifest.json exist (a HEAD and a one-key LIST each): four LIST round trips where one does."""
+    root, options = s3_root
+    _save_run(root, storage_options=options)
+    storage.makedirs(storage.join(root, "step-12"), options)
+    storage.write_atomic(storage.join(root, "step-12", "x"), b"a copy", options)  # a lookalike, to be noted
+    flags = [x for k, v in options.items() for x in ("--storage-option", f"{k}={v}")]
+    for argv in (["ls", root], ["prune", root, "--keep-last", "2", "--dry-run"], ["verify", root]):
+        with s3_requests() as seen:
+            code, out, err = cli(capsys, *argv, *flags)
+        assert code == 0 and f"{root}/step-12: not a dtrain checkpoint directory name" in out + err, (argv, err)
+        lists = [url for method, url in seen if method == "GET" and "list-type=2" in url]
+        assert len(lists) == 1, (argv, lists)
+
+
 def _check_a_set_aside_checkpoint_is_reported(root: str, options: dict[str, Any], capsys) -> None:
     """A damaged newest checkpoint that a resume set aside (manifest.json -> manifest.json.damaged)
     was listed as "incomplete: no manifest.json", and `verify` of it said only "not a committed
