@@ -108,7 +108,7 @@ def _pick(args: argparse.Namespace, so: dict[str, Any]) -> str:
         return tools.resolve(url, so)
     infos = retention.scan(url, so)
     monitor, mode, source = _monitor(args, infos, so)
-    _require_monitor(infos, monitor, source, url, "--best")
+    _require_monitor(infos, monitor, source, url)
     best = retention.best_of(infos, monitor, mode)
     if best is None:  # nothing committed
         return tools.resolve(url, so)
@@ -117,12 +117,12 @@ def _pick(args: argparse.Namespace, so: dict[str, Any]) -> str:
     return best.url
 
 
-def _require_monitor(infos: list[CheckpointInfo], monitor: str, source: str, url: str, flag: str) -> None:
-    """Ranking by a metric no checkpoint records would silently pick the newest (--best) or delete
-    the real best (--keep-best): refuse, naming the metrics there are."""
+def _require_monitor(infos: list[CheckpointInfo], monitor: str, source: str, url: str) -> None:
+    """--best by a metric no checkpoint records would silently pick the newest: refuse, naming the
+    metrics there are (prune's own rule is tools.plan_prune's)."""
     problem = retention.unranked(infos, monitor)
     if problem is not None:
-        raise CheckpointError(f"{url}: {problem}; {flag} needs one of them as --monitor (this one came from "
+        raise CheckpointError(f"{url}: {problem}; --best needs one of them as --monitor (this one came from "
                               f"{source})")
 
 
@@ -288,13 +288,14 @@ def cmd_prune(args: argparse.Namespace, so: dict[str, Any]) -> int:
     infos = retention.scan(args.url, so, entries)
     _note_lookalikes(args.url, entries)
     monitor, mode, source = _monitor(args, infos, so)
-    if args.keep_best is not None:
-        _require_monitor(infos, monitor, source, args.url, "--keep-best")
-        _note(f"--keep-best ranks by {monitor} ({mode}, from {source})")
-    # a default monitor that nothing records protects nothing and is no mistake; a named one is checked
+    # a default monitor that nothing records protects nothing and is no mistake; a named one, or one
+    # --keep-best ranks by, is checked (by plan_prune, the one place for that rule)
     ranked = args.keep_best is not None or args.monitor or retention.unranked(infos, monitor) is None
     doomed = tools.plan_prune(infos, args.url, keep_last_n=args.keep_last, keep_best_k=args.keep_best,
-                              keep_every_n_steps=args.keep_every, monitor=monitor if ranked else None, mode=mode)
+                              keep_every_n_steps=args.keep_every, monitor=monitor if ranked else None, mode=mode,
+                              source=source)
+    if args.keep_best is not None:
+        _note(f"--keep-best ranks by {monitor} ({mode}, from {source})")
     removed = doomed if args.dry_run else retention.apply(infos, doomed, so)
     verb = "would remove" if args.dry_run else "removed"
     for i in removed:
