@@ -168,6 +168,8 @@ class CheckpointManager:
         if comm.rank(self.group) == 0:
             try:
                 storage.makedirs(self.root, self.storage_options)
+                if self.lease is not None:  # taking the lease next need not check the root again
+                    self.lease.root_checked()
             except MissingBucketError as e:
                 problem = (True, str(e))
             except (CheckpointError, OSError) as e:

@@ -101,3 +101,14 @@ def test_a_trainer_that_fails_at_start_gives_the_s3_lease_back(s3_root: tuple, t
     assert bad.returncode != 0 and "checkpoint.init_from=" in bad.stderr, bad.stderr[-2000:]
     assert "could not release" not in bad.stderr, bad.stderr[-2000:]
     assert not storage.exists(f"{root}/.dtrain-lease.json", options)
+
+
+def test_start_up_with_a_lease_checks_the_bucket_once(s3_root: tuple, s3_requests) -> None:
+    """check_root and then the lease each sent a HEAD of the bucket."""
+    root, options = s3_root
+    bucket = root[len("s3://"):].split("/")[0]
+    with CheckpointManager(root, storage_options=options) as mgr, s3_requests() as seen:
+        mgr.check_root()
+        mgr.acquire_lease()  # as the trainer starts
+    assert [r for r in seen if r[0] == "HEAD" and r[1] == f"/{bucket}"] == [("HEAD", f"/{bucket}")], seen
+    assert ("PUT", f"/{bucket}/run/checkpoints/.dtrain-lease.json") in seen
