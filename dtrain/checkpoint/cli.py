@@ -57,6 +57,7 @@ def _list_root(url: str, so: dict[str, Any]) -> list[tuple[str, bool]]:
     check (on an object store each listing is a LIST round trip); an error if nothing is there."""
     entries = retention.list_root(url, so)
     if not entries and not storage.exists(url, so):
+        storage.check_bucket(url, so)  # a missing bucket is named
         raise CheckpointError(f"{url} does not exist (no checkpoints there)")
     return entries
 

@@ -335,6 +335,8 @@ class CheckpointManager:
             return inside
         try:
             return retention.resolve(ckpt, self.storage_options)  # a root: its newest committed checkpoint
+        except MissingBucketError:
+            raise
         except CheckpointError:
             raise CheckpointError(f"{ckpt} is not a committed checkpoint nor a root holding one (no manifest.json "
                                   f"there, under it or under {self.root}); see `dtrain ckpt ls {self.root}`") from None

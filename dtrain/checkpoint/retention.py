@@ -154,6 +154,7 @@ def resolve(url: str, storage_options: storage.StorageOptions = None) -> str:
         return url
     committed = [i for i in scan(url, storage_options) if i.committed]
     if not committed:
+        storage.check_bucket(url, storage_options)  # in a bucket that is not there: say that
         raise CheckpointError(f"{url} is neither a committed checkpoint nor a root holding one")
     return committed[-1].url
 
