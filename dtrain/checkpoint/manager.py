@@ -104,7 +104,8 @@ class CheckpointManager:
         self.wait()
         deferred = self._saves is not None and self.overlap_staging and bool(optimizers) and not walk_at_call(model)
         if deferred:  # prepare runs in the background: a lost lease must still fail this call
-            self.acquire_lease()
+            with comm.every_rank_calls(f"save(step={step})", self.group):  # the save's first collective
+                self.acquire_lease()
             lease_error = None
         else:  # rank 0's lease check rides on prepare's agreement: one collective fewer
             lease_error = self._lease_error()

@@ -109,7 +109,8 @@ def prepare(dir_url: str, step: int, captured: Captured, *, model: nn.Module,
             error += no_space_hint(dir_url)
     # one small all-reduce: [failed, skip, hash of the box list] per rank; the messages and the box
     # lists themselves travel only when ranks differ (a failure; sharded state)
-    table = comm.agree_words([error is not None, skip, digest(boxes, tied)], group)
+    with comm.every_rank_calls(f"save(step={step})", group):  # the save's first collective
+        table = comm.agree_words([error is not None, skip, digest(boxes, tied)], group)
     if any(failed for failed, _, _ in table):
         errors = [e for e in comm.all_gather_object(error, group) if e]
         raise CheckpointError(f"cannot save checkpoint {dir_url}: " + "; ".join(errors))
