@@ -238,6 +238,8 @@ class Trainer:
         """resume=<url>: that checkpoint on the first start, the run's own newest on a restart."""
         try:
             target = self.checkpoints.resolve(mode)
+        except MissingBucketError as e:  # a typo in the URL (which the error names): no restart fixes it
+            raise ConfigError(f"resume: {e}") from None
         except CheckpointError as e:  # a local path that is not there is a config error; a remote one may
             if storage.is_local(mode):  # be an outage, which a restart (exit 1) can outlast
                 raise ConfigError(f"resume={mode}: {e}") from None
@@ -294,6 +296,8 @@ class Trainer:
             raise ConfigError(f"cannot initialise the model from checkpoint.init_from={url}: {e}. A shared tensor "
                               f"must have the checkpoint's shape and dtype (checkpoint.init_strict=false leaves "
                               f"out only tensors that one side lacks)") from e
+        except MissingBucketError as e:  # a typo in the URL: a restart would fail the same way
+            raise ConfigError(f"checkpoint.init_from: {e}") from None
         except CheckpointError as e:
             raise CheckpointError(f"cannot initialise the model from checkpoint.init_from={url}: {e}") from e
         left = f"; {len(diff.missing_keys)} tensor(s) not in it kept their initial values" if diff.missing_keys else ""

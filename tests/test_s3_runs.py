@@ -75,19 +75,22 @@ def test_credentials_are_not_written_and_a_restart_does_not_take_them_for_change
                      "client_kwargs": {"endpoint_url": endpoint, "aws_session_token": "<redacted>"}}
 
 
-@pytest.mark.parametrize("lease", ["true", "false"])
-def test_a_root_in_a_bucket_that_does_not_exist_is_a_config_error_before_training(endpoint: str, lease: str,
+@pytest.mark.parametrize("key", ["checkpoint.root", "checkpoint.root+checkpoint.lease=false", "resume"])
+def test_a_url_in_a_bucket_that_does_not_exist_is_a_config_error_before_training(endpoint: str, key: str,
                                                                                   tmp_path: Path) -> None:
     """Without a lease nothing touched the root until the first save: the run trained, then failed
-    with a traceback and exit 1 (which launchers restart, to fail again); with one it exited 1 too."""
+    with a traceback and exit 1 (which launchers restart, to fail again); with one it exited 1 too.
+    A resume=<url> in a missing bucket exited 1 saying only "neither a committed checkpoint nor a
+    root" (checkpoint.init_from: tests/checkpoint/test_s3.py)."""
     import json
 
-    root = f"s3://no-such-{uuid.uuid4().hex[:8]}/ck"
-    proc = dtrain(["train", *FAST, f"run_dir={tmp_path}", f"checkpoint.root={root}", f"checkpoint.lease={lease}",
+    url = f"s3://no-such-{uuid.uuid4().hex[:8]}/ck"
+    name, _, lease = key.partition("+")
+    proc = dtrain(["train", *FAST, f"run_dir={tmp_path}", f"{name}={url}", *([lease] if lease else []),
                    "train.max_steps=2"], env={"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
                                               "AWS_SECRET_ACCESS_KEY": "testing"})
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert f"dtrain: config error: checkpoint.root: {root}: bucket '{root[5:-3]}' does not exist" in proc.stderr
+    assert f"dtrain: config error: {name}: {url}: bucket '{url[5:-3]}' does not exist" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "metrics.jsonl").exists()
     record = json.loads((tmp_path / "ranks" / "rank-00000.json").read_text())  # what launch/torchrun.sh reads
     assert record["exit_code"] == 2 and record["stopped_by"] == "config_error"

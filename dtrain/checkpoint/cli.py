@@ -47,9 +47,23 @@ def _note(text: str) -> None:
     print(f"{PROG}: note: {text}", file=sys.stderr)
 
 
-def _note_lookalikes(root: str, so: dict[str, Any]) -> None:
-    for url in retention.lookalikes(root, so):
+def _note_lookalikes(root: str, entries: list[tuple[str, bool]]) -> None:
+    for url in retention.lookalikes(root, entries=entries):
         _note(f"{url}: {_FOREIGN}")
+
+
+def _list_root(url: str, so: dict[str, Any]) -> list[tuple[str, bool]]:
+    """The root's entries, listed once for the scan, the lookalike notes and the is-it-a-checkpoint
+    check (on an object store each listing is a LIST round trip); an error if nothing is there."""
+    entries = retention.list_root(url, so)
+    if not entries and not storage.exists(url, so):
+        storage.check_bucket(url, so)  # a missing bucket is named
+        raise CheckpointError(f"{url} does not exist (no checkpoints there)")
+    return entries
+
+
+def _holds_manifest(entries: list[tuple[str, bool]]) -> bool:
+    return any(name == MANIFEST for name, _ in entries)
 
 
 # ---- choosing a checkpoint ----------------------------------------------------------------------
@@ -95,7 +109,7 @@ def _pick(args: argparse.Namespace, so: dict[str, Any]) -> str:
         return tools.resolve(url, so)
     infos = retention.scan(url, so)
     monitor, mode, source = _monitor(args, infos, so)
-    _require_monitor(infos, monitor, source, url, "--best")
+    _require_monitor(infos, monitor, source, url)
     best = retention.best_of(infos, monitor, mode)
     if best is None:  # nothing committed
         return tools.resolve(url, so)
@@ -104,26 +118,25 @@ def _pick(args: argparse.Namespace, so: dict[str, Any]) -> str:
     return best.url
 
 
-def _require_monitor(infos: list[CheckpointInfo], monitor: str, source: str, url: str, flag: str) -> None:
-    """Ranking by a metric no checkpoint records would silently pick the newest (--best) or delete
-    the real best (--keep-best): refuse, naming the metrics there are."""
+def _require_monitor(infos: list[CheckpointInfo], monitor: str, source: str, url: str) -> None:
+    """--best by a metric no checkpoint records would silently pick the newest: refuse, naming the
+    metrics there are (prune's own rule is tools.plan_prune's)."""
     problem = retention.unranked(infos, monitor)
     if problem is not None:
-        raise CheckpointError(f"{url}: {problem}; {flag} needs one of them as --monitor (this one came from "
+        raise CheckpointError(f"{url}: {problem}; --best needs one of them as --monitor (this one came from "
                               f"{source})")
 
 
 # ---- sub-commands -------------------------------------------------------------------------------
 def cmd_ls(args: argparse.Namespace, so: dict[str, Any]) -> int:
-    if not storage.exists(args.url, so):
-        raise CheckpointError(f"{args.url} does not exist (no checkpoints there)")
-    infos = tools.list_checkpoints(args.url, so)
-    if storage.exists(storage.join(args.url, MANIFEST), so) or (not infos and retention.is_step_dir(args.url)):
+    entries = _list_root(args.url, so)
+    infos = retention.scan(args.url, so, entries)
+    if _holds_manifest(entries) or (not infos and retention.is_step_dir(args.url)):
         raise CheckpointError(f"{args.url} is a checkpoint directory, not a root: use `{PROG} inspect {args.url}` "
                               f"on it, or `{PROG} ls {storage.parent(args.url)}`")
     monitor, mode, _ = _monitor(args, infos, so)
     best = retention.best_of(infos, monitor, mode)
-    _note_lookalikes(args.url, so)
+    _note_lookalikes(args.url, entries)
     if not infos:
         inner = storage.join(args.url, "checkpoints")
         if retention.step_dirs(inner, so):
@@ -195,15 +208,14 @@ def cmd_inspect(args: argparse.Namespace, so: dict[str, Any]) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, so: dict[str, Any]) -> int:
-    if not storage.exists(args.url, so):  # not "manifest.json does not exist ... it may be incomplete"
-        raise CheckpointError(f"{args.url} does not exist (no checkpoint there)")
-    if storage.exists(storage.join(args.url, MANIFEST), so):
+    entries = _list_root(args.url, so)  # not "manifest.json does not exist ... it may be incomplete"
+    if _holds_manifest(entries):
         targets = [args.url]
         if retention.is_lookalike(args.url):  # a copy or another tool's: its files are checked all the same
             _note(f"{args.url}: {_FOREIGN}; its files are checked against its manifest all the same")
     else:
-        infos = retention.scan(args.url, so)
-        foreign = retention.lookalikes(args.url, so)
+        infos = retention.scan(args.url, so, entries)
+        foreign = retention.lookalikes(args.url, entries=entries)
         targets = [i.url for i in infos if i.committed or i.problem != retention.NO_MANIFEST]
         for i in infos:
             if i.problem == retention.NO_MANIFEST:
@@ -273,18 +285,18 @@ def cmd_prune(args: argparse.Namespace, so: dict[str, Any]) -> int:
     rules = {"--keep-last": args.keep_last, "--keep-best": args.keep_best, "--keep-every": args.keep_every}
     if all(v is None for v in rules.values()) or any(v is not None and v < 1 for v in rules.values()):
         raise _Usage(f"prune needs at least one of {', '.join(rules)}, each a positive integer")
-    if not storage.exists(args.url, so):
-        raise CheckpointError(f"{args.url} does not exist (no checkpoints there)")
-    infos = retention.scan(args.url, so)
-    _note_lookalikes(args.url, so)
+    entries = _list_root(args.url, so)
+    infos = retention.scan(args.url, so, entries)
+    _note_lookalikes(args.url, entries)
     monitor, mode, source = _monitor(args, infos, so)
-    if args.keep_best is not None:
-        _require_monitor(infos, monitor, source, args.url, "--keep-best")
-        _note(f"--keep-best ranks by {monitor} ({mode}, from {source})")
-    # a default monitor that nothing records protects nothing and is no mistake; a named one is checked
+    # a default monitor that nothing records protects nothing and is no mistake; a named one, or one
+    # --keep-best ranks by, is checked (by plan_prune, the one place for that rule)
     ranked = args.keep_best is not None or args.monitor or retention.unranked(infos, monitor) is None
     doomed = tools.plan_prune(infos, args.url, keep_last_n=args.keep_last, keep_best_k=args.keep_best,
-                              keep_every_n_steps=args.keep_every, monitor=monitor if ranked else None, mode=mode)
+                              keep_every_n_steps=args.keep_every, monitor=monitor if ranked else None, mode=mode,
+                              source=source)
+    if args.keep_best is not None:
+        _note(f"--keep-best ranks by {monitor} ({mode}, from {source})")
     removed = doomed if args.dry_run else retention.apply(infos, doomed, so)
     verb = "would remove" if args.dry_run else "removed"
     for i in removed:

@@ -6,11 +6,14 @@ path agrees with a plain tensor all-reduce, so nothing read from storage is ever
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from dtrain.errors import CheckpointError
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup, or None for a single process
 
@@ -62,6 +65,25 @@ def start_agree_words(words: list[int], group: ProcessGroup) -> Callable[[], lis
         flat = table.tolist()
         return [flat[i:i + n] for i in range(0, len(flat), n)]
     return result
+
+
+@contextlib.contextmanager
+def every_rank_calls(call: str, group: ProcessGroup) -> Iterator[None]:
+    """Around the first collective of a public call (`call`, as "save(step=5)"): its timeout becomes a
+    CheckpointError saying that every rank must make that call. gloo says only "Timed out waiting
+    3000ms for recv operation to complete", and the usual cause is a rank that never made it (a save
+    under `if rank == 0:`). Costs nothing unless it fails."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "timed out" not in str(e).lower():
+            raise
+        name = call.split("(", 1)[0]
+        raise CheckpointError(
+            f"{call} on rank {rank(group)}: waited for the other ranks until the timeout ran out "
+            f"(dtrain.init(timeout_s=...), dist.timeout_s): {name}() is a collective that every rank must call, "
+            f"with the same step; a rank that does not (one that calls it under `if rank == 0:`, say), hangs or "
+            f"has died leaves the others waiting ({e})") from e
 
 
 def agree_codes(code: int, group: ProcessGroup) -> list[int]:

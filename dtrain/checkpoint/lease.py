@@ -109,15 +109,22 @@ class Lease:
         self.token = uuid.uuid4().hex
         self.since: float | None = None
         self._etag: str | None = None
+        self._root_checked = False  # see root_checked()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # ---- the protocol ---------------------------------------------------------------------------
+    def root_checked(self) -> None:
+        """The caller has just made sure the root can be written (CheckpointManager.check_root): the
+        next `acquire` skips its own check, on S3 a second HEAD of the bucket at start-up."""
+        self._root_checked = True
+
     def acquire(self, *, renew: bool = False) -> None:
         """Take (or keep) the lease. Cheap to call again: on a lease this process holds it only reads
         the file, and writes a renewal when asked (the heartbeat) or once the last one is ttl/3 old."""
-        if self.since is None:
+        if self.since is None and not self._root_checked:
             storage.makedirs(self.root, self.so)  # a local root is created; a missing bucket is an error
+        self._root_checked = False
         with self._locked():
             current, etag = self._read()
             now = time.time()

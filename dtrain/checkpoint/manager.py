@@ -104,7 +104,8 @@ class CheckpointManager:
         self.wait()
         deferred = self._saves is not None and self.overlap_staging and bool(optimizers) and not walk_at_call(model)
         if deferred:  # prepare runs in the background: a lost lease must still fail this call
-            self.acquire_lease()
+            with comm.every_rank_calls(f"save(step={step})", self.group):  # the save's first collective
+                self.acquire_lease()
             lease_error = None
         else:  # rank 0's lease check rides on prepare's agreement: one collective fewer
             lease_error = self._lease_error()
@@ -168,6 +169,8 @@ class CheckpointManager:
         if comm.rank(self.group) == 0:
             try:
                 storage.makedirs(self.root, self.storage_options)
+                if self.lease is not None:  # taking the lease next need not check the root again
+                    self.lease.root_checked()
             except MissingBucketError as e:
                 problem = (True, str(e))
             except (CheckpointError, OSError) as e:
@@ -333,6 +336,8 @@ class CheckpointManager:
             return inside
         try:
             return retention.resolve(ckpt, self.storage_options)  # a root: its newest committed checkpoint
+        except MissingBucketError:
+            raise
         except CheckpointError:
             raise CheckpointError(f"{ckpt} is not a committed checkpoint nor a root holding one (no manifest.json "
                                   f"there, under it or under {self.root}); see `dtrain ckpt ls {self.root}`") from None

@@ -64,16 +64,23 @@ def is_step_dir(url: str) -> bool:
     return step_of(url) is not None
 
 
-def step_dirs(root: str, storage_options: storage.StorageOptions = None) -> list[tuple[int, str]]:
-    """(step, url) of every checkpoint directory (`step_of`) under `root`, oldest first; nothing
-    else is read. A root that is a file (an exported .safetensors, a manifest.json) is an error
-    naming it, not a bare '[Errno 20] Not a directory'."""
+def list_root(root: str, storage_options: storage.StorageOptions = None) -> list[tuple[str, bool]]:
+    """(name, is_directory) of each entry directly under `root` (empty when there is nothing): one
+    listing, one LIST round trip on an object store, that `step_dirs`, `scan` and `lookalikes` can
+    share. A root that is a file (an exported .safetensors, a manifest.json) is an error naming it,
+    not a bare '[Errno 20] Not a directory'."""
     try:
-        entries = storage.list_dir(root, storage_options)
+        return storage.list_dir(root, storage_options)
     except NotADirectoryError:
         raise CheckpointError(not_a_directory(root)) from None
+
+
+def step_dirs(root: str, storage_options: storage.StorageOptions = None,
+              entries: list[tuple[str, bool]] | None = None) -> list[tuple[int, str]]:
+    """(step, url) of every checkpoint directory (`step_of`) under `root`, oldest first; nothing
+    else is read. `entries`: the root's `list_root`, when the caller has it already."""
     found = []
-    for name, is_dir in entries:
+    for name, is_dir in list_root(root, storage_options) if entries is None else entries:
         step = step_of(name)
         if step is not None and is_dir:
             found.append((step, storage.join(root, name)))
@@ -97,21 +104,24 @@ def is_lookalike(url: str) -> bool:
     return _LOOKALIKE.fullmatch(name) is not None and step_of(name) is None
 
 
-def lookalikes(root: str, storage_options: storage.StorageOptions = None) -> list[str]:
+def lookalikes(root: str, storage_options: storage.StorageOptions = None,
+               entries: list[tuple[str, bool]] | None = None) -> list[str]:
     """The `is_lookalike` directories under `root`: the tools say that they leave them alone, which
-    would otherwise go unseen (one more listing: for the tools, not for every save)."""
-    return [storage.join(root, name) for name, is_dir in storage.list_dir(root, storage_options)
-            if is_dir and is_lookalike(name)]
+    would otherwise go unseen. `entries`: the root's `list_root`, so the tools list a root once."""
+    return [storage.join(root, name) for name, is_dir in (list_root(root, storage_options) if entries is None
+                                                            else entries) if is_dir and is_lookalike(name)]
 
 
-def scan(root: str, storage_options: storage.StorageOptions = None) -> list[CheckpointInfo]:
-    """Every `step-*` directory under `root`, oldest first, committed or not.
+def scan(root: str, storage_options: storage.StorageOptions = None,
+         entries: list[tuple[str, bool]] | None = None) -> list[CheckpointInfo]:
+    """Every `step-*` directory under `root`, oldest first, committed or not (`entries`: the root's
+    `list_root`, when the caller has it already).
 
     The manager scans after every save, so a manifest seen before is not read again: a file's
     identity (size and modification stamp, storage.identity) is checked instead, one stat or HEAD
     per checkpoint (reading them cost 60 ms a save for 40 kept checkpoints of 4096 tensors here,
     and one GET each on S3); on an object store those run a few at a time."""
-    dirs = step_dirs(root, storage_options)
+    dirs = step_dirs(root, storage_options, entries)
     if storage.is_local(root) or len(dirs) < 2:
         infos = [_scan_one(url, step, storage_options) for step, url in dirs]
     else:
@@ -144,6 +154,7 @@ def resolve(url: str, storage_options: storage.StorageOptions = None) -> str:
         return url
     committed = [i for i in scan(url, storage_options) if i.committed]
     if not committed:
+        storage.check_bucket(url, storage_options)  # in a bucket that is not there: say that
         raise CheckpointError(f"{url} is neither a committed checkpoint nor a root holding one")
     return committed[-1].url
 

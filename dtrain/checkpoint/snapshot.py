@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zlib
 from collections.abc import Hashable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -64,6 +65,11 @@ class Captured:
     rng: bytes = b""
     head: dict[str, Any] | None = None  # rank 0: the encoded components and extra
     error: str | None = None
+    stateful_crcs: dict[str, int] | None = None  # each component's state, hashed: see _warn_per_rank_state
+
+
+_UNKNOWN = -1  # a stateful hash word that compares with nothing (this rank could not encode its state)
+_WARNED: set[str] = set()  # components already said to differ between ranks (said once per process)
 
 
 def capture(rank: int, *, stateful: dict[str, Stateful], extra: dict[str, Any], error: str | None = None
@@ -79,7 +85,13 @@ def capture(rank: int, *, stateful: dict[str, Stateful], extra: dict[str, Any], 
     except Exception as e:
         log.exception("rank %d cannot capture its checkpoint state", rank)
         return Captured(error=f"rank {rank}: {type(e).__name__}: {e}")
-    return Captured(rng_bytes, head)
+    try:  # only rank 0's components are saved; the others' are hashed, to tell when they differ
+        states = head["stateful"] if head is not None else encode(stateful_states(stateful), "$.stateful")
+        crcs = {k: zlib.crc32(json.dumps(v, sort_keys=True, separators=(",", ":")).encode("utf-8"))
+                for k, v in states.items()}
+    except Exception:  # (not rank 0) never saved, so never an error: nothing to compare
+        crcs = None
+    return Captured(rng_bytes, head, stateful_crcs=crcs)
 
 
 def prepare(dir_url: str, step: int, captured: Captured, *, model: nn.Module,
@@ -107,17 +119,24 @@ def prepare(dir_url: str, step: int, captured: Captured, *, model: nn.Module,
         error = f"rank {rank}: {type(e).__name__}: {e}"
         if out_of_space(e) and storage.is_local(dir_url):  # e.g. no inode left for the step directory
             error += no_space_hint(dir_url)
-    # one small all-reduce: [failed, skip, hash of the box list] per rank; the messages and the box
-    # lists themselves travel only when ranks differ (a failure; sharded state)
-    table = comm.agree_words([error is not None, skip, digest(boxes, tied)], group)
-    if any(failed for failed, _, _ in table):
+    # one small all-reduce: [failed, skip, hash of the box list, hash of the components] per rank;
+    # the messages, box lists and component hashes travel only when ranks differ (a failure; sharded
+    # state; components that differ)
+    crcs = captured.stateful_crcs
+    stateful_word = _UNKNOWN if crcs is None else zlib.crc32(json.dumps(sorted(crcs.items())).encode("utf-8"))
+    with comm.every_rank_calls(f"save(step={step})", group):  # the save's first collective
+        table = comm.agree_words([error is not None, skip, digest(boxes, tied), stateful_word], group)
+    if any(failed for failed, *_ in table):
         errors = [e for e in comm.all_gather_object(error, group) if e]
         raise CheckpointError(f"cannot save checkpoint {dir_url}: " + "; ".join(errors))
     prep = PreparedSave(dir_url, step, rank, world, small_files={rng_file(rank, world): captured.rng})
     if table[0][1]:
         prep.skip = True
         return prep
-    same = all(h == table[0][2] for _, _, h in table)
+    words = [w[3] for w in table]
+    if words[0] != _UNKNOWN and any(w not in (words[0], _UNKNOWN) for w in words):
+        _warn_per_rank_state(comm.all_gather_object(crcs, group), rank, step)
+    same = all(h == table[0][2] for _, _, h, _ in table)
     # ties are known to hold on every rank only when every rank hashed the same boxes and ties
     owner, prep.meta = assign([boxes] * world, tied) if same else assign(comm.all_gather_object(boxes, group))
     prep.items = [(b, data[b.key]) for b in boxes if owner[b.id] == rank]
@@ -128,6 +147,20 @@ def prepare(dir_url: str, step: int, captured: Captured, *, model: nn.Module,
                 "versions": versions(), **head}
         prep.small_files[STATE] = json.dumps(body, allow_nan=False, separators=(",", ":")).encode("utf-8")
     return prep
+
+
+def _warn_per_rank_state(crcs: list[dict[str, int] | None], rank: int, step: int) -> None:
+    """Rank 0: name each `stateful` component whose state differs between ranks, once per process. A
+    checkpoint keeps rank 0's and loads it into every rank (documented), so the others' is lost."""
+    mine = crcs[0] or {}
+    for key in sorted(set().union(*(c or {} for c in crcs))):
+        others = [r for r, c in enumerate(crcs) if c is not None and c.get(key) != mine.get(key)]
+        if rank == 0 and others and key not in _WARNED:
+            _WARNED.add(key)
+            log.warning("checkpoint step %d: stateful[%r] differs between ranks (rank(s) %s hold other state than "
+                        "rank 0): a checkpoint keeps rank 0's and loads it into every rank, so theirs is lost on "
+                        "resume; keep per-rank state in your own files (each rank's RNG streams are saved "
+                        "already). Said once per component", step, key, others)
 
 
 def _prepare_directory(dir_url: str, step: int, storage_options: storage.StorageOptions) -> bool:

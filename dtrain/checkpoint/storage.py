@@ -44,10 +44,16 @@ def _named_errors(fn: Callable[..., T]) -> Callable[..., T]:
             return with_retries(lambda: fn(url, *args, **kwargs), url, fn.__name__)
         except (FileNotFoundError, CheckpointError):
             raise
+        except PermissionError as e:  # s3fs's 403: AccessDenied, InvalidAccessKeyId, SignatureDoesNotMatch
+            raise CheckpointError(f"{url}: access denied ({type(e).__name__}: {e}): {_DENIED}") from e
         except Exception as e:
             raise CheckpointError(f"{url}: {type(e).__name__}: {e} (check the endpoint, credentials and "
                                   f"storage_options)") from e
     return wrapper
+
+
+_DENIED = ("the credentials are wrong, expired, or not allowed to use it: check them (the AWS_* environment, "
+           "or storage_options)")
 
 
 def is_local(url: str) -> bool:
@@ -108,17 +114,32 @@ def makedirs(url: str, storage_options: StorageOptions = None) -> None:
         return
     fs, path = filesystem(url, storage_options)
     if _is_s3(fs):  # s3fs would create a missing bucket: a typo in the URL must not make a new one
-        bucket = path.split("/", 1)[0]
-        try:
-            found = _bucket_exists(fs, bucket)
-        except PermissionError as e:
-            raise CheckpointError(f"{url}: access to bucket {bucket!r} denied ({e}): the credentials are wrong, "
-                                  f"expired, or not allowed to use it") from e
-        if not found:
-            raise MissingBucketError(f"{url}: bucket {bucket!r} does not exist (or these credentials cannot see "
-                                     f"it); dtrain does not create buckets: create it, or fix the URL/endpoint")
+        _check_bucket(fs, path, url, "dtrain does not create buckets: create it, or fix the URL/endpoint")
         return
     fs.makedirs(path, exist_ok=True)
+
+
+@_named_errors
+def check_bucket(url: str, storage_options: StorageOptions = None) -> None:
+    """MissingBucketError when `url` is in an S3 bucket that does not exist; a CheckpointError saying
+    to check the credentials when access to it is denied; nothing for other stores. For a URL that
+    holds nothing, so that its error names the missing bucket."""
+    if is_local(url):
+        return
+    fs, path = filesystem(url, storage_options)
+    if _is_s3(fs):
+        _check_bucket(fs, path, url, "fix the URL or the endpoint")
+
+
+def _check_bucket(fs: fsspec.AbstractFileSystem, path: str, url: str, hint: str) -> None:
+    bucket = path.split("/", 1)[0]
+    try:
+        found = _bucket_exists(fs, bucket)
+    except PermissionError as e:
+        raise CheckpointError(f"{url}: access to bucket {bucket!r} denied ({e}): {_DENIED}") from e
+    if not found:
+        raise MissingBucketError(f"{url}: bucket {bucket!r} does not exist (or these credentials cannot see "
+                                 f"it); {hint}")
 
 
 @contextlib.contextmanager

@@ -360,17 +360,20 @@ def prune(root: str, *, keep_last_n: int | None = None, keep_best_k: int | None 
 
 
 def plan_prune(infos: list[CheckpointInfo], root: str, *, keep_last_n: int | None, keep_best_k: int | None,
-               keep_every_n_steps: int | None, monitor: str | None, mode: str) -> list[CheckpointInfo]:
+               keep_every_n_steps: int | None, monitor: str | None, mode: str,
+               source: str | None = None) -> list[CheckpointInfo]:
     """What `prune` would delete from `infos` (the checkpoints under `root`); CheckpointError, before
     anything is deleted, for a ranking that could not find the best: keep_best_k without a monitor,
-    a mode other than min/max, a monitor that no committed checkpoint records."""
+    a mode other than min/max, a monitor that no committed checkpoint records. `source`: where the
+    monitor came from, for `dtrain ckpt prune` to name (--monitor, the run's early_stopping config)."""
     if mode not in ("min", "max"):
         raise CheckpointError(f"prune mode={mode!r} must be 'min' or 'max'")
     if keep_best_k is not None and not monitor:
         raise CheckpointError(f"prune keep_best_k={keep_best_k} needs monitor=<the metric to rank by>")
     problem = retention.unranked(infos, monitor) if monitor else None
     if problem is not None:
-        raise CheckpointError(f"{root}: {problem}; prune keeps the best by monitor={monitor!r}: pass one of "
-                              f"them (nothing was deleted)")
+        came = f" (this one came from {source}): pass one of them as --monitor" if source else ": pass one of them"
+        raise CheckpointError(f"{root}: {problem}; prune keeps the best by monitor={monitor!r}{came} (nothing "
+                              f"was deleted)")
     return retention.to_delete(infos, keep_last_n=keep_last_n, keep_best_k=keep_best_k,
                                keep_every_n_steps=keep_every_n_steps, monitor=monitor, mode=mode)

@@ -407,11 +407,16 @@ def test_prune_dry_run_then_keep_last_keeps_best(run: tuple[str, Weights], capsy
 def test_keep_best_by_a_metric_no_checkpoint_records_deletes_nothing(run: tuple[str, Weights], capsys) -> None:
     root, _ = run
     before = sorted(os.listdir(root))
+    # one rule, one message, naming where the monitor came from: --keep-best had a check of its own
+    # (naming it), --keep-last with a --monitor plan_prune's (which did not)
+    said = (f"dtrain ckpt: error: {root}: no committed checkpoint records 'val/los'; the metrics they record: "
+            f"val/acc, val/loss; prune keeps the best by monitor='val/los' (this one came from --monitor, mode min "
+            f"by default: give --mode max if higher is better): pass one of them as --monitor (nothing was deleted)\n")
     code, _, err = cli(capsys, "prune", root, "--keep-best", "2", "--monitor", "val/los")  # a typo
-    assert code == 1 and "no committed checkpoint records 'val/los'" in err and "val/acc, val/loss" in err
+    assert (code, err) == (1, said)
     assert sorted(os.listdir(root)) == before
     code, _, err = cli(capsys, "prune", root, "--keep-last", "1", "--monitor", "val/los")  # deleted the best, step 2
-    assert code == 1 and "no committed checkpoint records 'val/los'" in err and "val/acc, val/loss" in err
+    assert (code, err) == (1, said)
     assert sorted(os.listdir(root)) == before
     for step in (1, 2, 3):
         path = Path(root, f"step-00000000{step}", "manifest.json")
@@ -644,6 +649,24 @@ def test_s3_through_storage_options(s3_root: tuple[str, dict[str, Any]], tmp_pat
     assert digest(merged) == digest(weights[3]) and set(merged) == set(index["weight_map"])
     code, _, err = cli(capsys, "ls", root)  # no endpoint: a one-line error, not a traceback
     assert code == 1 and err.startswith("dtrain ckpt: error: ")
+
+
+@pytest.mark.s3
+@pytest.mark.timeout(120)
+def test_ls_prune_and_verify_list_an_s3_root_once(s3_root: tuple[str, dict[str, Any]], s3_requests, capsys) -> None:
+    """Each listed the root twice (a scan, then the lookalike notes) and asked whether it and its
+    manifest.json exist (a HEAD and a one-key LIST each): four LIST round trips where one does."""
+    root, options = s3_root
+    _save_run(root, storage_options=options)
+    storage.makedirs(storage.join(root, "step-12"), options)
+    storage.write_atomic(storage.join(root, "step-12", "x"), b"a copy", options)  # a lookalike, to be noted
+    flags = [x for k, v in options.items() for x in ("--storage-option", f"{k}={v}")]
+    for argv in (["ls", root], ["prune", root, "--keep-last", "2", "--dry-run"], ["verify", root]):
+        with s3_requests() as seen:
+            code, out, err = cli(capsys, *argv, *flags)
+        assert code == 0 and f"{root}/step-12: not a dtrain checkpoint directory name" in out + err, (argv, err)
+        lists = [url for method, url in seen if method == "GET" and "list-type=2" in url]
+        assert len(lists) == 1, (argv, lists)
 
 
 def _check_a_set_aside_checkpoint_is_reported(root: str, options: dict[str, Any], capsys) -> None:

@@ -164,8 +164,10 @@ def test_overlapped_async_saves_of_ddp_and_fsdp_commit_the_state_at_the_call(tmp
 
 def test_ranks_agree_on_a_save_with_one_small_all_reduce_and_all_raise_one_ranks_error(tmp_path) -> None:
     """A DDP save sends no object but the reports rank 0 needs (rank 0 alone checks the lease; the
-    box lists are the same on every rank); FSDP2 also sends the box lists, which differ."""
-    roots = {k: str(tmp_path / k) for k in ("ddp", "fsdp", "walk", "leased", "dtypes")}
+    box lists are the same on every rank); FSDP2 also sends the box lists, which differ. A `stateful`
+    component whose state differs between ranks was silently saved as rank 0's: rank 0 now names it,
+    once; the same state on every rank costs no collective more and says nothing."""
+    roots = {k: str(tmp_path / k) for k in ("ddp", "fsdp", "walk", "leased", "dtypes", "per_rank")}
     forge(roots["leased"], None, job="job-x", host="other-host", renewed_ago=1)
     ranks = run_ranks(save_agreement, 2, roots)
     for r in ranks:
@@ -175,6 +177,10 @@ def test_ranks_agree_on_a_save_with_one_small_all_reduce_and_all_raise_one_ranks
         for case in ("leased", "leased_overlapped"):
             assert "is in use by another job" in r[case] and "job 'job-x' (host other-host" in r[case], r[case]
         assert "'model/0.bias' is F32[16] on one rank and F64[16] on rank 1; ranks must agree" in r["dtypes"]
+        assert r["said_when_the_same"] == [] and r["per_rank"] == "saved"
+    assert ranks[1]["said_per_rank"] == [] and len(ranks[0]["said_per_rank"]) == 1, ranks[0]["said_per_rank"]
+    assert ranks[0]["said_per_rank"][0].startswith("checkpoint step 1: stateful['mine'] differs between ranks (rank(s) "
+                                                   "[1] hold other state than rank 0): a checkpoint keeps rank 0's")
     for strategy in ("ddp", "fsdp"):
         model, saved = make_mlp(seed=7), make_mlp().state_dict()
         CheckpointManager(roots[strategy]).load("step-000000001", model=model)

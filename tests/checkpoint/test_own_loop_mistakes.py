@@ -134,28 +134,50 @@ def test_shutdown_finishes_an_async_save_in_flight(tmp_path: Path) -> None:
     assert any(run_ranks(_save_then_shutdown, 2, str(tmp_path)))
 
 
-def _save_on_rank0_only(rank: int, world: int, root: str, marker: str) -> float:
+def _save_on_rank0_only(rank: int, world: int, root: str, marker: str) -> list[tuple[float, str]]:
+    import datetime
+
+    import torch.distributed as dist
+
     import dtrain
 
     dtrain.init(timeout_s=3)
-    mgr = dtrain.CheckpointManager(root, lease=False)
+    model = nn.Linear(2, 2)
+    optim = torch.optim.SGD(model.parameters())
+    # sync, and overlapped (its first collective is the lease's), each on a group of its own
+    managers = [dtrain.CheckpointManager(f"{root}/sync", lease=False),
+                dtrain.CheckpointManager(f"{root}/overlapped", async_save=True, overlap_staging=True,
+                                         process_group=dist.new_group(backend="gloo",
+                                                                      timeout=datetime.timedelta(seconds=3)))]
     if rank == 1:  # never calls save(): waits (at most 40 s) until rank 0 has given up
         deadline = time.monotonic() + 40
         while not os.path.exists(marker) and time.monotonic() < deadline:
             time.sleep(0.05)
-        return 0.0
-    start = time.monotonic()
+        return []
+    out = []
     try:
-        mgr.save(1, model=nn.Linear(2, 2))
-    except Exception:
-        return time.monotonic() - start
+        for mgr in managers:
+            start = time.monotonic()
+            try:
+                mgr.save(7, model=model, optimizer=optim)
+                mgr.wait()
+            except Exception as e:
+                out.append((time.monotonic() - start, f"{type(e).__name__}: {e}"))
+            else:
+                raise AssertionError("a save on one rank only did not fail")
     finally:
         Path(marker).touch()
-    raise AssertionError("a save on one rank only did not fail")
+    return out
 
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(90)
 def test_save_on_one_rank_only_fails_after_the_dist_timeout(tmp_path: Path) -> None:
-    waited = run_ranks(_save_on_rank0_only, 2, str(tmp_path / "ckpt"), str(tmp_path / "gave-up"))[0]
-    assert waited < 15, waited  # dist timeout_s=3; before, the checkpoint group waited 30 min
+    """It waited 30 min (the checkpoint group's own default), then said only gloo's "Timed out
+    waiting 3000ms for recv operation to complete"."""
+    for waited, error in run_ranks(_save_on_rank0_only, 2, str(tmp_path / "ckpt"), str(tmp_path / "gave-up"))[0]:
+        assert waited < 15, waited  # dist timeout_s=3; before, the checkpoint group waited 30 min
+        assert error.startswith("CheckpointError: save(step=7) on rank 0: waited for the other ranks until the "
+                                "timeout ran out (dtrain.init(timeout_s=...), dist.timeout_s): save() is a collective "
+                                "that every rank must call, with the same step"), error
+        assert "Timed out waiting 3000ms" in error  # gloo's own words stay, at the end

@@ -91,13 +91,28 @@ def test_an_unusable_manifest_on_s3_does_not_count_as_committed_when_saving(s3_r
 def test_a_trainer_that_fails_at_start_gives_the_s3_lease_back(s3_root: tuple, tmp_path) -> None:
     """An error before training (here a bad init_from) left the lease to the manager's finalizer at
     interpreter exit, where s3fs can no longer send requests: 5 s of failed retries, and the lease
-    stayed held for the next start."""
+    stayed held for the next start. An init_from in a bucket that does not exist exited 1, saying
+    only "neither a committed checkpoint nor a root": a config error (exit 2) naming the bucket."""
     from tests.launch import FAST, dtrain
 
     root, options = s3_root
     so = [f"checkpoint.storage_options.{k}={v}" for k, v in options.items()]
+    missing = f"s3://no-such-{root[len('s3://'):].split('/')[0]}/run/checkpoints"
     bad = dtrain(["train", *FAST, f"run_dir={tmp_path / 'run'}", f"checkpoint.root={root}", *so,
-                  f"checkpoint.init_from={tmp_path / 'nowhere'}", "train.max_steps=1"])
-    assert bad.returncode != 0 and "checkpoint.init_from=" in bad.stderr, bad.stderr[-2000:]
+                  f"checkpoint.init_from={missing}", "train.max_steps=1"])
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    assert (f"dtrain: config error: checkpoint.init_from: {missing}: bucket '{missing[5:].split('/')[0]}' does "
+            f"not exist") in bad.stderr, bad.stderr[-2000:]
     assert "could not release" not in bad.stderr, bad.stderr[-2000:]
     assert not storage.exists(f"{root}/.dtrain-lease.json", options)
+
+
+def test_start_up_with_a_lease_checks_the_bucket_once(s3_root: tuple, s3_requests) -> None:
+    """check_root and then the lease each sent a HEAD of the bucket."""
+    root, options = s3_root
+    bucket = root[len("s3://"):].split("/")[0]
+    with CheckpointManager(root, storage_options=options) as mgr, s3_requests() as seen:
+        mgr.check_root()
+        mgr.acquire_lease()  # as the trainer starts
+    assert [r for r in seen if r[0] == "HEAD" and r[1] == f"/{bucket}"] == [("HEAD", f"/{bucket}")], seen
+    assert ("PUT", f"/{bucket}/run/checkpoints/.dtrain-lease.json") in seen

@@ -226,15 +226,37 @@ def overlapped_async_saves(rank: int, world: int, roots: dict[str, str]) -> dict
     return out
 
 
+class Value:
+    """A `stateful` component holding one value."""
+
+    def __init__(self, v: Any) -> None:
+        self.v = v
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"v": self.v}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.v = state["v"]
+
+
 def save_agreement(rank: int, world: int, roots: dict[str, str]) -> dict[str, Any]:
     """How ranks agree on a save: the object collectives a DDP and an FSDP2 save make, and the
     error every rank raises when only one rank knows why the save cannot go on (its state walk
-    failed; another job holds the root's lease; its tensors differ from the other rank's)."""
+    failed; another job holds the root's lease; its tensors differ from the other rank's); and the
+    warnings this rank logs about `stateful` components that differ between ranks."""
+    import logging
     from collections import Counter
 
     from dtrain.checkpoint import comm, snapshot
 
     dist.init(timeout_s=60, backend="gloo")
+    said: list[str] = []
+
+    class Said(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    logging.getLogger("dtrain.checkpoint.snapshot").addHandler(Said())
     calls: Counter[str] = Counter()
 
     def counting(name: str) -> Any:
@@ -248,9 +270,11 @@ def save_agreement(rank: int, world: int, roots: dict[str, str]) -> dict[str, An
     for name in ("all_gather_object", "gather_object", "broadcast_object"):
         setattr(comm, name, counting(name))
 
-    def attempt(mgr: CheckpointManager, model: nn.Module, opt: torch.optim.Optimizer | None) -> str:
+    def attempt(mgr: CheckpointManager, model: nn.Module, opt: torch.optim.Optimizer | None,
+                stateful: dict[str, Any] | None = None, steps: tuple[int, ...] = (1,)) -> str:
         try:
-            mgr.save(1, model=model, optimizer=opt)
+            for s in steps:
+                mgr.save(s, model=model, optimizer=opt, stateful=stateful)
             mgr.wait()
         except CheckpointError as e:
             return str(e)
@@ -262,8 +286,9 @@ def save_agreement(rank: int, world: int, roots: dict[str, str]) -> dict[str, An
     for strategy in ("ddp", "fsdp"):
         model = wrap(make_mlp(), strategy, world)
         calls.clear()
-        out[strategy] = attempt(CheckpointManager(roots[strategy]), model, make_optim(model))
+        out[strategy] = attempt(CheckpointManager(roots[strategy]), model, make_optim(model), {"same": Value(3)})
         out[f"{strategy}_calls"] = dict(calls)
+    out["said_when_the_same"] = list(said)
     model = wrap(make_mlp(), "ddp", world)
     if rank == 1:
         real = snapshot.get_states
@@ -280,6 +305,10 @@ def save_agreement(rank: int, world: int, roots: dict[str, str]) -> dict[str, An
                                        model, make_optim(model))
     plain = make_mlp().double() if rank == 1 else make_mlp()
     out["dtypes"] = attempt(CheckpointManager(roots["dtypes"]), plain, None)
+    del said[:]
+    out["per_rank"] = attempt(CheckpointManager(roots["per_rank"]), model, None,
+                              {"same": Value([1, 2.5]), "mine": Value(rank)}, steps=(1, 2))
+    out["said_per_rank"] = list(said)
     dist.shutdown()
     return out
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dtrain.checkpoint import CheckpointManager, storage
+from dtrain.checkpoint import CheckpointManager, load_model, storage
 from dtrain.errors import CheckpointError
 from tests.multiproc import free_port
 from tests.reliability.conftest import REPO, MotoServer, s3_options
@@ -60,7 +60,7 @@ def test_missing_s3_credentials(moto: MotoServer, monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.s3
-def test_wrong_s3_credentials_fail_at_once_without_retries(moto: MotoServer) -> None:
+def test_wrong_s3_credentials_fail_at_once_without_retries(moto: MotoServer, tmp_path: Path) -> None:
     """moto accepts any credentials until told to check them (its reset-auth API, what
     INITIAL_NO_AUTH_ACTION_COUNT sets at start-up): then ours are unknown to it."""
     root = f"s3://{moto.bucket()}/run"
@@ -75,6 +75,16 @@ def test_wrong_s3_credentials_fail_at_once_without_retries(moto: MotoServer) -> 
         assert time.monotonic() - t < 10
         assert root in str(e.value) and "denied" in str(e.value) and "credentials" in str(e.value), str(e.value)
         assert proxy.counts["requests"] == 1, proxy.counts  # a 403 is never retried
+        # a checkpoint to load from (resume=<url>, init_from, load_model): it said "PermissionError:
+        # Forbidden (check the endpoint, ...)"
+        local = CheckpointManager(str(tmp_path), storage_options=s3_options(proxy.endpoint), lease=False)
+        for load in (lambda: local.resolve(root), lambda: load_model(root, torch.nn.Linear(2, 2),
+                                                                     storage_options=s3_options(proxy.endpoint))):
+            with pytest.raises(CheckpointError) as e:
+                load()
+            assert str(e.value).startswith(f"{root}/manifest.json: access denied (PermissionError: Forbidden): "
+                                           f"the credentials are wrong, expired, or not allowed to use it: check "
+                                           f"them"), str(e.value)
     finally:
         proxy.stop()
 
