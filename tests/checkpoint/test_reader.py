@@ -3,6 +3,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import time
 
 import pytest
 import torch
@@ -166,6 +167,52 @@ def test_only_the_last_file_of_a_load_is_hashed_on_the_reading_thread(tmp_path, 
     again = Mixed(seed=2)
     with pytest.raises(CheckpointDamagedError, match=r"checksum mismatch in tensor 'model/ws\.6'"):
         CheckpointManager(str(tmp_path)).load("step-000000001", model=again, optimizer=torch.optim.Adam(again.parameters()))
+
+
+def test_big_files_of_one_load_are_read_side_by_side_and_damage_is_still_blamed(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model and optimizer files (each at least SIDE_BY_SIDE_BYTES) are read at the same time
+    on two threads, so the second file's readahead does not start from scratch after the first;
+    the tensors come back bitwise, and a corrupt byte in either file is blamed on its tensor."""
+    src = Mixed(seed=1)
+    opt = torch.optim.Adam(src.parameters())
+    for p in src.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    CheckpointManager(str(tmp_path)).save(1, model=src, optimizer=opt)
+    monkeypatch.setattr(reader_mod, "SPAN", 64 << 10)  # several requests per file
+    monkeypatch.setattr(reader_mod, "SIDE_BY_SIDE_BYTES", 64 << 10)  # the files are ~450 KiB and ~900 KiB
+    spans: dict[str, list[tuple[float, float]]] = {}
+    real = reader_mod.preadv_into
+
+    def timed(fd: int, url: str, offset: int, bufs: list) -> None:  # noqa: ANN001
+        t0 = time.perf_counter()
+        time.sleep(0.005)  # a slow disk: the requests of two files overlap only if they are in flight together
+        real(fd, url, offset, bufs)
+        spans.setdefault(os.path.basename(url), []).append((t0, time.perf_counter()))
+    monkeypatch.setattr(reader_mod, "preadv_into", timed)
+    dst = Mixed(seed=2)
+    dst_opt = torch.optim.Adam(dst.parameters())
+    CheckpointManager(str(tmp_path)).load("step-000000001", model=dst, optimizer=dst_opt)
+    assert_same(dst.state_dict(), src.state_dict())
+    assert_same(dst_opt.state_dict()["state"][6], opt.state_dict()["state"][6])
+    (a, ra), (b, rb) = sorted(spans.items())
+    assert len(ra) > 2 and len(rb) > 2, spans
+    assert ra[0][0] < rb[-1][0] and rb[0][0] < ra[-1][0], f"{a} and {b} were read one after the other"
+    ckpt = tmp_path / "step-000000001"
+    man = read_manifest(str(ckpt))
+    for key in ("model/ws.6", "optim/state/ws.6/exp_avg"):
+        chunk = man.tensors[key].chunks[0]
+        f = ckpt / chunk.file
+        good = f.read_bytes()
+        raw = bytearray(good)
+        raw[chunk.data_offsets[1] - 5] ^= 0x02
+        f.write_bytes(bytes(raw))
+        again = Mixed(seed=2)
+        with pytest.raises(CheckpointDamagedError, match=rf"{chunk.file}: checksum mismatch in tensor '{key}'"):
+            CheckpointManager(str(tmp_path)).load("step-000000001", model=again,
+                                                  optimizer=torch.optim.Adam(again.parameters()))
+        f.write_bytes(good)
 
 
 def test_skipped_tensors_leave_gaps_that_the_requests_step_over(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
