@@ -68,8 +68,8 @@ def start_agree_words(words: list[int], group: ProcessGroup) -> Callable[[], lis
 
 
 @contextlib.contextmanager
-def every_rank_calls(call: str, group: ProcessGroup) -> Iterator[None]:
-    """Around the first collective of a public call (`call`, as "save(step=5)"): its timeout becomes a
+def every_rank_calls(call: str, group: ProcessGroup, same: str = "step") -> Iterator[None]:
+    """Around the collectives of a public call (`call`, as "save(step=5)"): a timeout becomes a
     CheckpointError saying that every rank must make that call. gloo says only "Timed out waiting
     3000ms for recv operation to complete", and the usual cause is a rank that never made it (a save
     under `if rank == 0:`). Costs nothing unless it fails."""
@@ -82,7 +82,7 @@ def every_rank_calls(call: str, group: ProcessGroup) -> Iterator[None]:
         raise CheckpointError(
             f"{call} on rank {rank(group)}: waited for the other ranks until the timeout ran out "
             f"(dtrain.init(timeout_s=...), dist.timeout_s): {name}() is a collective that every rank must call, "
-            f"with the same step; a rank that does not (one that calls it under `if rank == 0:`, say), hangs or "
+            f"with the same {same}; a rank that does not (one that calls it under `if rank == 0:`, say), hangs or "
             f"has died leaves the others waiting ({e})") from e
 
 

@@ -253,9 +253,10 @@ class CheckpointManager:
         fault_point("load_begin")
         if self.check_finite:
             refuse_non_finite(url, self.storage_options)
-        _, extra, _ = load_checkpoint(url, model=model, optimizers=as_tuple(optimizer), stateful=stateful,
-                                      strict=strict, group=self.group, storage_options=self.storage_options,
-                                      manifest=manifest, optional=optional, restore_rng=restore_rng)
+        with comm.every_rank_calls(f"load({url!r})", self.group, same="checkpoint"):  # not under `if rank == 0:`
+            _, extra, _ = load_checkpoint(url, model=model, optimizers=as_tuple(optimizer), stateful=stateful,
+                                          strict=strict, group=self.group, storage_options=self.storage_options,
+                                          manifest=manifest, optional=optional, restore_rng=restore_rng)
         fault_point("loaded")
         return extra
 

@@ -149,7 +149,10 @@ def _save_on_rank0_only(rank: int, world: int, root: str, marker: str) -> list[t
                 dtrain.CheckpointManager(f"{root}/overlapped", async_save=True, overlap_staging=True,
                                          process_group=dist.new_group(backend="gloo",
                                                                       timeout=datetime.timedelta(seconds=3)))]
-    if rank == 1:  # never calls save(): waits (at most 40 s) until rank 0 has given up
+    loader = dtrain.CheckpointManager(f"{root}/load", lease=False,
+                                      process_group=dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=3)))
+    loader.save(1, model=model)  # together: a checkpoint for rank 0 to load alone
+    if rank == 1:  # never calls save() or load(): waits (at most 40 s) until rank 0 has given up
         deadline = time.monotonic() + 40
         while not os.path.exists(marker) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -165,6 +168,13 @@ def _save_on_rank0_only(rank: int, world: int, root: str, marker: str) -> list[t
                 out.append((time.monotonic() - start, f"{type(e).__name__}: {e}"))
             else:
                 raise AssertionError("a save on one rank only did not fail")
+        start = time.monotonic()
+        try:
+            loader.load(loader.latest_committed(), model=model)  # the best weights for an evaluation, say
+        except Exception as e:
+            out.append((time.monotonic() - start, f"{type(e).__name__}: {e}"))
+        else:
+            raise AssertionError("a load on one rank only did not fail")
     finally:
         Path(marker).touch()
     return out
@@ -172,12 +182,16 @@ def _save_on_rank0_only(rank: int, world: int, root: str, marker: str) -> list[t
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(90)
-def test_save_on_one_rank_only_fails_after_the_dist_timeout(tmp_path: Path) -> None:
+def test_save_or_load_on_one_rank_only_fails_after_the_dist_timeout(tmp_path: Path) -> None:
     """It waited 30 min (the checkpoint group's own default), then said only gloo's "Timed out
-    waiting 3000ms for recv operation to complete"."""
-    for waited, error in run_ranks(_save_on_rank0_only, 2, str(tmp_path / "ckpt"), str(tmp_path / "gave-up"))[0]:
+    waiting 3000ms for recv operation to complete"; a load under `if rank == 0:` (the best weights
+    for an evaluation on one rank, say) said the same."""
+    said = run_ranks(_save_on_rank0_only, 2, str(tmp_path / "ckpt"), str(tmp_path / "gave-up"))[0]
+    assert len(said) == 3, said
+    for (waited, error), call in zip(said, ("save(step=7)", "save(step=7)", "load("), strict=True):
         assert waited < 15, waited  # dist timeout_s=3; before, the checkpoint group waited 30 min
-        assert error.startswith("CheckpointError: save(step=7) on rank 0: waited for the other ranks until the "
-                                "timeout ran out (dtrain.init(timeout_s=...), dist.timeout_s): save() is a collective "
-                                "that every rank must call, with the same step"), error
+        what, same = ("save", "step") if call.startswith("save") else ("load", "checkpoint")
+        assert error.startswith(f"CheckpointError: {call}"), error
+        assert (f" on rank 0: waited for the other ranks until the timeout ran out (dtrain.init(timeout_s=...), "
+                f"dist.timeout_s): {what}() is a collective that every rank must call, with the same {same}") in error
         assert "Timed out waiting 3000ms" in error  # gloo's own words stay, at the end
