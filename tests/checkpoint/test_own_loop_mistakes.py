@@ -175,6 +175,10 @@ def _save_on_rank0_only(rank: int, world: int, root: str, marker: str) -> list[t
             out.append((time.monotonic() - start, f"{type(e).__name__}: {e}"))
         else:
             raise AssertionError("a load on one rank only did not fail")
+        plain = nn.Linear(2, 2)
+        dtrain.load_model(f"{root}/load", plain)  # what the README says to use instead: no collective
+        assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), model.state_dict().values(),
+                                                     strict=True))
     finally:
         Path(marker).touch()
     return out
