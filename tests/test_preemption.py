@@ -107,11 +107,14 @@ def test_min_nodes_reads_torchruns_nnodes_option_or_its_environment() -> None:
 
 
 @pytest.mark.timeout(90)
-def test_a_stop_signal_while_dtrain_still_imports_is_kept_and_saves_after_the_first_step(tmp_path: Path) -> None:
-    """SIGUSR1 (Slurm's --signal) while `python -m dtrain train`, as torchrun runs it, still imports
-    its modules (argparse is made slow here, as imports are on a busy node or a network file system).
-    The handler came after those imports, so the signal killed the process (exit -10, a failure to
-    every launcher); now it is kept from the start and the run saves after its first step, exits 75."""
+@pytest.mark.parametrize("command", ["python -m dtrain", "dtrain"])
+def test_a_stop_signal_while_dtrain_still_imports_is_kept_and_saves_after_the_first_step(
+        command: str, tmp_path: Path) -> None:
+    """SIGUSR1 (Slurm's --signal) while `python -m dtrain train` (as torchrun runs it) or the `dtrain`
+    command still imports its modules (argparse is made slow here, as imports are on a busy node or a
+    network file system). The handler came after those imports, so the signal killed the process
+    (exit -10, a failure to every launcher); now it is kept from the start and the run saves after
+    its first step, exits 75."""
     slow, marker = tmp_path / "slow", tmp_path / "importing"
     slow.mkdir()
     (slow / "argparse.py").write_text(
@@ -122,7 +125,8 @@ def test_a_stop_signal_while_dtrain_still_imports_is_kept_and_saves_after_the_fi
         "spec.loader.exec_module(module)\n")
     run_dir = tmp_path / "run"
     path = os.pathsep.join(p for p in (str(slow), str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    cmd = [sys.executable, "-m", "dtrain", "train", *FAST, f"run_dir={run_dir}", "train.max_steps=50",
+    start = [sys.executable, "-m", "dtrain"] if command.startswith("python") else [str(Path(sys.executable).with_name("dtrain"))]
+    cmd = [*start, "train", *FAST, f"run_dir={run_dir}", "train.max_steps=50",
            "early_stopping.enabled=false"]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
