@@ -4,9 +4,8 @@ Until PreemptionHandler is installed, after dtrain's own imports (tens of ms; se
 or a network file system), SIGTERM and SIGUSR1 killed the worker with their default action: the job
 then exited with a signal code instead of 75, which launchers do not requeue. dtrain/entry.py (the
 `dtrain` command and `python -m dtrain`) calls `keep_stop_signals()` before anything else, importing
-only `signal` for it;
-`PreemptionHandler.install()` then takes over, turns a kept signal into its flag (the first step
-boundary saves and exits 75) and restores the handlers that were there before the keeper.
+only `signal` for it; `PreemptionHandler.install()` then takes over, turns a kept signal into its
+flag (the first step boundary saves and exits 75) and restores the handlers from before the keeper.
 """
 
 from __future__ import annotations
