@@ -78,10 +78,14 @@ def write_start_record(run_dir: Path, rank: int, world_size: int = 1) -> None:
     behind, not the code an earlier attempt or run recorded (a 75 of an attempt that torchrun then
     restarted made launch/torchrun.sh report a later crash as "preempted, requeue me"). Rank 0 also
     removes the records of ranks this start does not have (a run resumed on fewer ranks): they told
-    of an earlier start, and ranks/ would no longer show how this one's ranks ended."""
+    of an earlier start, and ranks/ would no longer show how this one's ranks ended, and rewrites
+    summary.json as "running" too: where the final one could not be written (a full disk at the
+    end), the summary of an earlier start (its "completed", its best checkpoint) spoke for this one."""
     write_rank_record(run_dir, rank, {"stopped_by": "running", "exit_code": None})
     if rank != 0:
         return
+    running = {"stopped_by": "running", "exit_code": None, "attempt": attempt(), "world_size": world_size}
+    write_record(run_dir / "summary.json", json.dumps(running, indent=2) + "\n", None)
     for path in (run_dir / "ranks").glob("rank-*.json"):
         number = path.stem.removeprefix("rank-")
         if number.isdigit() and int(number) >= world_size:

@@ -140,7 +140,7 @@ for line in open(sys.argv[1]).read().splitlines():
         pass
 last = max((attempt for attempt, _, _ in records), default=0)
 config_errors = sorted((r.get("rank", -1), " ".join(str(r.get("error", "")).split()))
-                       for attempt, code, r in records if attempt == last and code == 2)
+                       for attempt, code, r in records if attempt == last and code == 2 and "rank" in r)
 codes = {code for attempt, code, _ in records if attempt == last}
 if config_errors:
     print(2, last, *config_errors[0])

@@ -94,3 +94,5 @@ def test_a_url_in_a_bucket_that_does_not_exist_is_a_config_error_before_training
     assert "Traceback" not in proc.stderr and not (tmp_path / "metrics.jsonl").exists()
     record = json.loads((tmp_path / "ranks" / "rank-00000.json").read_text())  # what launch/torchrun.sh reads
     assert record["exit_code"] == 2 and record["stopped_by"] == "config_error"
+    summary = json.loads((tmp_path / "summary.json").read_text())  # "running" from the start until now
+    assert (summary["stopped_by"], summary["exit_code"]) == ("config_error", 2) and url in summary["error"], summary

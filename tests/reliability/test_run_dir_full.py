@@ -36,6 +36,9 @@ def test_a_disk_that_fills_at_the_end_keeps_the_exit_code(tmp_path: Path, ending
     faults = {"DTRAIN_FAULTS": json.dumps({"signal_rank": 0, "signal_step": 2})} if ending == "preempted" else {}
     with tmpfs(tmp_path / "disk", "4m") as disk:
         run_dir = disk / "run"
+        run_dir.mkdir()
+        earlier = {"stopped_by": "completed", "exit_code": 0, "best_checkpoint": "an earlier start's"}
+        (run_dir / "summary.json").write_text(json.dumps(earlier))
         proc = subprocess.run([sys.executable, "-m", "tests.reliability.fill_at_end", "train", *SMALL,
                                f"run_dir={run_dir}", f"checkpoint.root={tmp_path / 'ckpts'}"],
                               cwd=REPO, env=_env(**faults), capture_output=True, text=True, timeout=50)
@@ -47,7 +50,10 @@ def test_a_disk_that_fills_at_the_end_keeps_the_exit_code(tmp_path: Path, ending
         assert f"This rank exits {code} all the same" in proc.stderr
         # nothing half-written, no temp files
         assert sorted(p.name for p in run_dir.iterdir()) == ["ballast", "config.yaml", "metrics.jsonl", "ranks",
-                                                             "train.log"]
+                                                             "summary.json", "train.log"]
+        # the summary of an earlier start no longer speaks for this one: "running" since this start
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert (summary["stopped_by"], summary["exit_code"]) == ("running", None), summary
         # the start record stays whole: "running", as a crashed rank leaves it (launch/torchrun.sh then
         # goes by torchrun's own exit code)
         assert os.listdir(run_dir / "ranks") == ["rank-00000.json"]
