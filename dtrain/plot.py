@@ -119,11 +119,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if not any(series.values()):
         raise DtrainError(f"{metrics_path} has no {' or '.join(SERIES)} values to plot yet")
     summary = _read_summary(run_dir / "summary.json")
-    stopped_by = summary.get("stopped_by", "still running or no summary.json")
+    stopped_by = summary.get("stopped_by", "running")  # "running" from each start until its end
+    title = "still running (or ended without a summary.json)" if stopped_by == "running" else f"stopped by {stopped_by}"
     out_path = Path(out) if out is not None else run_dir / "loss.png"
     fig = Figure(figsize=(8, 4.5), dpi=100, layout="tight")
     FigureCanvasAgg(fig)
-    _draw(fig, series, resumes, summary, f"{run_dir.name}: stopped by {stopped_by}")
+    _draw(fig, series, resumes, summary, f"{run_dir.name}: {title}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
     fig.savefig(tmp, format="png")
