@@ -136,16 +136,22 @@ def test_the_last_request_hashed_on_both_threads_blames_a_corrupt_byte_in_either
         CheckpointManager(str(tmp_path)).load("step-000000001", model=Mixed(seed=2))
 
 
-def test_only_the_last_file_of_a_load_is_hashed_on_the_reading_thread(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Model and optimizer files read in one load: the reading thread goes on to the next file
-    while the hashing thread checks the last request of the one before (hashing half of it here
-    stalled the reads between files); a corrupt byte there is still found and blamed."""
+def _saved_with_adam(tmp_path) -> tuple[Mixed, torch.optim.Adam]:  # noqa: ANN001
+    """A Mixed model and its stepped Adam, saved at step 1: a model file and an optimizer file."""
     src = Mixed(seed=1)
     opt = torch.optim.Adam(src.parameters())
     for p in src.parameters():
         p.grad = torch.ones_like(p)
     opt.step()
     CheckpointManager(str(tmp_path)).save(1, model=src, optimizer=opt)
+    return src, opt
+
+
+def test_only_the_last_file_of_a_load_is_hashed_on_the_reading_thread(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Model and optimizer files read in one load: the reading thread goes on to the next file
+    while the hashing thread checks the last request of the one before (hashing half of it here
+    stalled the reads between files); a corrupt byte there is still found and blamed."""
+    src, opt = _saved_with_adam(tmp_path)
     monkeypatch.setattr(reader_mod, "SPAN", 1 << 20)
     shared: list[int] = []
     real = reader_mod.ChunkReader._hash_shared
@@ -174,12 +180,7 @@ def test_big_files_of_one_load_are_read_side_by_side_and_damage_is_still_blamed(
     """The model and optimizer files (each at least SIDE_BY_SIDE_BYTES) are read at the same time
     on two threads, so the second file's readahead does not start from scratch after the first;
     the tensors come back bitwise, and a corrupt byte in either file is blamed on its tensor."""
-    src = Mixed(seed=1)
-    opt = torch.optim.Adam(src.parameters())
-    for p in src.parameters():
-        p.grad = torch.ones_like(p)
-    opt.step()
-    CheckpointManager(str(tmp_path)).save(1, model=src, optimizer=opt)
+    src, opt = _saved_with_adam(tmp_path)
     monkeypatch.setattr(reader_mod, "SPAN", 64 << 10)  # several requests per file
     monkeypatch.setattr(reader_mod, "SIDE_BY_SIDE_BYTES", 64 << 10)  # the files are ~450 KiB and ~900 KiB
     spans: dict[str, list[tuple[float, float]]] = {}
