@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import traceback
@@ -18,6 +19,9 @@ def free_port() -> int:
 
 
 def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, queue: Any, args: tuple) -> None:
+    # fn's module (torch and the rest) is imported by now: its objects out of the cyclic GC, as
+    # `python -m dtrain` does (dtrain/cli.py); the GC walked them at every full collection and at exit
+    gc.freeze()
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
     for k in ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT"):

@@ -163,10 +163,15 @@ def test_checkpoints_and_the_run_dir_keep_the_config_without_storage_credentials
 
 
 def test_a_bad_value_exits_2_from_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Exit 2 (a config error: launchers do not retry), before anything is written."""
+    """Exit 2 (a config error: launchers do not retry), before anything is written. Called from a
+    program, main() leaves the caller's objects to the GC (only a process of its own freezes them)."""
+    import gc
+
     from dtrain.cli import main
 
+    frozen = gc.get_freeze_count()
     assert main(["train", "scheduler.min_lr_ratio=2", f"run_dir={tmp_path / 'run'}"]) == 2
+    assert gc.get_freeze_count() == frozen and gc.isenabled()
     err = capsys.readouterr().err
     assert err.startswith("dtrain: config error: scheduler.min_lr_ratio=2.0 must be in [0, 1]"), err
     assert not (tmp_path / "run").exists()

@@ -76,6 +76,8 @@ def _real_memory_mib() -> int:
 
 
 def write_slurm_conf(root: Path, node: str, cpus: int, memory_mib: int, munge_socket: Path) -> Path:
+    """sched_interval=2: a pending job whose begin time has passed (a requeued one released early)
+    starts within 2 s; with the default 60 s it waited for the next pass, or for backfill's (30 s)."""
     ctld_port, slurmd_port = _free_ports(2)
     conf = root / "slurm.conf"
     conf.write_text(f"""\
@@ -101,6 +103,7 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none

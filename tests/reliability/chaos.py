@@ -200,5 +200,15 @@ def run_chaos(workdir: Path, *, seed: int, attempts: int, steps: int = 40, save_
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
+    import gc
+
+    # the imports' objects out of the cyclic GC, as `python -m dtrain` does (dtrain/cli.py): it walked
+    # them while they loaded, at every full collection and at exit (each attempt starts two of us)
+    gc.disable()
+    import dtrain.checkpoint
+    import dtrain.dist  # noqa: F401
+
+    gc.freeze()
+    gc.enable()
     root_, steps_, every_, async_, out_, overlap_ = sys.argv[2:8]
     sys.exit(worker(root_, int(steps_), int(every_), async_ == "1", out_, overlap=overlap_ == "1"))

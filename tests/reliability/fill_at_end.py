@@ -26,4 +26,4 @@ def fill_then_write_summary(*args: Any, run_dir: Path, **kwargs: Any) -> None:
 
 if __name__ == "__main__":
     trainer.write_summary = fill_then_write_summary  # type: ignore[assignment]
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())  # this process's own command (sys.argv[1:])
