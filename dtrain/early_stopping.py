@@ -43,6 +43,17 @@ def _fmt(value: float | None) -> str:
     return "none" if value is None else f"{value:.6g}"
 
 
+def check_monitor(monitor: str, available: Collection[str], used_by: str = "") -> None:
+    """ConfigError if the evaluation does not produce `monitor` (early_stopping.monitor; `used_by`
+    says what else ranks by it), listing the metrics that exist."""
+    if monitor not in available:
+        names = ", ".join(sorted(available)) or "(none)"
+        raise ConfigError(
+            f"early_stopping.monitor={monitor!r}{used_by} is not a metric the evaluation produces; "
+            f"the metrics that exist are: {names}. Set early_stopping.monitor to one of them."
+        )
+
+
 class EarlyStopping:
     """Stop when the monitored metric stops improving, or when a goal, a limit or a time budget is hit.
 
@@ -253,12 +264,7 @@ class EarlyStopping:
 
     def check_metrics(self, available: Collection[str]) -> None:
         """Raise ConfigError at the first evaluation if the monitored metric is never produced."""
-        if self.monitor not in available:
-            names = ", ".join(sorted(available)) or "(none)"
-            raise ConfigError(
-                f"early_stopping.monitor={self.monitor!r} is not a metric the evaluation produces; "
-                f"the metrics that exist are: {names}. Set early_stopping.monitor to one of them."
-            )
+        check_monitor(self.monitor, available)
 
     # -- resume ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from dtrain.checkpoint.manager import load_weights
 from dtrain.checkpoint.reader import read_manifest, read_state
 from dtrain.config import JobConfig, changes, check_world_size, saved_form
 from dtrain.data import ResumableDistributedSampler
-from dtrain.early_stopping import EarlyStopping
+from dtrain.early_stopping import EarlyStopping, check_monitor
 from dtrain.errors import CheckpointError, CheckpointMismatchError, ConfigError, MissingBucketError
 from dtrain.evaluation import evaluate
 from dtrain.faults import FaultInjector
@@ -478,6 +478,8 @@ class Trainer:
             rng.restore(saved, "the sanity check")
         if self.early_stopping is not None:
             self.early_stopping.check_metrics(metrics)
+        elif self.checkpoints.keep_best_k:  # without early stopping, keep_best_k still ranks by it
+            check_monitor(self.cfg.early_stopping.monitor, metrics, " (which checkpoint.keep_best_k ranks by)")
         log.info("sanity check: %d validation batch(es) per rank ran in %.2fs, metrics %s (train.sanity_eval_batches)",
                  n, time.monotonic() - t0, ", ".join(sorted(metrics)) or "none")
 

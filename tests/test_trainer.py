@@ -288,3 +288,9 @@ def test_a_monitor_the_evaluation_never_produces_fails_before_the_first_step(tmp
                   "train.eval_every=5"])
     assert off.returncode == 2 and "sanity check" not in off.stderr  # off: found at the first evaluation
     assert started(tmp_path / "off") == [1]
+    # early stopping off, but checkpoint.keep_best_k ranks by the same monitor: it never counted a best
+    best = dtrain([*job[:-2], f"run_dir={tmp_path / 'best'}", "early_stopping.enabled=false",
+                   "early_stopping.monitor=val/los", "checkpoint.keep_best_k=1"])
+    assert best.returncode == 2, best.stderr[-3000:]
+    assert "early_stopping.monitor='val/los' (which checkpoint.keep_best_k ranks by) is not a metric" in best.stderr
+    assert started(tmp_path / "best") == []

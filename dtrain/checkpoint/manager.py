@@ -77,6 +77,7 @@ class CheckpointManager:
         self.async_save = async_save
         self.keep_last_n, self.keep_best_k, self.keep_every_n_steps = keep_last_n, keep_best_k, keep_every_n_steps
         self.monitor, self.mode = monitor, mode
+        self._said_unranked = False  # warned that a save's metrics lack the monitor
         # None: dtrain's own gloo checkpoint group (None itself when there is a single process)
         self.group = comm.default_group() if process_group is None else process_group
         self._saves = BackgroundSaves(self._finish) if async_save else None
@@ -99,6 +100,13 @@ class CheckpointManager:
         logged at INFO), so a second save of one step keeps the first. `stateful` and `extra` are
         rank 0's (every rank loads them): they must be the same on every rank."""
         step, recorded = _checked_step(step), _checked_metrics(metrics)
+        if recorded and self.keep_best_k and self.monitor not in recorded and not self._said_unranked:
+            self._said_unranked = True  # metrics without the monitor: a typo (or train-only metrics)
+            if comm.rank(self.group) == 0:
+                log.warning("checkpoint step %d: the metrics passed (%s) lack the monitor %r that keep_best_k=%d "
+                            "ranks by, so this checkpoint can never count as the best; if that is a typo, pass "
+                            "monitor= one of them (said once)", step, ", ".join(sorted(recorded)), self.monitor,
+                            self.keep_best_k)
         optimizers = as_tuple(optimizer)
         check_targets(model, optimizers, "save")
         self.wait()

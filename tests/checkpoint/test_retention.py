@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from dtrain.checkpoint import CheckpointManager
 from dtrain.checkpoint.retention import NO_MANIFEST, CheckpointInfo, best_of, scan, to_delete, unranked
-from tests.checkpoint.models import make_all, train
+from tests.checkpoint.models import make_all, make_model, train
 
 
 def infos(losses: dict[int, float | None], incomplete: tuple[int, ...] = ()) -> list[CheckpointInfo]:
@@ -180,3 +182,24 @@ def test_a_store_without_versions_is_read_on_every_scan(tmp_path, monkeypatch: p
     for _ in range(2):
         infos, read = _scan_reads(root, monkeypatch)
         assert read == ["step-000000001"] and infos[0].committed
+
+
+def test_metrics_without_the_monitor_keep_best_k_ranks_by_are_said_once(tmp_path, caplog) -> None:
+    """A typo in monitor= ('val/los') silently kept no best: every save's metrics lacked it, so
+    none ever counted. A save whose metrics lack the monitor is said once, naming both."""
+    mgr = CheckpointManager(str(tmp_path), keep_best_k=1, monitor="val/los", lease=False)
+    model = make_model()
+    with caplog.at_level(logging.WARNING, logger="dtrain.checkpoint.manager"):
+        mgr.save(1, model=model)  # no metrics (between evaluations): nothing to say
+        assert not caplog.records
+        mgr.save(2, model=model, metrics={"val/loss": 0.5, "val/acc": 0.9})
+        mgr.save(3, model=model, metrics={"val/loss": 0.4})
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1, said
+    assert ("checkpoint step 2: the metrics passed (val/acc, val/loss) lack the monitor 'val/los' that "
+            "keep_best_k=1 ranks by") in said[0]
+    caplog.clear()
+    right = CheckpointManager(str(tmp_path / "right"), keep_best_k=1, monitor="val/loss", lease=False)
+    with caplog.at_level(logging.WARNING, logger="dtrain.checkpoint.manager"):
+        right.save(1, model=model, metrics={"val/loss": 0.5})
+    assert not caplog.records
