@@ -273,13 +273,16 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value, e.g. optim.lr=3e-4")
+    # The file first, then the overrides: an error names where the bad key is (a typo on the command
+    # line was reported as being in the config file).
+    where = f" (in {path})" if path else ""
     try:
-        if overrides:
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
         merged = OmegaConf.merge(*layers)
+        if overrides:
+            where = " (in the command-line overrides)"
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        where = f" (in {path})" if path else ""
         raise ConfigError(_describe(e) + where) from None
     assert isinstance(cfg, JobConfig)
     return validate(cfg)

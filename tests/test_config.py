@@ -71,6 +71,17 @@ def test_unknown_key_in_yaml_names_file(tmp_path: Path) -> None:
         load_config(f)
 
 
+def test_a_bad_override_is_named_as_the_command_lines_not_the_files(tmp_path: Path) -> None:
+    f = tmp_path / "good.yaml"
+    f.write_text("optim:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f, ["optim.nme=x"])
+    assert "unknown config key 'optim.nme'" in str(e.value)
+    assert "(in the command-line overrides)" in str(e.value) and "good.yaml" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"optim.lr.*\(in the command-line overrides\)"):
+        load_config(f, ["optim.lr=fast"])
+
+
 def test_missing_and_malformed_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
