@@ -281,6 +281,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if overrides:
             where = " (in the command-line overrides)"
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+            where = f" (in {path} or the command-line overrides)" if path else where  # e.g. an interpolation
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(_describe(e) + where) from None
