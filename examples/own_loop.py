@@ -27,7 +27,9 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=64, help="global batch over all ranks")
     args = p.parse_args()
 
-    with dtrain.distributed() as env:
+    # The handler first: a SIGTERM while the job starts (group, data, restore) is kept for the first
+    # step boundary, which saves and exits 75, instead of killing the rank with -15.
+    with dtrain.PreemptionHandler() as preempt, dtrain.distributed() as env:
         torch.manual_seed(0)  # same initial weights on every rank
         train_ds, val_ds = digits.build_datasets(digits.DigitsDataConfig(), seed=0)
         model = digits.build_model(digits.DigitsModelConfig(dropout=0.1))
@@ -45,36 +47,35 @@ def main() -> int:
         # the restore just set, and shift every dropout mask of a resumed run by one number.
         loader = iter(torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, generator=torch.Generator()))
         agreement, code = dtrain.StepAgreement(), dtrain.exitcodes.OK
-        with dtrain.PreemptionHandler() as preempt:
-            while step < args.max_steps and not stopper.should_stop:  # a finished run stays finished
-                x, y = next(loader)
-                loss = F.cross_entropy(ddp(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                step += 1
-                sampler.advance(args.batch_size)
+        while step < args.max_steps and not stopper.should_stop:  # a finished run stays finished
+            x, y = next(loader)
+            loss = F.cross_entropy(ddp(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            sampler.advance(args.batch_size)
 
-                flags = dtrain.Flag.PREEMPT if preempt.requested else dtrain.Flag.NONE
-                evaluating = step % args.eval_every == 0
-                if evaluating:
-                    model.eval()
-                    with torch.no_grad():  # each rank has the whole (small) validation set here
-                        val_loss = F.cross_entropy(model(val_ds.tensors[0]), val_ds.tensors[1]).item()
-                    model.train()
-                    val_loss = dtrain.all_reduce_mean(val_loss)  # identical on every rank
-                    if stopper.update(val_loss, step):
-                        flags |= dtrain.Flag.EARLY_STOP
-                agreed = agreement.step(flags, sync=evaluating)  # one collective per step, all ranks agree
-                if evaluating or agreed.stops:
-                    ckpt.save(step, model=ddp, optimizer=opt, stateful=state, extra={"step": step},
-                              metrics={"val/loss": val_loss} if evaluating else None)
-                if agreed & dtrain.Flag.PREEMPT:
-                    code = dtrain.exitcodes.PREEMPTED
-                    break
-                if agreed & dtrain.Flag.EARLY_STOP:
-                    break
-            agreement.drain()
+            flags = dtrain.Flag.PREEMPT if preempt.requested else dtrain.Flag.NONE
+            evaluating = step % args.eval_every == 0
+            if evaluating:
+                model.eval()
+                with torch.no_grad():  # each rank has the whole (small) validation set here
+                    val_loss = F.cross_entropy(model(val_ds.tensors[0]), val_ds.tensors[1]).item()
+                model.train()
+                val_loss = dtrain.all_reduce_mean(val_loss)  # identical on every rank
+                if stopper.update(val_loss, step):
+                    flags |= dtrain.Flag.EARLY_STOP
+            agreed = agreement.step(flags, sync=evaluating)  # one collective per step, all ranks agree
+            if evaluating or agreed.stops:
+                ckpt.save(step, model=ddp, optimizer=opt, stateful=state, extra={"step": step},
+                          metrics={"val/loss": val_loss} if evaluating else None)
+            if agreed & dtrain.Flag.PREEMPT:
+                code = dtrain.exitcodes.PREEMPTED
+                break
+            if agreed & dtrain.Flag.EARLY_STOP:
+                break
+        agreement.drain()
         ckpt.close()  # waits for any in-flight async save
         if env.is_main:
             best = "none yet" if stopper.best is None else f"{stopper.best:.4f} at step {stopper.best_step}"
