@@ -63,16 +63,20 @@ class StepRules:
         return local
 
     def save_reason(self, agreed: Flag, evaluated: bool, save_due: bool) -> str | None:
-        """The checkpoint reason this step saves with, or None. Never after a non-finite loss: the
-        last committed checkpoint stays the good one."""
+        """The checkpoint reason this step saves with (preempted, stop, eval, every_steps, every_minutes),
+        or None. Never after a non-finite loss: the last committed checkpoint stays the good one."""
         if agreed & Flag.NON_FINITE:
             return None
         if agreed & Flag.PREEMPT:
             return "preempted"
         if agreed.stops:
             return "stop"
-        if (evaluated and self.checkpoint.on_eval) or save_due or agreed & Flag.SAVE_NOW:
-            return "periodic"
+        if evaluated and self.checkpoint.on_eval:
+            return "eval"  # `dtrain ckpt ls` shows why each checkpoint was saved
+        if save_due:
+            return "every_steps"
+        if agreed & Flag.SAVE_NOW:
+            return "every_minutes"
         return None
 
     def stop(self, agreed: Flag) -> tuple[str, int]:

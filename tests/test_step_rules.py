@@ -49,8 +49,10 @@ def test_save_reason_precedence() -> None:
     assert r.save_reason(Flag.NON_FINITE | Flag.PREEMPT, evaluated=True, save_due=True) is None
     assert r.save_reason(Flag.PREEMPT | Flag.EARLY_STOP, evaluated=True, save_due=False) == "preempted"
     assert r.save_reason(Flag.TIME_BUDGET, evaluated=False, save_due=False) == "stop"
-    assert r.save_reason(Flag.NONE, evaluated=True, save_due=False) == "periodic"
-    assert r.save_reason(Flag.SAVE_NOW, evaluated=False, save_due=False) == "periodic"
+    # what `dtrain ckpt ls` shows as REASON: every evaluation's save said "periodic"
+    assert r.save_reason(Flag.SAVE_NOW, evaluated=True, save_due=True) == "eval"
+    assert r.save_reason(Flag.SAVE_NOW, evaluated=False, save_due=True) == "every_steps"
+    assert r.save_reason(Flag.SAVE_NOW, evaluated=False, save_due=False) == "every_minutes"
     assert r.save_reason(Flag.NONE, evaluated=False, save_due=False) is None
     assert rules("checkpoint.on_eval=false").save_reason(Flag.NONE, evaluated=True, save_due=False) is None
 
