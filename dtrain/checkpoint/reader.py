@@ -125,7 +125,8 @@ class ChunkReader:
     each on its own thread: a file read after another starts with a synchronous read while the
     kernel's readahead ramps up again, and side by side the ramps overlap (two ranks each reading
     the two 32 MiB files of a two-rank save, cold: 44.9 against 49.1 ms one file after the other,
-    and 40.8 for one 64 MiB file; dtrain's whole load 51 against 55 ms; paired medians of 16).
+    and 40.8 for one 64 MiB file, paired medians of 16; dtrain's whole load: 1.06x in one quiet
+    run, level in another, the rest of it being fixed work and this disk's noise).
     Each request's buffers are hashed on a second thread while the next request is read (the
     last request's on both threads), and the CRCs are combined per chunk. With `defer_checks`
     the hashes are checked in `finish`, so hashing overlaps reading to the end; nothing read may
