@@ -320,8 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "as in the config: client_kwargs.region_name=eu-west-1); "
                         "AWS_* environment variables work too")
     pick = argparse.ArgumentParser(add_help=False)
-    pick.add_argument("--monitor", help="metric for --best / best marking (default: the run's "
-                      "early_stopping.monitor saved in the checkpoint, else val/loss)")
+    pick.add_argument("--monitor", help="the metric that ranks checkpoints: which one ls marks best, --best "
+                      "picks, --keep-best keeps (default: the run's early_stopping.monitor saved in the "
+                      "checkpoint, else val/loss)")
     pick.add_argument("--mode", choices=("min", "max"), help="whether lower or higher --monitor is better (default: the mode of the run's saved early_stopping config "
                       "when it monitors the same metric, else min)")
     parser = argparse.ArgumentParser(prog=PROG, description="List, inspect, verify, export and prune dtrain "
