@@ -7,7 +7,6 @@ Trainer, fit, and tear the group down on every path.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -20,7 +19,7 @@ from dtrain.config import JobConfig, to_yaml
 from dtrain.errors import ConfigError, RunDirError
 from dtrain.metrics import setup_logging
 from dtrain.preemption import PreemptionHandler, keep_torchrun_from_restarting, stop_torchrun_restarts
-from dtrain.summary import attempt, write_rank_record, write_record, write_start_record
+from dtrain.summary import write_config_error, write_start_record
 from dtrain.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -106,11 +105,7 @@ def _record_config_error(run_dir: Path, rank: int, error: ConfigError, preemptio
     stopped before it restarts the workers: torchrun reports any failed worker as exit 1, and
     launch/torchrun.sh reads these records to exit 2, which a launcher does not retry, also when only
     this rank found the error (the others then die with the group)."""
-    record = {"stopped_by": "config_error", "exit_code": exitcodes.CONFIG_ERROR, "error": str(error)}
-    write_rank_record(run_dir, rank, record)
-    if rank == 0:  # summary.json said "running" since the start
-        write_record(run_dir / "summary.json", json.dumps({**record, "attempt": attempt()}, indent=2) + "\n",
-                     exitcodes.CONFIG_ERROR)
+    write_config_error(run_dir, rank, str(error))
     stop_torchrun_restarts("config error", preemption)
 
 

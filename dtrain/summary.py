@@ -84,8 +84,7 @@ def write_start_record(run_dir: Path, rank: int, world_size: int = 1) -> None:
     write_rank_record(run_dir, rank, {"stopped_by": "running", "exit_code": None})
     if rank != 0:
         return
-    running = {"stopped_by": "running", "exit_code": None, "attempt": attempt(), "world_size": world_size}
-    write_record(run_dir / "summary.json", json.dumps(running, indent=2) + "\n", None)
+    write_run_summary(run_dir, {"stopped_by": "running", "exit_code": None, "world_size": world_size})
     for path in (run_dir / "ranks").glob("rank-*.json"):
         number = path.stem.removeprefix("rank-")
         if number.isdigit() and int(number) >= world_size:
@@ -93,6 +92,20 @@ def write_start_record(run_dir: Path, rank: int, world_size: int = 1) -> None:
                 path.unlink()
             except OSError as e:  # only a stale record is left behind; the run goes on
                 log.warning("cannot remove %s, the record of a rank this start does not have (%s)", path, e)
+
+
+def write_run_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    """Rank 0: <run_dir>/summary.json, how this start of the run is doing or ended, with its attempt."""
+    text = json.dumps({**summary, "attempt": attempt()}, indent=2, allow_nan=False) + "\n"
+    write_record(run_dir / "summary.json", text, summary["exit_code"])
+
+
+def write_config_error(run_dir: Path, rank: int, error: str) -> None:
+    """This rank's exit record for a config error, and on rank 0 summary.json ("running" since the start)."""
+    record = {"stopped_by": "config_error", "exit_code": exitcodes.CONFIG_ERROR, "error": error}
+    write_rank_record(run_dir, rank, record)
+    if rank == 0:
+        write_run_summary(run_dir, record)
 
 
 def write_summary(outcome: Outcome, *, run_dir: Path, env: DistEnv, cfg: JobConfig,
@@ -109,7 +122,6 @@ def write_summary(outcome: Outcome, *, run_dir: Path, env: DistEnv, cfg: JobConf
     summary = {
         "stopped_by": outcome.stopped_by,
         "exit_code": outcome.exit_code,
-        "attempt": attempt(),
         "last_step": outcome.last_step,
         "max_steps": cfg.train.max_steps,
         "monitor": es.monitor if es else None,
@@ -122,6 +134,6 @@ def write_summary(outcome: Outcome, *, run_dir: Path, env: DistEnv, cfg: JobConf
         "world_size": env.world_size,
         "strategy": cfg.parallel.strategy,
     }
-    write_record(run_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n", outcome.exit_code)
+    write_run_summary(run_dir, summary)
     log.info("summary: %s", json.dumps({k: summary[k] for k in ("stopped_by", "last_step", "best_step",
                                                                "best_metric")}))
