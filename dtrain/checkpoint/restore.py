@@ -340,8 +340,9 @@ def _saved_before_first_step(optimizers: tuple[torch.optim.Optimizer, ...], opti
 
 
 def _fill_all(reader: ChunkReader, boxes: dict[str, tuple[Box, torch.Tensor]], keys: list[str], local: bool) -> None:
-    """A local disk is read by one thread, each file front to back (see ChunkReader); an object
-    store gets several tensors in flight, in file order, since each GET costs a round trip."""
+    """A local disk is read in one call: each file front to back, big cached files two at a time
+    (see ChunkReader); an object store gets several tensors in flight, in file order, since each
+    GET costs a round trip."""
     if local:
         fill_boxes(reader, [(k, *boxes[k]) for k in keys])
         return
